@@ -85,7 +85,7 @@ class PrunerConfig:
     attention_ratio: Optional[float] = None  # overrides `ratio` for heads
     mlp_ratio: Optional[float] = None  # overrides `ratio` for MLP channels
     round_to: int = 1  # MLP width kept is a multiple of this
-    head_rounding: str = "floor"  # floor | nearest | ceil: heads removed = round(ratio * kv groups)
+    rounding: str = "floor"  # floor | nearest | ceil: whole KV groups / round_to channel multiples
     batch_size: int = 0  # calibration micro-batch; 0 = all samples in one batch
 
 
@@ -195,7 +195,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "pruner.importance": ("taylor", "l1", "l2", "random"),
     "pruner.taylor": ("vectorize", "param_first", "param_second", "param_mix"),
     "pruner.group_reduction": ("sum", "mean", "max"),
-    "pruner.head_rounding": ("floor", "nearest", "ceil"),
+    "pruner.rounding": ("floor", "nearest", "ceil"),
     "eval.ppl.source": ("boolq", "austen", "text_file"),
     "logger.name": ("wandb", "none"),
     "logger.mode": ("offline", "online", "disabled"),
@@ -239,9 +239,8 @@ def validate(cfg: Any) -> list[str]:
             start, end = _get(cfg, f"layers.{part}.start"), _get(cfg, f"layers.{part}.end")
             if start is not None and end is not None and (start >= 0) == (end >= 0) and end < start:
                 errors.append(f"layers.{part}: start={start} is after end={end} (start inclusive, end exclusive)")
-    if task in ("analyze", "batch_analyze") and not _get(cfg, "base"):
-        if task == "batch_analyze" or _get(cfg, "base") is None:
-            pass  # base is optional: structure-only analysis
+    if _get(cfg, "model.kind") == "hf" and not _get(cfg, "model.path"):
+        errors.append(f"model={_get(cfg, 'model.name')} needs model.path=<local HF checkpoint dir>")
     if task == "batch_analyze" and not _get(cfg, "models_dir"):
         errors.append("task=batch_analyze needs models_dir=<folder of models>")
     limit = _get(cfg, "eval.limit")

@@ -1,0 +1,29 @@
+"""Evaluate one in-memory model with an eval config (a plain dict with the keys of ``EvalConfig``)."""
+
+from __future__ import annotations
+
+import logging
+from typing import Optional
+
+import torch
+
+from analysis.generation import generate_sample
+from analysis.perplexity import perplexity
+
+log = logging.getLogger(__name__)
+
+
+def evaluate_model(model: torch.nn.Module, tokenizer, eval_cfg: dict, *, cache_dir: str = ".cache",
+                   ppl_tokens: Optional[torch.Tensor] = None, ppl_source: str = "", progress: bool = True) -> dict:
+    """Perplexity (on ``ppl_tokens``, tokenised once by the caller for base and pruned alike) and generation."""
+    out: dict = {}
+    ppl = eval_cfg["ppl"]
+    if ppl["enabled"] and ppl_tokens is not None:
+        out["ppl"] = perplexity(model, ppl_tokens, ppl["seq_len"], ppl["batch_size"], progress, ppl_source)
+        log.info("perplexity %s (seq_len %d, %d tokens, %s)", out["ppl"]["value"], ppl["seq_len"],
+                 out["ppl"]["tokens"], ppl_source)
+    gen = eval_cfg["generation"]
+    if gen["enabled"]:
+        out["generation"] = generate_sample(model, tokenizer, gen["prompt"], gen["max_new_tokens"])
+        log.info("generation: %r -> %r", gen["prompt"], out["generation"]["output"])
+    return out

@@ -1,0 +1,117 @@
+"""The prunelab checkpoint: a directory plain transformers loads, written atomically.
+
+    model/
+      model.safetensors            (or model-0000i-of-0000n.safetensors + model.safetensors.index.json)
+      config.json                  model_type prunelab_llama, per-layer `layer_configs`, auto_map
+      modeling_prunelab.py         PrunedLlamaConfig / PrunedLlamaForCausalLM (torch + transformers only)
+      generation_config.json, tokenizer files
+      checkpoint_info.json         method, ratio, ranges, base model, scores, time, git commit, config
+
+``AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True)`` loads it without prunelab.
+The whole directory is written under a temporary name and renamed at the end, so a crash never
+leaves a checkpoint that looks complete.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from safetensors.torch import save_file
+
+from core.io import atomic_dir, atomic_write_json
+
+MODELING_FILE = Path(__file__).with_name("modeling_prunelab.py")
+DEFAULT_SHARD_BYTES = 5 * 1024**3
+
+
+def layer_configs(model: torch.nn.Module) -> list[dict]:
+    """Per-layer widths read off the modules (the truth after pruning, whatever the config says)."""
+    cfg = model.config
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    out = []
+    for layer in model.model.layers:
+        attn, mlp = layer.self_attn, layer.mlp
+        out.append({
+            "num_attention_heads": attn.q_proj.out_features // head_dim,
+            "num_key_value_heads": attn.k_proj.out_features // head_dim,
+            "intermediate_size": mlp.gate_proj.out_features,
+        })
+    return out
+
+
+def git_commit() -> Optional[str]:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                              cwd=Path(__file__).parent).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def _state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    sd = model.state_dict()
+    if getattr(model.config, "tie_word_embeddings", False):
+        sd.pop("lm_head.weight", None)  # tied: stored once, as the embedding
+    return {k: v.detach().to("cpu").contiguous() for k, v in sd.items()}
+
+
+def _write_weights(sd: dict[str, torch.Tensor], out: Path, shard_bytes: int) -> None:
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for name, t in sd.items():
+        nbytes = t.numel() * t.element_size()
+        if shards[-1] and size + nbytes > shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = t
+        size += nbytes
+    meta = {"format": "pt"}
+    if len(shards) == 1:
+        save_file(shards[0], out / "model.safetensors", metadata=meta)
+        return
+    weight_map, total = {}, 0
+    for i, shard in enumerate(shards, 1):
+        fname = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, out / fname, metadata=meta)
+        for name, t in shard.items():
+            weight_map[name] = fname
+            total += t.numel() * t.element_size()
+    (out / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+
+
+def save_checkpoint(model: torch.nn.Module, tokenizer: Any, out_dir: str | Path, info: dict,
+                    shard_bytes: int = DEFAULT_SHARD_BYTES) -> Path:
+    """Write ``model`` + ``tokenizer`` + ``info`` as a prunelab checkpoint at ``out_dir`` (must not exist)."""
+    from core.modeling_prunelab import PrunedLlamaConfig
+
+    out_dir = Path(out_dir)
+    base_cfg = model.config.to_dict()
+    for key in ("architectures", "auto_map", "model_type", "layer_configs", "transformers_version",
+                "_name_or_path", "quantization_config"):
+        base_cfg.pop(key, None)
+    base_cfg["head_dim"] = getattr(model.config, "head_dim", None) or \
+        model.config.hidden_size // model.config.num_attention_heads
+    dtype = next(model.parameters()).dtype
+    base_cfg["dtype"] = str(dtype).removeprefix("torch.")
+    cfg = PrunedLlamaConfig(layer_configs=layer_configs(model), **base_cfg)
+    cfg.architectures = ["PrunedLlamaForCausalLM"]
+    cfg.auto_map = {"AutoConfig": "modeling_prunelab.PrunedLlamaConfig",
+                    "AutoModelForCausalLM": "modeling_prunelab.PrunedLlamaForCausalLM"}
+    with atomic_dir(out_dir) as tmp:
+        _write_weights(_state_dict(model), tmp, shard_bytes)
+        cfg.to_json_file(tmp / "config.json")
+        if getattr(model, "generation_config", None) is not None:
+            model.generation_config.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        shutil.copyfile(MODELING_FILE, tmp / "modeling_prunelab.py")
+        full_info = {"format": "prunelab-checkpoint/1", "creation_time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                     "git_commit": git_commit(), **info}
+        atomic_write_json(tmp / "checkpoint_info.json", full_info)
+    return out_dir

@@ -1,0 +1,345 @@
+"""Legacy model files: detect what a path holds, read it safely, unpickle only on request.
+
+Formats (``FormatInfo.kind``):
+- ``prunelab``        : a prunelab checkpoint dir (config.json with model_type prunelab_llama or checkpoint_info.json)
+- ``hf``              : a plain HF dir (config.json + safetensors / pytorch_model.bin), or a bare .safetensors file
+- ``pickle_bundle``   : LLM-Pruner's ``pytorch_model.bin`` / ``pruned_model.bin`` = ``{'model': nn.Module, 'tokenizer': ...}``
+- ``whole_model_pt``  : ``model.pt`` = a pickled nn.Module
+- ``state_dict_pt``   : a ``*.pt`` / ``*.bin`` holding a state dict (tensors only)
+- ``slicegpt``        : SliceGPT output: a state-dict ``*.pt`` with ``*_shortcut_Q`` keys + a ``*.json`` config
+- ``eval_only``       : a folder with results but no weights (skipped, with the reason)
+- ``unknown``
+
+Detection never unpickles: torch's zip files are inspected with ``pickletools.genops``, which
+lists the classes a pickle would import without importing them. A state dict needs only
+torch's tensor-rebuild functions, so it loads with ``torch.load(weights_only=True)``; a bundle or
+a whole model needs a full unpickle, which can execute arbitrary code, hence ``allow_pickle``.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import pickletools
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+try:  # core.models imports this module lazily, so this import is not circular
+    from core.models import LoadError
+except ImportError:  # pragma: no cover - only while core.models is absent
+    class LoadError(ValueError):  # type: ignore[no-redef]
+        """A model could not be found or loaded."""
+
+log = logging.getLogger(__name__)
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
+RESULT_SUFFIXES = (".json", ".csv", ".txt", ".log", ".md", ".png", ".yaml", ".yml", ".sh")
+BUNDLE_NAMES = ("pytorch_model.bin", "pruned_model.bin")
+# classes a plain state-dict pickle references (everything else means "needs a full unpickle")
+_STATE_DICT_GLOBALS_PREFIXES = (
+    "torch._utils._rebuild", "collections.OrderedDict", "torch.", "builtins.set", "_codecs.encode",
+    "numpy.core.multiarray._reconstruct", "numpy.dtype", "numpy.ndarray",
+)
+_NON_TENSOR_TORCH = ("torch.nn.", "torch.fx.", "torch.jit.")
+
+
+class PickleNotAllowed(LoadError):
+    """A file needs a full unpickle (arbitrary code) and ``allow_pickle`` was not given."""
+
+
+@dataclass
+class FormatInfo:
+    kind: str
+    weights_path: Optional[Path]  # the file (or dir, for sharded checkpoints) holding the weights
+    reason: str
+    config_path: Optional[Path] = None  # config.json, or SliceGPT's *.json
+    model_dir: Optional[Path] = None  # the dir the model lives in (for the size report)
+
+
+@dataclass
+class LegacyModel:
+    """What a legacy file gave: a module (bundle / whole model) or a state dict, plus extras."""
+
+    kind: str
+    model: Optional[torch.nn.Module] = None
+    state_dict: Optional[dict[str, torch.Tensor]] = None
+    tokenizer: Any = None
+    config: Optional[dict] = None
+    meta: dict = field(default_factory=dict)  # other keys of a bundle (method, pruning_ratio, ...)
+
+
+# --------------------------------------------------------------------------- pickle inspection
+
+
+@dataclass
+class PickleScan:
+    globals: set[str]
+    strings: set[str]
+    zip_format: bool
+
+    @property
+    def needs_full_unpickle(self) -> bool:
+        for g in self.globals:
+            if g.startswith(_NON_TENSOR_TORCH):
+                return True
+            if not g.startswith(_STATE_DICT_GLOBALS_PREFIXES):
+                return True
+        return False
+
+
+def scan_pickle(path: Path, max_strings: int = 200_000) -> PickleScan:
+    """Classes and strings a torch pickle references, read without executing it."""
+    raw: bytes
+    zip_format = zipfile.is_zipfile(path)
+    if zip_format:
+        with zipfile.ZipFile(path) as zf:
+            pkl = [n for n in zf.namelist() if n.endswith("data.pkl")]
+            if not pkl:
+                raise LoadError(f"{path}: a zip file without data.pkl is not a torch checkpoint")
+            raw = zf.read(pkl[0])
+    else:
+        with open(path, "rb") as f:
+            raw = f.read(64 << 20)  # legacy (non-zip) torch files: the object pickle comes 2nd
+    globals_: set[str] = set()
+    strings: list[str] = []
+    stream = io.BytesIO(raw)
+    try:
+        # legacy torch format: magic number, protocol, sys info, then the object pickle
+        for _ in range(1 if zip_format else 4):
+            recent: list[str] = []
+            for op, arg, _pos in pickletools.genops(stream):
+                if op.name in ("GLOBAL", "INST"):
+                    globals_.add(str(arg).replace(" ", "."))
+                elif op.name == "STACK_GLOBAL" and len(recent) >= 2:
+                    globals_.add(f"{recent[-2]}.{recent[-1]}")
+                elif isinstance(arg, str):
+                    recent.append(arg)
+                    if len(strings) < max_strings:
+                        strings.append(arg)
+            if stream.tell() >= len(raw):
+                break
+    except Exception as e:  # truncated / not a pickle
+        if not globals_ and not strings:
+            raise LoadError(f"{path} is not a readable torch file ({type(e).__name__}: {e})") from None
+    return PickleScan(globals_, set(strings), zip_format)
+
+
+def classify_pickle(path: Path) -> tuple[str, str]:
+    """(kind, reason) for one .pt/.bin file: pickle_bundle | whole_model_pt | state_dict_pt | slicegpt."""
+    scan = scan_pickle(path)
+    if not scan.needs_full_unpickle:
+        if any(s.endswith("shortcut_Q") for s in scan.strings):
+            return "slicegpt", "state dict with *_shortcut_Q rotation matrices (SliceGPT)"
+        return "state_dict_pt", "state dict (tensors only)"
+    if {"model", "tokenizer"} <= scan.strings:
+        return "pickle_bundle", "pickled dict with 'model' and 'tokenizer' (LLM-Pruner style)"
+    if path.name in BUNDLE_NAMES and "model" in scan.strings:
+        return "pickle_bundle", "pickled dict with a 'model' entry"
+    return "whole_model_pt", "pickled nn.Module (" + ", ".join(sorted(g for g in scan.globals
+                                                                      if "ForCausalLM" in g)[:2] or ["whole model"]) + ")"
+
+
+# --------------------------------------------------------------------------- detection
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise LoadError(f"{path} is unreadable: {e}") from None
+
+
+def _detect_file(path: Path) -> FormatInfo:
+    parent = path.parent
+    if path.suffix == ".safetensors":
+        cfg = parent / "config.json"
+        return FormatInfo("hf", path, "bare safetensors file", cfg if cfg.is_file() else None, parent)
+    if path.suffix not in (".bin", ".pt", ".pth"):
+        return FormatInfo("unknown", None, f"{path.name}: not a weight file ({', '.join(WEIGHT_SUFFIXES)})")
+    kind, reason = classify_pickle(path)
+    cfg: Optional[Path] = None
+    if kind == "slicegpt":
+        jsons = [p for p in parent.glob("*.json") if p.name != "config.json"]
+        cfg = jsons[0] if jsons else None
+    elif (parent / "config.json").is_file():
+        cfg = parent / "config.json"
+    return FormatInfo(kind, path, reason, cfg, parent)
+
+
+def detect_format(path: str | Path, _depth: int = 0) -> FormatInfo:
+    """What ``path`` holds (a file or a dir); never unpickles anything."""
+    path = Path(path)
+    if not path.exists():
+        return FormatInfo("unknown", None, f"{path} does not exist")
+    if path.is_file():
+        return _detect_file(path)
+    files = [p for p in path.iterdir() if p.is_file()]
+    names = {p.name for p in files}
+    cfg_path = path / "config.json"
+    safetensors = sorted(p for p in files if p.suffix == ".safetensors")
+    if cfg_path.is_file():
+        index = path / "model.safetensors.index.json"
+        weights: Optional[Path] = None
+        if index.is_file() or len(safetensors) > 1:
+            weights = path
+        elif safetensors:
+            weights = safetensors[0]
+        elif "pytorch_model.bin" in names:
+            weights = path / "pytorch_model.bin"
+        elif (path / "pytorch_model.bin.index.json").is_file():
+            weights = path
+        if weights is not None:
+            try:
+                cfg = json.loads(cfg_path.read_text())
+            except (OSError, ValueError):
+                cfg = {}
+            if cfg.get("model_type") == "prunelab_llama" or "checkpoint_info.json" in names:
+                return FormatInfo("prunelab", weights, "prunelab checkpoint", cfg_path, path)
+            if weights.is_file() and weights.suffix == ".bin":
+                kind, reason = classify_pickle(weights)
+                if kind == "pickle_bundle":  # an old bundle saved next to a config.json
+                    return FormatInfo(kind, weights, reason, cfg_path, path)
+            return FormatInfo("hf", weights, f"HF dir ({cfg.get('model_type', '?')})", cfg_path, path)
+    # no config.json: legacy pickles, by name first, then any .pt/.bin
+    for name in BUNDLE_NAMES + ("model.pt",):
+        if name in names:
+            return _detect_file(path / name)
+    pickles = sorted(p for p in files if p.suffix in (".pt", ".pth", ".bin"))
+    for p in pickles:
+        info = _detect_file(p)
+        if info.kind == "slicegpt":
+            if info.config_path is None:
+                info.reason += " (no *.json config beside it)"
+            return info
+    if pickles:
+        return _detect_file(pickles[0])
+    if safetensors:
+        return FormatInfo("hf", safetensors[0], "safetensors without config.json", None, path)
+    # a model one level down (e.g. Magnitude_2000/pruned_model/)
+    if _depth == 0:
+        for sub in sorted(p for p in path.iterdir() if p.is_dir() and p.name != "analysis"):
+            info = detect_format(sub, _depth=1)
+            if info.kind not in ("unknown", "eval_only"):
+                info.reason += f" (in {sub.name}/)"
+                return info
+    results = sorted(p.name for p in files if p.suffix in RESULT_SUFFIXES)
+    if results:
+        return FormatInfo("eval_only", None, "no weight files, only results: " + ", ".join(results[:5])
+                          + (" ..." if len(results) > 5 else ""), None, path)
+    return FormatInfo("unknown", None, f"{path}: no config.json and no weight file", None, path)
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def _pickle_refusal(path: Path, kind: str) -> PickleNotAllowed:
+    return PickleNotAllowed(
+        f"{path} is a {kind.replace('_', ' ')}: reading it needs a full unpickle, which can execute arbitrary "
+        "code hidden in the file. Re-run with allow_pickle=true only if you trust the file (you made it, or it "
+        "comes from someone you trust); better, convert it once to a prunelab checkpoint (safetensors).")
+
+
+def _safe_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
+    except Exception as e:  # pickle.UnpicklingError, RuntimeError from a corrupt zip
+        if "weights_only" in str(e) or "Unsupported global" in str(e):
+            raise _pickle_refusal(path, "pickle that is not a plain state dict") from None
+        raise LoadError(f"{path} is not a readable torch state dict: {type(e).__name__}: {str(e)[:200]}") from None
+    if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise LoadError(f"{path}: expected a dict of tensors, got {type(obj).__name__}")
+    return obj
+
+
+def load_legacy(path: str | Path, allow_pickle: bool = False, fmt: Optional[FormatInfo] = None) -> LegacyModel:
+    """Read a legacy file (or dir holding one). State dicts are read safely; full pickles need ``allow_pickle``."""
+    path = Path(path)
+    fmt = fmt or detect_format(path)
+    if fmt.kind in ("unknown", "eval_only") or fmt.weights_path is None:
+        raise LoadError(f"{path} is not a model: {fmt.reason}")
+    wp = fmt.weights_path
+    config = None
+    if fmt.config_path is not None:
+        config = _read_json(fmt.config_path)
+    if fmt.kind in ("state_dict_pt", "slicegpt") or (fmt.kind == "hf" and wp.suffix == ".bin"):
+        return LegacyModel(fmt.kind, state_dict=_safe_state_dict(wp), config=config)
+    if fmt.kind not in ("pickle_bundle", "whole_model_pt"):
+        raise LoadError(f"{path} is a {fmt.kind} model: read it with core.models.load_model, not core.legacy")
+    if not allow_pickle:
+        raise _pickle_refusal(wp, fmt.kind)
+    log.warning("unpickling %s (allow_pickle=true): this runs whatever code the file contains", wp)
+    try:
+        obj = torch.load(wp, map_location="cpu", weights_only=False)
+    except Exception as e:  # missing classes (e.g. a SliceGPT module without its package), corrupt file
+        raise LoadError(f"could not unpickle {wp}: {type(e).__name__}: {str(e)[:300]}") from None
+    if isinstance(obj, torch.nn.Module):
+        return LegacyModel("whole_model_pt", model=obj, config=_module_config(obj) or config)
+    if isinstance(obj, dict) and isinstance(obj.get("model"), torch.nn.Module):
+        meta = {k: v for k, v in obj.items() if k not in ("model", "tokenizer")
+                and isinstance(v, (str, int, float, bool, dict, list, type(None)))}
+        return LegacyModel("pickle_bundle", model=obj["model"], tokenizer=obj.get("tokenizer"),
+                           config=_module_config(obj["model"]) or config, meta=meta)
+    if isinstance(obj, dict) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
+        return LegacyModel("state_dict_pt", state_dict=obj, config=config)
+    raise LoadError(f"{wp}: unpickled a {type(obj).__name__}, expected an nn.Module, a {{'model', 'tokenizer'}} "
+                    "dict or a state dict")
+
+
+def _module_config(model: torch.nn.Module) -> Optional[dict]:
+    cfg = getattr(model, "config", None)
+    if cfg is None:
+        return None
+    try:
+        return cfg.to_dict()
+    except Exception:  # a config object without to_dict
+        return None
+
+
+def load_as_model(path: str | Path, *, allow_pickle: bool = False, fmt: Optional[FormatInfo] = None,
+                  dtype: torch.dtype = torch.float32, device: str = "cpu"):
+    """(model, tokenizer) from a legacy file, for ``core.models.load_model``.
+
+    A bare state dict becomes a model only with a config.json beside it (LlamaForCausalLM, or
+    the prunelab class when widths differ per layer); its tokenizer is loaded from that dir when present.
+    """
+    path = Path(path)
+    fmt = fmt or detect_format(path)
+    lm = load_legacy(path, allow_pickle=allow_pickle, fmt=fmt)
+    if lm.model is not None:
+        model = lm.model.to(dtype=dtype, device=device).eval()
+        return model, lm.tokenizer
+    if fmt.kind == "slicegpt":
+        raise LoadError(f"{path}: SliceGPT state dicts (rotations, fused norms) can be analysed "
+                        "(task=analyze) but not run without the slicegpt package; convert them with "
+                        "SliceGPT's loader and save a pickle bundle (allow_pickle=true) to evaluate")
+    if lm.config is None:
+        raise LoadError(f"{path}: a state dict without a config.json beside it cannot be built into a model; "
+                        "put the base model's config.json next to it")
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    cfg = dict(lm.config)
+    if cfg.get("layer_configs"):
+        from core.modeling_prunelab import PrunedLlamaForCausalLM, PrunedLlamaConfig  # type: ignore
+
+        model = PrunedLlamaForCausalLM(PrunedLlamaConfig(**{k: v for k, v in cfg.items() if k != "model_type"}))
+    else:
+        model = LlamaForCausalLM(LlamaConfig(**{k: v for k, v in cfg.items() if k != "model_type"}))
+    missing, unexpected = model.load_state_dict(lm.state_dict, strict=False)
+    missing = [m for m in missing if not (m == "lm_head.weight" and cfg.get("tie_word_embeddings"))]
+    if missing or unexpected:
+        raise LoadError(f"{path}: state dict does not match its config: missing {missing[:3]}, "
+                        f"unexpected {unexpected[:3]}")
+    tok = None
+    if fmt.config_path is not None:
+        try:
+            tok = AutoTokenizer.from_pretrained(fmt.config_path.parent)
+        except Exception:  # no tokenizer files beside it
+            tok = None
+    return model.to(dtype=dtype, device=device).eval(), tok

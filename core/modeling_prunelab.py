@@ -1,0 +1,66 @@
+# Modeling file shipped inside every prunelab checkpoint (referenced by `auto_map` in config.json).
+#
+# It depends on torch and transformers only, so
+#     AutoModelForCausalLM.from_pretrained(ckpt_dir, trust_remote_code=True)
+# loads a pruned model on a machine without prunelab. A pruned Llama differs from
+# the stock one only in per-layer widths: `config.layer_configs[i]` gives layer i's
+# query heads, KV heads and MLP width (head_dim is unchanged). The stock modules
+# reshape with -1 heads and keep `num_key_value_groups = heads // kv_heads`, which
+# GQA-consistent pruning preserves, so resizing the Linear layers is all it takes.
+from __future__ import annotations
+
+from torch import nn
+from transformers import LlamaConfig, LlamaForCausalLM
+
+
+class PrunedLlamaConfig(LlamaConfig):
+    model_type = "prunelab_llama"
+
+    def __init__(self, layer_configs: list[dict] | None = None, **kwargs):
+        super().__init__(**kwargs)
+        self.layer_configs = layer_configs
+
+
+def _linear(in_features: int, out_features: int, bias: bool, like: nn.Linear) -> nn.Linear:
+    return nn.Linear(in_features, out_features, bias=bias, device=like.weight.device, dtype=like.weight.dtype)
+
+
+def apply_layer_configs(model: LlamaForCausalLM, layer_configs: list[dict] | None) -> None:
+    """Resize each decoder layer's projections to the widths in ``layer_configs``."""
+    if not layer_configs:
+        return
+    cfg = model.config
+    layers = model.model.layers
+    if len(layer_configs) != len(layers):
+        raise ValueError(f"layer_configs has {len(layer_configs)} entries for {len(layers)} layers")
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    hidden = cfg.hidden_size
+    for layer, lc in zip(layers, layer_configs):
+        attn, mlp = layer.self_attn, layer.mlp
+        heads, kv = int(lc["num_attention_heads"]), int(lc["num_key_value_heads"])
+        if heads <= 0 or kv <= 0 or heads % kv:
+            raise ValueError(f"invalid head layout {heads} heads / {kv} KV heads")
+        if attn.q_proj.out_features != heads * head_dim or attn.k_proj.out_features != kv * head_dim:
+            ab = cfg.attention_bias
+            attn.q_proj = _linear(hidden, heads * head_dim, ab, attn.q_proj)
+            attn.k_proj = _linear(hidden, kv * head_dim, ab, attn.k_proj)
+            attn.v_proj = _linear(hidden, kv * head_dim, ab, attn.v_proj)
+            attn.o_proj = _linear(heads * head_dim, hidden, ab, attn.o_proj)
+        attn.num_key_value_groups = heads // kv
+        width = int(lc["intermediate_size"])
+        if width <= 0:
+            raise ValueError("intermediate_size must be positive")
+        if mlp.gate_proj.out_features != width:
+            mb = cfg.mlp_bias
+            mlp.gate_proj = _linear(hidden, width, mb, mlp.gate_proj)
+            mlp.up_proj = _linear(hidden, width, mb, mlp.up_proj)
+            mlp.down_proj = _linear(width, hidden, mb, mlp.down_proj)
+        mlp.intermediate_size = width
+
+
+class PrunedLlamaForCausalLM(LlamaForCausalLM):
+    config_class = PrunedLlamaConfig
+
+    def __init__(self, config: PrunedLlamaConfig):
+        super().__init__(config)
+        apply_layer_configs(self, config.layer_configs)
