@@ -1,0 +1,169 @@
+"""Collect run dirs' ``metrics.json`` into one results table (CSV, Markdown, LaTeX).
+
+Replaces the seed's ``generate_results_table.py``. One row per evaluated model: each prune
+run gives its pruned model (and its base model, deduplicated across runs); each evaluate
+run gives its model. The base model rows come first, then the compressed models sorted by
+method, ratio and layer ranges. Missing keys are empty cells, never errors.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any, Iterable, Optional
+
+import pandas as pd
+
+from analysis.lm_eval_tasks import HEADLINE_METRIC, ZEROSHOT_TASKS
+
+log = logging.getLogger(__name__)
+
+TASK_LABELS = {"boolq": "BoolQ", "piqa": "PIQA", "hellaswag": "HellaSwag", "winogrande": "WinoGrande",
+               "arc_easy": "ARC-e", "arc_challenge": "ARC-c", "openbookqa": "OBQA"}
+
+
+def find_metrics(paths: Iterable[str | Path]) -> list[Path]:
+    """Every ``metrics.json`` under the given run dirs / folders of runs / files, sorted, deduplicated."""
+    found: set[Path] = set()
+    for p in map(Path, paths):
+        if p.is_file() and p.name == "metrics.json":
+            found.add(p.resolve())
+        elif p.is_dir():
+            found.update(f.resolve() for f in p.rglob("metrics.json"))
+        else:
+            log.warning("table: %s is neither a run dir nor a metrics.json; skipped", p)
+    return sorted(found)
+
+
+def _get(d: Any, *keys: str) -> Any:
+    for k in keys:
+        if not isinstance(d, dict):
+            return None
+        d = d.get(k)
+    return d
+
+
+def _range(m: dict, cfg: dict, part: str) -> Optional[str]:
+    resolved = _get(m, "pruning", f"{part}_layers")  # [start, end) after negative ends are resolved
+    if isinstance(resolved, list) and len(resolved) == 2:
+        return f"{resolved[0]}-{resolved[1]}"
+    start, end = _get(cfg, "layers", part, "start"), _get(cfg, "layers", part, "end")
+    if start is None and end is None:
+        return None
+    return f"{start if start is not None else 0}-{end if end is not None else 'end'}"
+
+
+def _eval_columns(ev: dict) -> dict[str, Any]:
+    """Flatten one evaluate_model dict: PPL with its protocol, tasks, average, MMLU, throughput."""
+    row: dict[str, Any] = {}
+    ppl = _get(ev, "ppl") or {}
+    if ppl:
+        row["ppl"] = ppl.get("value")
+        row["ppl_protocol"] = f"{ppl.get('source', '?')}, seq_len {ppl.get('seq_len')}, {ppl.get('tokens')} tok"
+    for name, e in (_get(ev, "tasks") or {}).items():
+        if not isinstance(e, dict) or name.startswith("mmlu_"):
+            continue
+        metric = HEADLINE_METRIC.get(name, "acc")
+        label = TASK_LABELS.get(name, name)
+        row[label] = 100 * e[metric] if e.get("status", "completed") == "completed" and e.get(metric) is not None else None
+    if _get(ev, "task_average") is not None:
+        row["avg"] = 100 * ev["task_average"]
+    mmlu = _get(ev, "mmlu") or {}
+    if mmlu:
+        row["MMLU"] = 100 * mmlu["average"] if mmlu.get("average") is not None else None
+        row["mmlu_shots"] = mmlu.get("num_fewshot")
+    eff = _get(ev, "efficiency") or {}
+    for key, col in (("prefill_tokens_per_s", "prefill_tok_s"), ("decode_tokens_per_s", "decode_tok_s"),
+                     ("decode_latency_ms", "decode_ms_per_tok")):
+        if eff.get(key) is not None:
+            row[col] = eff[key]
+    lim = _get(ev, "lm_eval", "limit")
+    if lim is not None:
+        row["limit"] = lim
+    return row
+
+
+def rows_from_metrics(m: dict, source: str) -> list[dict]:
+    """Zero, one or two rows (base, compressed) from one run's metrics dict."""
+    cfg = m.get("config") or {}
+    ev = m.get("eval") or {}
+    params = m.get("params") or {}
+    model_name = _get(cfg, "model", "name") or _get(m, "model", "name") or (m.get("model") if isinstance(m.get("model"), str) else None)
+    common = {"run": source, "status": m.get("status")}
+    rows = []
+    if "base" in ev:
+        base_params = params.get("base") or _get(ev, "base", "efficiency", "params")
+        rows.append({**common, "model": model_name, "method": "base", "is_base": True,
+                     "params": base_params, "params_kept_pct": 100.0 if base_params else None,
+                     **_eval_columns(ev["base"])})
+    side = "pruned" if "pruned" in ev else "model" if "model" in ev else None
+    if side:
+        kept = params.get("kept_pct")
+        if kept is not None and kept <= 1.0:
+            kept *= 100.0  # tolerate a fraction
+        is_base = m.get("task") == "evaluate" and not m.get("method")
+        rows.append({
+            **common, "model": model_name, "method": m.get("method") or ("base" if is_base else None),
+            "is_base": is_base and side == "model" and "base" not in ev,
+            "ratio": _get(cfg, "ratio") if m.get("task") == "prune" else m.get("ratio"),
+            "attn_layers": _range(m, cfg, "attention"), "mlp_layers": _range(m, cfg, "mlp"),
+            "params": params.get("pruned") or _get(ev, side, "efficiency", "params"),
+            "params_kept_pct": kept, **_eval_columns(ev[side]),
+        })
+    return rows
+
+
+def collect(paths: Iterable[str | Path]) -> pd.DataFrame:
+    """One DataFrame over all runs: base model first (deduplicated), then sorted compressed rows."""
+    rows: list[dict] = []
+    for f in find_metrics(paths):
+        try:
+            m = json.loads(f.read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            log.warning("table: cannot read %s (%s); skipped", f, e)
+            continue
+        if m.get("task") == "table" or not isinstance(m, dict):
+            continue
+        rows += rows_from_metrics(m, str(f.parent))
+    if not rows:
+        return pd.DataFrame()
+    df = pd.DataFrame(rows)
+    base = df[df["is_base"] == True]  # noqa: E712  (object column)
+    # the same base model evaluated in many runs with the same protocol: keep one row
+    base = base.drop_duplicates(subset=[c for c in base.columns if c not in ("run", "status")])
+    rest = df[df["is_base"] != True]  # noqa: E712
+    keys = [k for k in ("method", "ratio", "attn_layers", "mlp_layers", "run") if k in rest.columns]
+    rest = rest.sort_values(keys, na_position="last", kind="stable")
+    out = pd.concat([base, rest], ignore_index=True).drop(columns=["is_base"])
+    ordered = ["model", "method", "ratio", "attn_layers", "mlp_layers", "params", "params_kept_pct", "ppl",
+               "ppl_protocol", *TASK_LABELS.values(), "avg", "MMLU", "mmlu_shots", "prefill_tok_s",
+               "decode_tok_s", "decode_ms_per_tok", "limit", "status", "run"]
+    cols = [c for c in ordered if c in out.columns] + [c for c in out.columns if c not in ordered]
+    return out[cols]
+
+
+def write_tables(df: pd.DataFrame, out_dir: str | Path, stem: str = "results") -> dict[str, str]:
+    """``<stem>.csv``, ``.md`` and ``.tex`` in ``out_dir`` (atomic); returns their paths."""
+    from core.io import atomic_write_text
+
+    out_dir = Path(out_dir)
+    shown = df.drop(columns=[c for c in ("run",) if c in df.columns])
+    paths = {
+        "csv": atomic_write_text(out_dir / f"{stem}.csv", df.to_csv(index=False)),
+        "markdown": atomic_write_text(out_dir / f"{stem}.md", _markdown(shown)),
+        "latex": atomic_write_text(out_dir / f"{stem}.tex", shown.to_latex(index=False, float_format="%.2f", na_rep="--")),
+    }
+    return {k: str(v) for k, v in paths.items()}
+
+
+def _markdown(df: pd.DataFrame) -> str:
+    """A GitHub Markdown table (pandas' ``to_markdown`` needs ``tabulate``, not a dependency)."""
+    def cell(v: Any) -> str:
+        if v is None or (isinstance(v, float) and v != v):
+            return ""
+        return f"{v:.2f}" if isinstance(v, float) else str(v).replace("|", "\\|")
+
+    lines = ["| " + " | ".join(map(str, df.columns)) + " |", "|" + "---|" * len(df.columns)]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in df.itertuples(index=False)]
+    return "\n".join(lines) + "\n"
