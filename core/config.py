@@ -169,6 +169,7 @@ class PrunelabConfig:
     models_dir: Optional[str] = None  # batch_analyze: folder of models
     runs: list[str] = field(default_factory=list)  # table: run dirs or folders of runs
     allow_pickle: bool = False  # legacy torch pickles: opt-in, they can run arbitrary code
+    count_nonzero: bool = True  # analyze / batch_analyze: stream weights to count non-zeros (false: headers only)
     paths: PathsConfig = field(default_factory=PathsConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)

@@ -1,0 +1,242 @@
+"""Write a model's analysis: JSON, CSV, text summary and plots into ``<out_dir>``, and mirror to W&B.
+
+Files (seed names): ``model_structure.json``, ``model_comparison.json`` (with a base),
+``structure_summary.txt``, ``layers.csv`` (one row per layer x module), ``sparsity.png`` and
+``module_heatmap.png`` (with a base). ``write_analysis`` returns the summary for metrics.json.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+from pathlib import Path
+from typing import Any, Optional
+
+import pandas as pd
+
+from analysis.compare import ArchitectureMismatch, compare
+from analysis.plots import module_heatmap, sparsity_bars
+from analysis.size import compare_sizes, size_report
+from analysis.structure import ModelStructure
+from core.io import atomic_write_json, atomic_write_text
+
+log = logging.getLogger(__name__)
+
+CSV_COLUMNS = ["layer_idx", "group", "module", "original_shape", "pruned_shape", "original_params",
+               "pruned_params", "retention", "sparsity", "pruned_nonzero", "nonzero_sparsity", "layer_status"]
+
+
+def _pct(x: Optional[float]) -> str:
+    return "n/a" if x is None else f"{x:.4f} ({x:.2%})"
+
+
+def structure_rows(s: ModelStructure) -> list[dict]:
+    """layers.csv rows for a structure alone (no base): original columns left empty."""
+    rows = []
+    for layer in s.layers:
+        for key, m in layer.modules.items():
+            rows.append({"layer_idx": layer.idx, "group": m.group, "module": m.name, "original_shape": None,
+                         "pruned_shape": " x ".join(map(str, m.shape or [])), "original_params": None,
+                         "pruned_params": m.params, "retention": None, "sparsity": None,
+                         "pruned_nonzero": m.nonzero,
+                         "nonzero_sparsity": (1 - m.nonzero / m.params) if m.nonzero is not None and m.params else None,
+                         "layer_status": "removed" if layer.removed else ("zeroed" if layer.is_zero else "present")})
+    return rows
+
+
+def summary_text(s: ModelStructure, comparison: Optional[dict], size: Optional[dict],
+                 size_cmp: Optional[dict], compare_error: Optional[str] = None) -> str:
+    out = io.StringIO()
+    w = lambda line="": out.write(line + "\n")  # noqa: E731
+    bar = "=" * 100
+    w(bar)
+    w(f"Model structure: {s.name}  ({s.format}, {s.source})")
+    w(bar)
+    w(f"total params       : {s.total_params:,}")
+    w(f"embedding params   : {s.embedding_params:,}")
+    w(f"lm_head params     : {s.lm_head_params:,}" + ("  (tied to the embedding: counted once, under embedding)"
+                                                      if s.tied_embeddings else ""))
+    w(f"layers             : {s.num_layers} present, {s.layer_params:,} params"
+      + (f"; removed {[l.idx for l in s.layers if l.removed]}" if any(l.removed for l in s.layers) else ""))
+    if s.nonzero_params is not None:
+        w(f"non-zero params    : {s.nonzero_params:,} ({s.nonzero_params / max(s.total_params, 1):.2%})")
+    w(f"dtypes             : " + ", ".join(f"{k} {v:,}" for k, v in s.dtypes.items()))
+    for note in s.notes:
+        w(f"note: {note}")
+    w()
+    w(f"{'layer':>5} {'params':>14} {'heads':>6} {'kv':>4} {'mlp':>7} {'extra':>22} {'zero':>5}")
+    for layer in s.layers:
+        extra = ",".join(layer.group("extra")) or "-"
+        w(f"{layer.idx:>5} {layer.params():>14,} {str(layer.num_heads):>6} {str(layer.num_kv_heads):>4} "
+          f"{str(layer.intermediate_size):>7} {extra[:22]:>22} {str(layer.is_zero):>5}")
+    if compare_error:
+        w()
+        w(f"comparison with the base skipped: {compare_error}")
+    if comparison:
+        c = comparison
+        w()
+        w(bar)
+        w(f"Comparison with {c['original_name']}")
+        w(bar)
+        t = c["total_params"]
+        w(f"original params    : {t['original']:,}")
+        w(f"pruned params      : {t['pruned']:,}")
+        w(f"reduced            : {t['reduced']:,}")
+        w(f"overall retention  : {_pct(t['retention'])}")
+        w(f"overall sparsity   : {_pct(t['sparsity'])}")
+        if t.get("nonzero_sparsity") is not None:
+            w(f"non-zero sparsity  : {_pct(t['nonzero_sparsity'])}")
+        for note in c.get("alignment_notes", []):
+            w(f"note: {note}")
+        w()
+        w(f"{'layer':>5} {'original':>14} {'pruned':>14} {'retention':>9} {'sparsity':>9} "
+          f"{'heads':>7} {'kv':>5} {'mlp':>11} {'status':>10}")
+        for e in c["layers"]:
+            a, m = e.get("attention", {}), e.get("mlp", {})
+            h, kv, im = a.get("num_heads", {}), a.get("num_kv_heads", {}), m.get("intermediate_size", {})
+            ret = e["total"]["retention"]
+            sp = e["total"]["sparsity"] if e["status"] != "sparsified" else e["total"].get("nonzero_sparsity")
+            w(f"{e['layer_idx']:>5} {e['total']['original']:>14,} {e['total']['pruned']:>14,} "
+              f"{ret if ret is not None else float('nan'):>9.4f} {sp if sp is not None else float('nan'):>9.4f} "
+              f"{h.get('original')}->{h.get('pruned')!s:>3} {kv.get('original')}->{kv.get('pruned')!s:>2} "
+              f"{im.get('original')}->{im.get('pruned')!s:>5} {e['status']:>10}")
+        w()
+        w("Per module (layers whose shape changed)")
+        for key, v in c["consistency"]["modules"].items():
+            if v["consistent"]:
+                w(f"  OK   {key}: same retention {v['retention']} in layers "
+                  f"{_ranges(next(iter(v['retention_by_layers'].values())))}")
+            else:
+                w(f"  DIFF {key}: " + "; ".join(f"{r} in {_ranges(ls)}" for r, ls in v["retention_by_layers"].items()))
+        cons = c["consistency"]
+        w()
+        w(f"untouched layers   : {_ranges(cons['untouched_layers'])}")
+        w(f"pruned (attention) : {_ranges(cons['pruned_layers']['attention'])}")
+        w(f"pruned (mlp)       : {_ranges(cons['pruned_layers']['mlp'])}")
+        if cons["removed_layers"]:
+            w(f"removed layers     : {cons['removed_layers']}")
+        w(f"mean sparsity of pruned layers: {_pct(cons['pruned_layers_mean_sparsity'])}"
+          + (f"  (target {_pct(cons['target_sparsity'])})" if "target_sparsity" in cons else ""))
+        for group, r in cons.get("ranges", {}).items():
+            w(f"range check {group:<9}: expected [{r['expected'][0]}, {r['expected'][1]}) -> "
+              + ("OK" if r["ok"] else f"outside {r['pruned_outside_range']}, untouched inside "
+                                      f"{r['untouched_inside_range']}"))
+        for v in cons["verdicts"]:
+            w(f"! {v}")
+    if size:
+        w()
+        w(bar)
+        w(f"Size on disk: {size['total_bytes'] / 2**20:.2f} MiB ({size['path']})")
+        w(bar)
+        for f in size["files"]:
+            w(f"  {f['bytes']:>14,}  {f['category']:<9} {f['file']}")
+        for line in size.get("explanation", []):
+            w(f"- {line}")
+        for line in (size_cmp or {}).get("explanation", []):
+            w(f"- {line}")
+    return out.getvalue()
+
+
+def _ranges(idx: list[int]) -> str:
+    """[0,1,2,5] -> '0-2, 5'"""
+    if not idx:
+        return "none"
+    idx = sorted(idx)
+    parts, start, prev = [], idx[0], idx[0]
+    for i in idx[1:] + [None]:  # type: ignore[list-item]
+        if i is not None and i == prev + 1:
+            prev = i
+            continue
+        parts.append(f"{start}-{prev}" if prev != start else f"{start}")
+        if i is not None:
+            start = prev = i
+    return ", ".join(parts)
+
+
+def write_analysis(out_dir: str | Path, pruned: ModelStructure, base: Optional[ModelStructure] = None, *,
+                   expected_ranges: Optional[dict] = None, target_sparsity: Optional[float] = None,
+                   model_dir: Optional[str | Path] = None, ctx: Any = None,
+                   base_model_dir: Optional[str | Path] = None) -> dict:
+    """Write every analysis file into ``out_dir``; return the summary for metrics.json.
+
+    A base with another architecture does not raise: the structure is still written and the
+    summary carries ``comparison_error``.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    model_dir = model_dir or pruned.model_dir
+    base_model_dir = base_model_dir or (base.model_dir if base is not None else None)
+    size = size_report(model_dir, pruned) if model_dir and Path(model_dir).exists() else None
+    base_size = size_report(base_model_dir, base) if base is not None and base_model_dir and \
+        Path(base_model_dir).exists() else None
+    size_cmp = compare_sizes(base_size, size) if size and base_size else None
+
+    structure = pruned.to_json()
+    structure["size"] = size
+    atomic_write_json(out / "model_structure.json", structure)
+    comparison: Optional[dict] = None
+    compare_error: Optional[str] = None
+    files = ["model_structure.json"]
+    if base is not None:
+        try:
+            comparison = compare(base, pruned, expected_ranges=expected_ranges, target_sparsity=target_sparsity)
+        except ArchitectureMismatch as e:
+            compare_error = str(e)
+            log.error("comparison skipped: %s", e)
+    if comparison is not None:
+        rows = comparison.pop("_rows")
+        comparison["size"] = size_cmp
+        atomic_write_json(out / "model_comparison.json", comparison)
+        files.append("model_comparison.json")
+    else:
+        rows = structure_rows(pruned)
+    frame = pd.DataFrame(rows, columns=CSV_COLUMNS)
+    atomic_write_text(out / "layers.csv", frame.to_csv(index=False))
+    files.append("layers.csv")
+    text = summary_text(pruned, comparison, size, size_cmp, compare_error)
+    atomic_write_text(out / "structure_summary.txt", text)
+    files.append("structure_summary.txt")
+    images: dict[str, Path] = {}
+    if comparison is not None:
+        images["sparsity"] = sparsity_bars(comparison, out / "sparsity.png", target_sparsity)
+        images["module_heatmap"] = module_heatmap(comparison, out / "module_heatmap.png")
+        files += ["sparsity.png", "module_heatmap.png"]
+
+    summary: dict[str, Any] = {
+        "dir": str(out), "files": files, "model_name": pruned.name, "format": pruned.format,
+        "total_params": pruned.total_params, "layer_params": pruned.layer_params,
+        "num_layers": pruned.num_layers, "embedding_params": pruned.embedding_params,
+        "lm_head_params": pruned.lm_head_params, "tied_embeddings": pruned.tied_embeddings,
+        "nonzero_params": pruned.nonzero_params,
+    }
+    if size:
+        summary["size_bytes"] = size["total_bytes"]
+    if compare_error:
+        summary["comparison_error"] = compare_error
+    if comparison is not None:
+        cons = comparison["consistency"]
+        summary.update({
+            "original_params": comparison["total_params"]["original"],
+            "reduction_ratio": comparison["total_params"]["reduction_ratio"],
+            "retention": comparison["total_params"]["retention"],
+            "sparsity": comparison["total_params"]["sparsity"],
+            "layer_sparsity": comparison["layer_params"]["sparsity"],
+            "pruned_layers_mean_sparsity": cons["pruned_layers_mean_sparsity"],
+            "untouched_layers": cons["untouched_layers"], "removed_layers": cons["removed_layers"],
+            "modules_consistent": cons["all_modules_consistent"], "consistency_ok": cons["ok"],
+            "verdicts": cons["verdicts"],
+        })
+        if size_cmp:
+            summary["size_reduction"] = size_cmp["total_bytes_reduction"]
+    if ctx is not None:
+        ctx.log("analysis", summary)
+        ctx.log_table("analysis/layers", frame)
+        if comparison is not None:
+            ctx.log_table("analysis/layer_totals", pd.DataFrame(
+                [{"layer_idx": e["layer_idx"], "status": e["status"], "original": e["total"]["original"],
+                  "pruned": e["total"]["pruned"], "retention": e["total"]["retention"],
+                  "sparsity": e["total"]["sparsity"]} for e in comparison["layers"]]))
+        for name, p in images.items():
+            ctx.log_image(f"analysis/{name}", p)
+        ctx.log_text("analysis/structure_summary", text)
+    return summary
