@@ -84,6 +84,11 @@ def batch_analyze(models_dir: str | Path, base: Optional[ModelStructure], run_di
     fallback = base.config if base is not None else None
     for k, (name, path, fmt) in enumerate(entries, 1):
         rec: dict[str, Any] = {"name": name, "path": str(path), "format": fmt.kind, "reason": fmt.reason}
+        if fmt.kind == "unknown" and fmt.weights_path is not None:  # a weight file that cannot be read
+            rec.update(status="failed", error=fmt.reason)
+            log.error("[%d/%d] %s failed: %s", k, len(entries), name, fmt.reason)
+            results.append(rec)
+            continue
         if fmt.kind in ("eval_only", "unknown"):
             rec["status"] = "skipped"
             log.info("[%d/%d] skip %s: %s", k, len(entries), name, fmt.reason)

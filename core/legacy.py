@@ -161,7 +161,10 @@ def _detect_file(path: Path) -> FormatInfo:
         return FormatInfo("hf", path, "bare safetensors file", cfg if cfg.is_file() else None, parent)
     if path.suffix not in (".bin", ".pt", ".pth"):
         return FormatInfo("unknown", None, f"{path.name}: not a weight file ({', '.join(WEIGHT_SUFFIXES)})")
-    kind, reason = classify_pickle(path)
+    try:
+        kind, reason = classify_pickle(path)
+    except LoadError as e:  # corrupt file: reported, never raised, so a batch scan goes on
+        return FormatInfo("unknown", path, f"unreadable: {e}", None, parent)
     cfg: Optional[Path] = None
     if kind == "slicegpt":
         jsons = [p for p in parent.glob("*.json") if p.name != "config.json"]
@@ -201,9 +204,9 @@ def detect_format(path: str | Path, _depth: int = 0) -> FormatInfo:
             if cfg.get("model_type") == "prunelab_llama" or "checkpoint_info.json" in names:
                 return FormatInfo("prunelab", weights, "prunelab checkpoint", cfg_path, path)
             if weights.is_file() and weights.suffix == ".bin":
-                kind, reason = classify_pickle(weights)
-                if kind == "pickle_bundle":  # an old bundle saved next to a config.json
-                    return FormatInfo(kind, weights, reason, cfg_path, path)
+                info = _detect_file(weights)
+                if info.kind in ("pickle_bundle", "unknown"):  # an old bundle next to a config.json, or corrupt
+                    return info
             return FormatInfo("hf", weights, f"HF dir ({cfg.get('model_type', '?')})", cfg_path, path)
     # no config.json: legacy pickles, by name first, then any .pt/.bin
     for name in BUNDLE_NAMES + ("model.pt",):

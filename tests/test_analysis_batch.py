@@ -1,0 +1,105 @@
+"""Batch analysis of a mixed folder (one broken model inside) and the analyze / batch_analyze tasks."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from analysis_helpers import BASE_TOTAL, PRUNED_TOTAL, base_and_pruned, state_dict_copy
+from analysis.batch import batch_analyze
+from analysis.structure import structure_of
+from conftest import run_task
+from core.checkpoint import save_checkpoint
+from test_legacy import Tok
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    root = tmp_path_factory.mktemp("models")
+    base, pruned, tok = base_and_pruned()
+    save_checkpoint(pruned, tok, root / "Taylor_ckpt", {"method": "taylor",
+                                                        "layer_ranges": {"attention": [1, 2], "mlp": [1, 3]}})
+    pruned.save_pretrained(root / "HF_dir")  # plain HF dir (config.json + model.safetensors)
+    (root / "LLMPruner_bundle").mkdir()
+    torch.save({"model": pruned, "tokenizer": Tok()}, root / "LLMPruner_bundle" / "pytorch_model.bin")
+    (root / "Whole").mkdir()
+    torch.save(pruned, root / "Whole" / "model.pt")
+    torch.save(state_dict_copy(pruned), root / "loose_state_dict.pt")  # a file directly in the folder
+    (root / "SliceGPT_2000").mkdir()
+    sd = state_dict_copy(pruned)
+    sd["model.layers.0.attn_shortcut_Q"] = torch.zeros(64, 64)
+    torch.save(sd, root / "SliceGPT_2000" / "Llama_0.2.pt")
+    (root / "SliceGPT_2000" / "Llama_0.2.json").write_text(json.dumps(pruned.config.to_dict()))
+    (root / "Base_eval_only").mkdir()
+    (root / "Base_eval_only" / "evaluation_results.json").write_text("{}")
+    (root / "Broken").mkdir()
+    (root / "Broken" / "config.json").write_text(json.dumps(pruned.config.to_dict()))
+    (root / "Broken" / "model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json}" + b"0" * 64)
+    # a model whose analysis/ cannot be created (a file is in the way): output goes to the run dir
+    pruned.save_pretrained(root / "Blocked")
+    (root / "Blocked" / "analysis").write_text("not a dir")
+    return root, base
+
+
+def test_batch_mixed_folder(folder, tmp_path):
+    root, base = folder
+    b = structure_of(base, name="tiny")
+    run_dir = tmp_path / "run"
+    res = batch_analyze(root, b, run_dir, allow_pickle=False, count_nonzero=True)
+    st = {m["name"]: (m["format"], m["status"]) for m in res["models"]}
+    assert st == {
+        "Taylor_ckpt": ("prunelab", "ok"), "HF_dir": ("hf", "ok"), "Blocked": ("hf", "ok"),
+        "LLMPruner_bundle": ("pickle_bundle", "failed"), "Whole": ("whole_model_pt", "failed"),
+        "loose_state_dict": ("state_dict_pt", "ok"), "SliceGPT_2000": ("slicegpt", "ok"),
+        "Base_eval_only": ("eval_only", "skipped"), "Broken": ("hf", "failed")}
+    by = {m["name"]: m for m in res["models"]}
+    assert "allow_pickle=true" in by["Whole"]["error"] and "corrupt safetensors" in by["Broken"]["error"]
+    assert by["Taylor_ckpt"]["output_dir"] == str(root / "Taylor_ckpt" / "analysis")
+    assert by["Blocked"]["output_dir"] == str(run_dir / "analysis" / "Blocked")
+    assert by["loose_state_dict"]["output_dir"] == str(run_dir / "analysis" / "loose_state_dict")
+    for name in ("Taylor_ckpt", "HF_dir", "SliceGPT_2000"):
+        out = root / name / "analysis"
+        assert {p.name for p in out.iterdir()} >= {"model_structure.json", "model_comparison.json",
+                                                   "structure_summary.txt", "layers.csv", "sparsity.png"}
+    # checkpoint's recorded ranges are not used by batch (no expected ranges): structure exact
+    summary = json.loads((run_dir / "models_summary.json").read_text())
+    assert set(summary) >= {"timestamp", "models_dir", "models"}
+    m = next(x for x in summary["models"] if x["name"] == "Taylor_ckpt")
+    assert m["total_params"] == PRUNED_TOTAL and m["num_layers"] == 4
+    assert m["pruning"] == {"original_params": BASE_TOTAL, "pruned_params": PRUNED_TOTAL,
+                            "reduction_ratio": pytest.approx((BASE_TOTAL - PRUNED_TOTAL) / BASE_TOTAL)}
+    slice_cmp = json.loads((root / "SliceGPT_2000" / "analysis" / "model_comparison.json").read_text())
+    assert slice_cmp["layers"][0]["extra"]["attn_shortcut_Q"]["pruned_shape"] == [64, 64]
+    batch = json.loads((run_dir / "batch_analysis_results.json").read_text())
+    assert batch["counts"] == {"ok": 5, "failed": 3, "skipped": 1}
+    # with the opt-in the pickles are read too
+    res2 = batch_analyze(root, b, tmp_path / "run2", allow_pickle=True)
+    assert {m["name"]: m["status"] for m in res2["models"]}["Whole"] == "ok"
+    assert res2["counts"] == {"ok": 7, "failed": 1, "skipped": 1}
+
+
+def test_tasks_through_run(folder, tmp_path):
+    root, _ = folder
+    result, metrics = run_task(["task=analyze", f"model={root / 'Taylor_ckpt'}", "base=tiny", "logger=none"],
+                               tmp_path / "a")
+    assert metrics["status"] == "completed"
+    out = tmp_path / "a" / "analysis"
+    assert {p.name for p in out.iterdir()} == {"model_structure.json", "model_comparison.json", "layers.csv",
+                                              "structure_summary.txt", "sparsity.png", "module_heatmap.png"}
+    a = metrics["analysis"]
+    assert a["total_params"] == PRUNED_TOTAL and a["original_params"] == BASE_TOTAL
+    assert a["consistency_ok"] and a["verdicts"] == []  # ranges from checkpoint_info.json were checked
+    cmp = json.loads((out / "model_comparison.json").read_text())
+    assert cmp["consistency"]["ranges"]["mlp"]["ok"] and cmp["size"] is None  # tiny base has no dir
+    assert json.loads((out / "model_structure.json").read_text())["size"]["total_bytes"] > 0
+    _, metrics = run_task(["task=batch_analyze", f"models_dir={root}", "base=tiny", "logger=none"], tmp_path / "b")
+    assert metrics["status"] == "completed"
+    assert (tmp_path / "b" / "models_summary.json").is_file()
+    assert (tmp_path / "b" / "batch_analysis_results.json").is_file()
+    # bad input: not a model -> failed run with a clear message, no traceback for the user
+    with pytest.raises(SystemExit):
+        run_task(["task=analyze", f"model={root / 'Base_eval_only'}", "base=tiny", "logger=none"], tmp_path / "c")
+    m = json.loads((tmp_path / "c" / "metrics.json").read_text())
+    assert m["status"] == "failed" and "not a model" in m["error"]["message"]
