@@ -1,0 +1,135 @@
+"""Checkpoints: save -> load through prunelab and through plain transformers (no prunelab) give the same logits."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from core.checkpoint import save_checkpoint
+from core.models import LoadError, count_params, load_model
+from pruning.llm_pruner import PruneSpec, prune
+
+SPEC = PruneSpec(attention_ratio=0.5, mlp_ratio=0.25, attention_layers=(1, 3), mlp_layers=(0, 3))
+
+
+@pytest.fixture
+def saved(tiny, calib, tmp_path):
+    model, tok = tiny
+    prune(model, calib, SPEC, progress=False)
+    out = save_checkpoint(model, tok, tmp_path / "model", {"method": "taylor", "ratio": 0.5})
+    return model, tok, out
+
+
+def test_checkpoint_layout(saved):
+    model, _, out = saved
+    names = {p.name for p in out.iterdir()}
+    assert {"model.safetensors", "config.json", "modeling_prunelab.py", "checkpoint_info.json",
+            "generation_config.json", "tokenizer.json"} <= names
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["model_type"] == "prunelab_llama"
+    assert cfg["auto_map"]["AutoModelForCausalLM"] == "modeling_prunelab.PrunedLlamaForCausalLM"
+    assert cfg["layer_configs"][1] == {"num_attention_heads": 4, "num_key_value_heads": 1, "intermediate_size": 96}
+    assert cfg["layer_configs"][3] == {"num_attention_heads": 8, "num_key_value_heads": 2, "intermediate_size": 128}
+    info = json.loads((out / "checkpoint_info.json").read_text())
+    assert info["method"] == "taylor" and "creation_time" in info and "git_commit" in info
+    # Bytes on disk ~ parameter bytes: safetensors adds only a small JSON header.
+    weights = (out / "model.safetensors").stat().st_size
+    assert count_params(model) * 4 <= weights < count_params(model) * 4 * 1.01 + 16384
+    assert not [p for p in out.parent.iterdir() if ".partial-" in p.name]
+
+
+def test_roundtrip_through_project_loader(saved):
+    model, _, out = saved
+    x = torch.randint(0, 256, (2, 12))
+    loaded, tok = load_model({"name": "ck", "kind": "hf", "path": str(out), "dtype": "float32", "device": "cpu"},
+                             cache_dir=".cache")
+    assert torch.equal(model(x).logits, loaded(x).logits)
+    assert tok("hello")["input_ids"]
+
+
+def test_roundtrip_through_plain_transformers_without_prunelab(saved, tmp_path):
+    model, _, out = saved
+    x = torch.randint(0, 256, (2, 12))
+    torch.save(x, tmp_path / "x.pt")
+    torch.save(model(x).logits.detach(), tmp_path / "ref.pt")
+    script = f"""
+import sys
+for name in ("core", "pruning", "analysis", "replacement"):
+    sys.modules[name] = None  # prunelab is not importable here
+import torch
+from transformers import AutoModelForCausalLM
+m = AutoModelForCausalLM.from_pretrained({str(out)!r}, trust_remote_code=True)
+x = torch.load({str(tmp_path / 'x.pt')!r}, weights_only=True)
+ref = torch.load({str(tmp_path / 'ref.pt')!r}, weights_only=True)
+assert type(m).__name__ == "PrunedLlamaForCausalLM", type(m)
+print("MAXDIFF", (m(x).logits - ref).abs().max().item())
+"""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    proc = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "MAXDIFF 0.0" in proc.stdout
+
+
+def test_sharded_checkpoint(tiny, tmp_path):
+    model, tok = tiny
+    out = save_checkpoint(model, tok, tmp_path / "m", {}, shard_bytes=100_000)
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) > 1
+    loaded, _ = load_model({"name": "m", "kind": "hf", "path": str(out), "dtype": "float32", "device": "cpu"},
+                           cache_dir=".cache")
+    x = torch.randint(0, 256, (1, 8))
+    assert torch.equal(model(x).logits, loaded(x).logits)
+
+
+def test_failed_save_leaves_nothing(tiny, tmp_path, monkeypatch):
+    model, tok = tiny
+    import core.checkpoint as ck
+
+    def boom(*a, **k):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(ck, "save_file", boom)
+    with pytest.raises(RuntimeError, match="disk full"):
+        save_checkpoint(model, tok, tmp_path / "model", {})
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_existing_checkpoint_not_overwritten(saved):
+    model, tok, out = saved
+    with pytest.raises(FileExistsError):
+        save_checkpoint(model, tok, out, {})
+
+
+def test_safetensors_only_no_pickle(saved):
+    _, _, out = saved
+    assert not list(out.glob("*.bin")) and not list(out.glob("*.pt"))
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        assert "model.layers.1.self_attn.q_proj.weight" in f.keys()
+
+
+@pytest.mark.parametrize("path,msg", [("/nonexistent/model", "does not exist")])
+def test_missing_model_path(path, msg):
+    with pytest.raises(LoadError, match=msg):
+        load_model({"name": "x", "kind": "hf", "path": path, "dtype": "float32", "device": "cpu"}, cache_dir=".cache")
+
+
+def test_dir_that_is_not_a_model(tmp_path):
+    (tmp_path / "notes.txt").write_text("hello")
+    with pytest.raises(LoadError, match="not a model"):
+        load_model({"name": "x", "kind": "hf", "path": str(tmp_path), "dtype": "float32", "device": "cpu"},
+                   cache_dir=".cache")
+
+
+def test_corrupt_config_is_a_clear_error(tmp_path):
+    (tmp_path / "config.json").write_text("{not json")
+    with pytest.raises(LoadError, match="unreadable"):
+        load_model({"name": "x", "kind": "hf", "path": str(tmp_path), "dtype": "float32", "device": "cpu"},
+                   cache_dir=".cache")

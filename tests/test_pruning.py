@@ -1,0 +1,193 @@
+"""LLM-Pruner-style structured pruning on tiny random GQA Llamas: groups, GQA mapping, ranges, determinism."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from core.models import build_tiny, count_params
+from pruning.llm_pruner import (Geometry, PruneError, PruneSpec, importance, plan_counts, prune, remove_channels,
+                                remove_kv_groups)
+from pruning.ranges import resolve_range, solve_params_ratio
+
+HD = 8  # head_dim of the tiny model (64 / 8 heads)
+
+
+def spec(**kw) -> PruneSpec:
+    base = dict(attention_ratio=0.5, mlp_ratio=0.25, attention_layers=(1, 3), mlp_layers=(1, 3))
+    base.update(kw)
+    return PruneSpec(**base)
+
+
+@pytest.mark.parametrize("importance_name,taylor", [
+    ("taylor", "vectorize"), ("taylor", "param_first"), ("taylor", "param_second"), ("taylor", "param_mix"),
+    ("l1", "param_first"), ("l2", "param_first"), ("random", "param_first"),
+])
+def test_each_pruner_removes_expected_group_counts(tiny, calib, importance_name, taylor):
+    model, _ = tiny
+    res = prune(model, calib, spec(importance=importance_name, taylor=taylor), progress=False)
+    for entry in res.layers:
+        l = entry["layer"]
+        inside = 1 <= l < 3
+        # 2 KV groups x 0.5 -> 1 group = 1 KV head + 4 query heads; MLP 128 x 0.25 -> 32 channels.
+        assert entry["kv_heads"] == [2, 1 if inside else 2]
+        assert entry["heads"] == [8, 4 if inside else 8]
+        assert entry["intermediate_size"] == [128, 96 if inside else 128]
+        assert len(entry["removed_kv_groups"]) == (1 if inside else 0)
+    geo = Geometry.of(model)
+    per_group = 2 * 4 * HD * 64 + 2 * HD * 64  # q rows + o cols (4 heads) + k and v rows (1 head)
+    assert res.params_before - res.params_after == 2 * per_group + 2 * 32 * 3 * 64
+    assert res.params_after == count_params(model)
+    assert geo.kv_heads == (2, 1, 1, 2)
+
+
+def test_l1_removes_exactly_the_smallest_channels(tiny):
+    model, _ = tiny
+    ref = copy.deepcopy(model)
+    prune(model, None, spec(importance="l1", attention_ratio=0.0, mlp_layers=(2, 3)), progress=False)
+    mlp = ref.model.layers[2].mlp
+    score = mlp.gate_proj.weight.abs().sum(1) + mlp.up_proj.weight.abs().sum(1) + mlp.down_proj.weight.abs().sum(0)
+    keep = torch.sort(torch.topk(score, 96).indices).values
+    assert torch.equal(model.model.layers[2].mlp.gate_proj.weight, mlp.gate_proj.weight[keep])
+    assert torch.equal(model.model.layers[2].mlp.down_proj.weight, mlp.down_proj.weight[:, keep])
+
+
+def test_l2_head_groups_ranked_by_coupled_weights(tiny):
+    model, _ = tiny
+    a = model.model.layers[1].self_attn
+    with torch.no_grad():  # make KV group 1 clearly the least important across q, k, v, o
+        a.q_proj.weight[32:] *= 0.01
+        a.k_proj.weight[8:] *= 0.01
+        a.v_proj.weight[8:] *= 0.01
+        a.o_proj.weight[:, 32:] *= 0.01
+    res = prune(model, None, spec(importance="l2", mlp_ratio=0.0, attention_layers=(1, 2)), progress=False)
+    assert res.layers[1]["removed_kv_groups"] == [1]
+
+
+def test_gqa_group_removal_equals_silencing_that_group(tiny):
+    """Removing KV group g must equal zeroing the o_proj columns of g's query heads: head by head."""
+    model, _ = tiny
+    x = torch.randint(0, 256, (2, 16))
+    for g in (0, 1):
+        pruned, silenced = copy.deepcopy(model), copy.deepcopy(model)
+        remove_kv_groups(pruned.model.layers[2], torch.tensor([g]), HD)
+        with torch.no_grad():
+            silenced.model.layers[2].self_attn.o_proj.weight[:, g * 4 * HD:(g + 1) * 4 * HD] = 0
+        attn, orig = pruned.model.layers[2].self_attn, model.model.layers[2].self_attn
+        keep = 1 - g
+        q_rows = slice(keep * 4 * HD, (keep + 1) * 4 * HD)  # the 4 query heads sharing KV head `keep`
+        assert torch.equal(attn.q_proj.weight, orig.q_proj.weight[q_rows])
+        assert torch.equal(attn.k_proj.weight, orig.k_proj.weight[keep * HD:(keep + 1) * HD])
+        assert torch.equal(attn.v_proj.weight, orig.v_proj.weight[keep * HD:(keep + 1) * HD])
+        assert torch.equal(attn.o_proj.weight, orig.o_proj.weight[:, q_rows])
+        assert attn.num_key_value_groups == 4
+        torch.testing.assert_close(pruned(x).logits, silenced(x).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_mlp_channel_removal_equals_silencing_channels(tiny):
+    model, _ = tiny
+    x = torch.randint(0, 256, (2, 16))
+    pruned, silenced = copy.deepcopy(model), copy.deepcopy(model)
+    drop = torch.tensor([3, 17, 64, 127])
+    remove_channels(pruned.model.layers[1], drop)
+    with torch.no_grad():
+        silenced.model.layers[1].mlp.down_proj.weight[:, drop] = 0
+    torch.testing.assert_close(pruned(x).logits, silenced(x).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_mha_without_gqa(calib):
+    model, _ = build_tiny(num_heads=4, num_kv_heads=4)
+    res = prune(model, calib, spec(attention_ratio=0.5), progress=False)
+    assert res.layers[1]["heads"] == [4, 2] and res.layers[1]["kv_heads"] == [4, 2]
+    model(calib)
+
+
+def test_layers_outside_ranges_untouched(tiny, calib):
+    model, _ = tiny
+    ref = copy.deepcopy(model)
+    prune(model, calib, spec(attention_layers=(1, 2), mlp_layers=(2, 4)), progress=False)
+    sd, ref_sd = model.state_dict(), ref.state_dict()
+    for name, t in ref_sd.items():
+        layer = int(name.split(".")[2]) if name.startswith("model.layers.") else None
+        attn_in = layer == 1 and "self_attn" in name
+        mlp_in = layer in (2, 3) and ".mlp." in name
+        if attn_in or mlp_in:
+            assert sd[name].shape != t.shape, name
+        else:
+            assert torch.equal(sd[name], t), name
+
+
+def test_forward_and_generate_with_kv_cache_after_pruning(tiny, calib):
+    model, _ = tiny
+    prune(model, calib, spec(), progress=False)
+    prompt = calib[:1, :6]
+    with_cache = model.generate(prompt, max_new_tokens=8, do_sample=False, use_cache=True)
+    without = model.generate(prompt, max_new_tokens=8, do_sample=False, use_cache=False)
+    assert torch.equal(with_cache, without)
+    assert model.config.layer_configs[1] == {"num_attention_heads": 4, "num_key_value_heads": 1,
+                                             "intermediate_size": 96}
+
+
+def test_deterministic_for_a_seed(calib):
+    runs = []
+    for _ in range(2):
+        model, _ = build_tiny(seed=3)
+        res = prune(model, calib, spec(importance="random", seed=7), progress=False)
+        runs.append(([l["removed_kv_groups"] for l in res.layers], model.model.layers[1].mlp.gate_proj.weight))
+    assert runs[0][0] == runs[1][0] and torch.equal(runs[0][1], runs[1][1])
+
+
+def test_iterative_steps_and_global_ranking(tiny, calib):
+    model, _ = tiny
+    res = prune(model, calib, spec(iterative_steps=2, global_ranking=True, round_to=8), progress=False)
+    removed = sum(l["intermediate_size"][0] - l["intermediate_size"][1] for l in res.layers)
+    assert removed % 8 == 0 and 0 < removed <= 64
+    assert all((l["intermediate_size"][1]) % 8 == 0 for l in res.layers)
+    model(calib)
+
+
+def test_taylor_scores_use_calibration_gradients(tiny, calib):
+    model, _ = tiny
+    att, mlp = importance(model, calib, spec(), progress=False)
+    assert set(att) == {1, 2} and att[1].shape == (2,) and mlp[1].shape == (128,)
+    assert all(torch.isfinite(v).all() and (v > 0).all() for v in att.values())
+    assert all(p.grad is None for p in model.parameters())  # hooks freed every gradient
+
+
+def test_rounding_to_zero_heads_is_reported(tiny):
+    model, _ = tiny
+    heads, _, notes = plan_counts(Geometry.of(model), spec(attention_ratio=0.25))
+    assert all(v == 0 for v in heads.values())
+    assert any("rounds (floor) to 0 whole groups" in n for n in notes)
+    heads, _, _ = plan_counts(Geometry.of(model), spec(attention_ratio=0.25, rounding="nearest"))
+    assert all(v == 1 for v in heads.values())
+
+
+@pytest.mark.parametrize("start,end,depth,msg", [
+    (3, 1, 4, "is after end"), (0, 9, 4, "beyond the model's depth"), (2, 2, 4, "is empty"),
+    (-9, 2, 4, "beyond the model's depth"),
+])
+def test_bad_ranges(start, end, depth, msg):
+    with pytest.raises(PruneError, match=msg):
+        resolve_range(start, end, depth, "attention", 0.25)
+
+
+def test_negative_range_counts_from_end():
+    assert resolve_range(3, -3, 30, "mlp", 0.25) == (3, 27)
+    assert resolve_range(0, None, 4, "mlp", 0.25) == (0, 4)
+    assert resolve_range(2, 2, 4, "mlp", 0.0) == (2, 2)  # empty on purpose: ratio 0
+
+
+def test_ratio_target_params(tiny):
+    model, _ = tiny
+    geo, total = Geometry.of(model), count_params(model)
+    s = solve_params_ratio(geo, spec(mlp_layers=(0, 4), attention_ratio=0.0), 0.10, total,
+                           fixed_attention=True, fixed_mlp=False)
+    heads, chans, _ = plan_counts(geo, s)
+    removed = sum(chans.values()) * 3 * 64
+    assert abs(removed / total - 0.10) < 0.01
+    with pytest.raises(PruneError, match="cannot be removed"):
+        solve_params_ratio(geo, spec(mlp_ratio=0.0, attention_layers=(1, 2)), 0.30, total,
+                           fixed_attention=False, fixed_mlp=True)
