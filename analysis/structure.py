@@ -343,9 +343,8 @@ def _derive_widths(layer: LayerStructure, head_dim: Optional[int], lc: dict) -> 
 # --------------------------------------------------------------------------- sources
 
 
-def read_safetensors_header(path: str | Path) -> dict[str, TensorInfo]:
-    """name -> TensorInfo from a safetensors file's header only (8-byte LE length + JSON)."""
-    path = Path(path)
+def _read_header(path: Path) -> tuple[int, dict]:
+    """(header length, validated header dict) of a safetensors file: 8-byte LE length + JSON."""
     size = path.stat().st_size
     with open(path, "rb") as f:
         raw = f.read(8)
@@ -358,20 +357,28 @@ def read_safetensors_header(path: str | Path) -> dict[str, TensorInfo]:
             header = json.loads(f.read(n))
         except ValueError as e:
             raise LoadError(f"{path}: corrupt safetensors header ({e})") from None
-    out: dict[str, TensorInfo] = {}
+    if not isinstance(header, dict):
+        raise LoadError(f"{path}: corrupt safetensors header (not a JSON object)")
     data_len = size - 8 - n
     for tname, meta in header.items():
         if tname == "__metadata__":
             continue
         try:
-            dtype, _ = ST_DTYPES.get(meta["dtype"], (meta["dtype"].lower(), 4))
             start, end = meta["data_offsets"]
+            meta["dtype"], meta["shape"]
         except (KeyError, TypeError, ValueError):
             raise LoadError(f"{path}: corrupt safetensors header entry for {tname!r}") from None
         if end > data_len:
             raise LoadError(f"{path}: truncated safetensors file ({tname} ends at {end}, data has {data_len} bytes)")
-        out[tname] = TensorInfo(tuple(int(d) for d in meta["shape"]), dtype)
-    return out
+    return n, header
+
+
+def read_safetensors_header(path: str | Path) -> dict[str, TensorInfo]:
+    """name -> TensorInfo from a safetensors file's header only: no weight is read."""
+    _, header = _read_header(Path(path))
+    return {tname: TensorInfo(tuple(int(d) for d in meta["shape"]),
+                              ST_DTYPES.get(meta["dtype"], (meta["dtype"].lower(), 4))[0])
+            for tname, meta in header.items() if tname != "__metadata__"}
 
 
 def safetensors_files(weights: Path) -> list[Path]:
@@ -392,17 +399,35 @@ def safetensors_files(weights: Path) -> list[Path]:
     return sorted(weights.glob("*.safetensors"))
 
 
-def count_nonzero_safetensors(files: list[Path], tensors: dict[str, TensorInfo]) -> None:
-    """Fill ``nonzero`` streaming one tensor at a time (peak memory = the largest tensor)."""
-    from safetensors import safe_open
+def count_nonzero_safetensors(files: list[Path], tensors: dict[str, TensorInfo],
+                              chunk_bytes: int = 32 << 20) -> None:
+    """Fill ``nonzero`` by reading each tensor's bytes in chunks into one reused buffer.
 
+    Plain reads, not mmap: peak memory stays at ``chunk_bytes`` whatever the model size, and no
+    file pages are mapped into the process (safe_open's mmap would count the whole file in RSS).
+    """
+    buf = bytearray(chunk_bytes)
+    view = memoryview(buf)
     for f in files:
-        with safe_open(str(f), framework="pt") as sf:
-            for tname in sf.keys():
-                if tname in tensors:
-                    t = sf.get_tensor(tname)
-                    tensors[tname].nonzero = int(torch.count_nonzero(t))
-                    del t
+        n, header = _read_header(f)
+        with open(f, "rb") as fh:
+            for tname, meta in header.items():
+                if tname == "__metadata__" or tname not in tensors:
+                    continue
+                dtype = getattr(torch, ST_DTYPES.get(meta["dtype"], ("uint8", 1))[0])
+                esize = torch.empty((), dtype=dtype).element_size()
+                start, end = meta["data_offsets"]
+                fh.seek(8 + n + start)
+                remaining, nz = end - start, 0
+                step = chunk_bytes // esize * esize
+                while remaining > 0:
+                    got = fh.readinto(view[:min(step, remaining)])
+                    if not got:
+                        raise LoadError(f"{f}: truncated while reading {tname}")
+                    # count as the stored dtype, so -0.0 counts as zero
+                    nz += int(torch.count_nonzero(torch.frombuffer(buf, dtype=dtype, count=got // esize)))
+                    remaining -= got
+                tensors[tname].nonzero = nz
 
 
 def _dtype_name(dt: torch.dtype) -> str:

@@ -10,7 +10,7 @@ from safetensors.torch import save_file
 
 from analysis_helpers import (ATTN_FULL, ATTN_L1, BASE_TOTAL, EMB, HIDDEN, LAYER1, LAYER2, LAYER_FULL, MLP_96,
                               NORM, PRUNED_TOTAL, base_and_pruned, state_dict_copy, tiny)
-from analysis.structure import TensorInfo, read_safetensors_header, structure_of
+from analysis.structure import TensorInfo, count_nonzero_safetensors, read_safetensors_header, structure_of
 from core.checkpoint import save_checkpoint
 from core.legacy import LoadError
 
@@ -58,10 +58,15 @@ def test_base_counts():
 def test_checkpoint_headers_without_loading(tmp_path, monkeypatch):
     _, pruned, tok = base_and_pruned()
     ckpt = save_checkpoint(pruned, tok, tmp_path / "model", {"method": "test"})
-    # headers only: any weight read would go through safe_open / torch.load
+    # headers only: every way of reading weights fails the test
     import safetensors
 
-    monkeypatch.setattr(safetensors, "safe_open", lambda *a, **k: pytest.fail("weights were read"))
+    import analysis.structure as st
+
+    fail = lambda *a, **k: pytest.fail("weights were read")  # noqa: E731
+    monkeypatch.setattr(safetensors, "safe_open", fail)
+    monkeypatch.setattr(st, "count_nonzero_safetensors", fail)
+    monkeypatch.setattr(torch, "load", fail)
     s = structure_of(ckpt, name="ckpt")
     _check_known(s)
     assert s.format == "prunelab" and s.meta.get("method") == "test"
@@ -103,6 +108,12 @@ def test_nonzero_streaming_and_zero_layer(tmp_path):
     assert s.layers[3].is_zero and s.layers[3].nonzero() == 0
     assert s.layers[2].modules["attention.q_proj"].nonzero == 64 * 32
     assert s.to_json()["layer_summary"]["zero_layers"] == [3]
+    # chunked streaming (chunks far smaller than a tensor, -0.0 counted as zero) == torch's count
+    sd["model.layers.0.mlp.up_proj.weight"][:3] = -0.0
+    save_file(sd, tmp_path / "model.safetensors")
+    infos = read_safetensors_header(tmp_path / "model.safetensors")
+    count_nonzero_safetensors([tmp_path / "model.safetensors"], infos, chunk_bytes=100)
+    assert {k: v.nonzero for k, v in infos.items()} == {k: int(torch.count_nonzero(v)) for k, v in sd.items()}
 
 
 def test_removed_layer_gap_and_extra_tensors():
