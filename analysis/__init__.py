@@ -1,0 +1,1 @@
+"""Evaluation, structure analysis and results tables."""
