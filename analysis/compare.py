@@ -2,7 +2,8 @@
 
 retention = kept / original params, sparsity = 1 - retention (structural: from shapes).
 When non-zero counts exist, ``nonzero_sparsity`` = 1 - non-zero kept / original params measures
-unstructured sparsity too (a Wanda / magnitude model keeps its shapes but not its values).
+unstructured sparsity too (a Wanda / magnitude model keeps its shapes but not its values); the
+reference is the base's own non-zero count when it was counted.
 The consistency report does the checks seed 001 describes in prose: same retention for a module
 across pruned layers, untouched layers, pruned layers inside the configured ranges, output dims
 shrinking while the hidden dim stays.
@@ -30,8 +31,11 @@ def ratio(original: int, pruned: int, orig_nz: Optional[int] = None, pruned_nz: 
     out["retention"] = pruned / original if original else None
     out["sparsity"] = 1 - out["retention"] if original else None
     if pruned_nz is not None:
+        # share of the base's non-zero weights that are gone (exact zeros the base already had, e.g.
+        # from quantisation, do not count); against the dense count when the base was not counted
+        ref = orig_nz if orig_nz is not None else original
         out["pruned_nonzero"] = pruned_nz
-        out["nonzero_sparsity"] = 1 - pruned_nz / original if original else None
+        out["nonzero_sparsity"] = max(0.0, 1 - pruned_nz / ref) if ref else None
     if orig_nz is not None:
         out["original_nonzero"] = orig_nz
     return out

@@ -85,7 +85,9 @@ def summary_text(s: ModelStructure, comparison: Optional[dict], size: Optional[d
         w(f"overall retention  : {_pct(t['retention'])}")
         w(f"overall sparsity   : {_pct(t['sparsity'])}")
         if t.get("nonzero_sparsity") is not None:
-            w(f"non-zero sparsity  : {_pct(t['nonzero_sparsity'])}")
+            base_nz = f"{t['original_nonzero']:,}" if t.get("original_nonzero") is not None else "not counted"
+            w(f"non-zero params    : {t['pruned_nonzero']:,} (base {base_nz})")
+            w(f"non-zero sparsity  : {_pct(t['nonzero_sparsity'])}  (share of the base's non-zero weights gone)")
         for note in c.get("alignment_notes", []):
             w(f"note: {note}")
         w()
