@@ -2,8 +2,8 @@
 
 Each entry of ``models_dir`` (a subdir or a weight file) is detected (``core.legacy.detect_format``),
 analysed one at a time (structure from safetensors headers where possible, freed before the next),
-compared with the base, and written to ``<model>/analysis/`` or, when that is not writable, to
-``<run_dir>/analysis/<name>/``. A failing model is recorded and the batch goes on.
+compared with the base, and written to ``<model>/analysis/`` or, when that is not writable or already
+holds an analysis (nothing is overwritten), to ``<run_dir>/analysis/<name>/``. A failing model is recorded and the batch goes on.
 """
 
 from __future__ import annotations
@@ -53,8 +53,11 @@ def _writable_dir(target: Path) -> bool:
 
 
 def output_dir_for(path: Path, name: str, run_dir: Path) -> Path:
-    if path.is_dir() and _writable_dir(path / "analysis"):
-        return path / "analysis"
+    """``<model>/analysis/`` when writable and not holding an earlier analysis (never overwritten,
+    e.g. a prune run's own), else ``<run_dir>/analysis/<name>/``."""
+    target = path / "analysis"
+    if path.is_dir() and not (target / "model_structure.json").exists() and _writable_dir(target):
+        return target
     return run_dir / "analysis" / name
 
 

@@ -77,6 +77,10 @@ def test_batch_mixed_folder(folder, tmp_path):
     # with the opt-in the pickles are read too
     res2 = batch_analyze(root, b, tmp_path / "run2", allow_pickle=True)
     assert {m["name"]: m["status"] for m in res2["models"]}["Whole"] == "ok"
+    # earlier analyses are never overwritten: the second batch writes into its own run dir
+    out2 = {m["name"]: m.get("output_dir") for m in res2["models"]}
+    assert out2["Taylor_ckpt"] == str(tmp_path / "run2" / "analysis" / "Taylor_ckpt")
+    assert out2["Whole"] == str(root / "Whole" / "analysis")  # refused the first time: nothing there yet
     assert res2["counts"] == {"ok": 7, "failed": 1, "skipped": 1}
 
 
