@@ -14,9 +14,11 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from analysis.evaluate import evaluate_model
+from analysis.report import write_analysis
+from analysis.structure import structure_of
 from core.checkpoint import save_checkpoint
 from core.data import calibration_and_eval_sources, calibration_batch, eval_tokens
-from core.models import count_params, load_model, model_depth
+from core.models import cached_gguf_dir, count_params, load_model, model_depth
 from core.runlog import RunContext
 from pruning.llm_pruner import Geometry, PruneSpec, prune
 from pruning.ranges import resolve_range, solve_params_ratio
@@ -40,12 +42,7 @@ def _spec(cfg: DictConfig, depth: int) -> PruneSpec:
 
 
 def _structure(model, name: str):
-    """Shapes-only structure for the analysis report (None if the analysis package is not available)."""
-    try:
-        from analysis.report import write_analysis  # noqa: F401
-        from analysis.structure import structure_of
-    except ImportError:
-        return None
+    """Shapes-only structure (no weights copied) for the analysis report."""
     return structure_of(model, config=model.config.to_dict(), name=name)
 
 
@@ -140,14 +137,13 @@ def run_prune(cfg: DictConfig, ctx: RunContext) -> float | None:
         out = save_checkpoint(model, tok, run_dir / "model", info)
         ctx.log("checkpoint", {"path": str(out), "bytes": sum(f.stat().st_size for f in out.iterdir())})
         log.info("checkpoint: %s", out)
-    if base_structure is not None:
-        from analysis.report import write_analysis
-
-        summary = write_analysis(
-            run_dir / "analysis", _structure(model, f"{model_cfg['name']}-{cfg.pruner.name}"), base_structure,
-            expected_ranges={"attention": list(spec.attention_layers), "mlp": list(spec.mlp_layers)},
-            target_sparsity=None, model_dir=(run_dir / "model") if cfg.save_model else None, ctx=ctx)
-        ctx.log("analysis", summary)
+    base_dir = cached_gguf_dir(model_cfg, cache_dir) if model_cfg["kind"] == "gguf" else model_cfg.get("path")
+    summary = write_analysis(
+        run_dir / "analysis", _structure(model, f"{model_cfg['name']}-{cfg.pruner.name}"), base_structure,
+        expected_ranges={"attention": list(spec.attention_layers), "mlp": list(spec.mlp_layers)},
+        target_sparsity=float(cfg.ratio) if ratio_target == "params" else result.removed_fraction,
+        model_dir=(run_dir / "model") if cfg.save_model else None, base_model_dir=base_dir, ctx=ctx)
+    ctx.log("analysis", summary)
     ctx.log("timings", {"load_s": t_load, "prune_s": t_prune, "total_s": time.perf_counter() - t_start})
     ppl = results["pruned"].get("ppl")
     return ppl["value"] if ppl else None

@@ -1,0 +1,46 @@
+"""End to end on the embedded SmolLM2-135M-Instruct (real pretrained weights, offline)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from conftest import run_task
+
+pytestmark = pytest.mark.integration
+
+
+def test_taylor_run_end_to_end(tmp_path):
+    run_dir = tmp_path / "run"
+    result, m = run_task(["pruner=taylor", "ratio=0.25", "logger=wandb", "eval.ppl.max_tokens=1024",
+                          "eval.generation.max_new_tokens=8"], run_dir)
+    assert m["status"] == "completed", m.get("error")
+    base, pruned = m["eval"]["base"]["ppl"], m["eval"]["pruned"]["ppl"]
+    assert math.isfinite(base["value"]) and math.isfinite(pruned["value"])
+    assert base["value"] < pruned["value"] < 4 * base["value"]
+    assert result == pruned["value"]
+    assert base["seq_len"] == 128 and base["source"] == "boolq"
+    assert m["data"]["calibration"]["source"] == "austen"
+    # LLM-Pruner's count for this configuration: 0.25 x 3 KV groups floors to 0 heads, MLP 1536 -> 1152 in 24 layers.
+    assert m["params"] == {"base": 134_515_008, "pruned": 118_589_760, "kept_pct": pytest.approx(88.16, abs=0.01),
+                           "removed_pct": pytest.approx(11.84, abs=0.01)}
+    assert m["pruning"]["heads_pruned"] is False and m["pruning"]["notes"]
+    assert "Paris" in m["eval"]["base"]["generation"]["output"]
+    for name in (".hydra/config.yaml", ".hydra/overrides.yaml", "model/model.safetensors", "model/config.json",
+                 "model/checkpoint_info.json"):
+        assert (run_dir / name).is_file(), name
+    assert list((run_dir / "wandb").glob("offline-run-*")), "offline W&B run missing"
+
+    from core.models import load_model
+
+    model, tok = load_model({"name": "ck", "kind": "hf", "path": str(run_dir / "model"), "dtype": "float32",
+                             "device": "cpu"}, cache_dir=".cache")
+    cfg = json.loads((run_dir / "model" / "config.json").read_text())
+    assert [l["intermediate_size"] for l in cfg["layer_configs"]] == [1536] * 3 + [1152] * 24 + [1536] * 3
+    ids = tok("The capital of France is", return_tensors="pt")
+    out = model.generate(**ids, max_new_tokens=4, do_sample=False)
+    assert out.shape[1] == ids["input_ids"].shape[1] + 4
+    assert torch.isfinite(model(**ids).logits).all()

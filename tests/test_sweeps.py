@@ -1,0 +1,72 @@
+"""Every experiment and sweep file composes; sweeps run for real (basic launcher and submitit_local)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+
+from conftest import ROOT
+
+FAST = ["model=tiny", "layers=all", "eval=none", "logger=none", "save_model=false", "data.num_samples=2",
+        "data.seq_len=16"]
+
+
+@pytest.mark.parametrize("name", sorted(p.stem for p in (ROOT / "conf" / "experiment").glob("*.yaml")))
+def test_experiment_files_compose(name, tmp_path):
+    import run  # noqa: F401  (registers the schema)
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("config", overrides=[f"experiment={name}", f"paths.output_dir={tmp_path}"])
+    GlobalHydra.instance().clear()
+    assert cfg.task.value == "prune" and 0 < cfg.ratio < 1
+
+
+@pytest.mark.parametrize("name", sorted(p.stem for p in (ROOT / "multirun_sweeps").glob("*.yaml")))
+def test_sweep_files_compose(name, tmp_path):
+    import run  # noqa: F401
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        from hydra.core.config_search_path import ConfigSearchPath  # noqa: F401
+    GlobalHydra.instance().clear()
+    proc = subprocess.run([sys.executable, str(ROOT / "run.py"), "-cd", str(ROOT / "multirun_sweeps"), "-cn", name,
+                           "--cfg", "hydra"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "mode: MULTIRUN" in proc.stdout and "params:" in proc.stdout
+
+
+def _sweep(tmp_path: Path, extra: list[str]) -> list[dict]:
+    proc = subprocess.run([sys.executable, str(ROOT / "run.py"), "-cd", str(ROOT / "multirun_sweeps"),
+                           "-cn", "ratios_x_pruners", *FAST, "ratio=0.1,0.5", "pruner=taylor,l2",
+                           f"paths.outputs_root={tmp_path}", *extra],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return [json.loads(p.read_text()) for p in sorted(tmp_path.glob("multirun/*/*/*/metrics.json"))]
+
+
+def test_sweep_runs_every_job_in_its_own_dir(tmp_path):
+    runs = _sweep(tmp_path, [])
+    assert len(runs) == 4 and all(r["status"] == "completed" for r in runs)
+    assert {(r["method"], r["config"]["ratio"]) for r in runs} == {("taylor", 0.1), ("taylor", 0.5), ("l2", 0.1),
+                                                                   ("l2", 0.5)}
+
+
+def test_one_failing_job_does_not_kill_the_sweep(tmp_path):
+    proc = subprocess.run([sys.executable, str(ROOT / "run.py"), "-m", *FAST, "ratio=0.2,1.5",
+                           f"paths.outputs_root={tmp_path}"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    status = sorted(json.loads(p.read_text())["status"] for p in tmp_path.glob("multirun/*/*/*/metrics.json"))
+    assert status == ["completed", "failed"]
+
+
+def test_submitit_local_launcher(tmp_path):
+    runs = _sweep(tmp_path, ["hydra/launcher=submitit_local", "hydra.launcher.timeout_min=10",
+                             "hydra.launcher.cpus_per_task=1"])
+    assert len(runs) == 4 and all(r["status"] == "completed" for r in runs)
