@@ -220,7 +220,7 @@ def _calibration_passes(model: nn.Module, batch: torch.Tensor, weights: list[nn.
         else:
             step = micro if micro and micro < batch.shape[0] else batch.shape[0]
             chunks = [batch[j:j + step] for j in range(0, batch.shape[0], step)]
-        for k, chunk in enumerate(tqdm(chunks, desc="calibration fwd+bwd", disable=not progress or len(chunks) == 1)):
+        for k, chunk in enumerate(tqdm(chunks, desc="calibration fwd+bwd", disable=not progress)):
             # Whole-batch scores (first-order terms) need the summed gradient: let micro-batches accumulate,
             # and hand the gradient over on the last one only.
             live["on"] = per_sample or k == len(chunks) - 1
