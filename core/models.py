@@ -235,16 +235,12 @@ def load_model(model_cfg: dict, *, cache_dir: str | Path, allow_pickle: bool = F
         return load_hf_dir(path, dtype=model_cfg["dtype"], device=model_cfg["device"],
                            device_map=model_cfg.get("device_map"),
                            trust_remote_code=bool(model_cfg.get("trust_remote_code")))
-    try:
-        from core import legacy
-    except ImportError:  # pragma: no cover - legacy support is optional at import time
-        legacy = None
-    if legacy is not None:
-        fmt = legacy.detect_format(path)
-        if fmt.kind not in ("unknown", "eval_only"):
-            return legacy.load_as_model(path, allow_pickle=allow_pickle, fmt=fmt,
-                                        dtype=DTYPES.get(model_cfg["dtype"], torch.float32),
-                                        device=model_cfg["device"])
+    from core import legacy  # imported here: it imports LoadError from this module
+
+    fmt = legacy.detect_format(path)
+    if fmt.kind not in ("unknown", "eval_only"):
+        return legacy.load_as_model(path, allow_pickle=allow_pickle, fmt=fmt,
+                                    dtype=DTYPES.get(model_cfg["dtype"], torch.float32), device=model_cfg["device"])
     raise LoadError(f"{path} is not a model: expected a dir with config.json (HF or prunelab checkpoint)"
                     " or a legacy .bin/.pt file")
 
