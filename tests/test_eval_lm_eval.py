@@ -163,3 +163,31 @@ def test_unknown_task_lists_available():
         let._task_manager(["boolq", "no_such_task_xyz"])
     msg = str(err.value)
     assert "no_such_task_xyz" in msg and "arc_easy" in msg and "mmlu" in msg
+
+
+def test_prompts_and_targets_follow_lm_eval():
+    """Rendered prompt, choices and gold of the first item of each task, against the raw data."""
+    import datasets
+    from lm_eval.tasks import TaskManager
+
+    root = let.check_data()
+    tm = TaskManager(include_path=str(let.TEMPLATE_DIR), include_defaults=False)
+    tasks = tm.load_task_or_group(["boolq", "winogrande", "hellaswag", "mmlu_anatomy"])
+    tasks = {getattr(t, "task_name", None) or t.config.task: t for t in tasks.values()}
+    boolq = tasks["boolq"]
+    doc = boolq.validation_docs()[0]
+    raw = datasets.load_from_disk(str(root / "boolq/none/validation"))[0]
+    assert boolq.doc_to_text(doc) == f"{raw['passage']}\nQuestion: {raw['question']}?\nAnswer:"
+    assert boolq.doc_to_choice(doc)[boolq.doc_to_target(doc)] == ("yes" if raw["answer"] else "no")
+    wino = tasks["winogrande"]
+    doc = wino.validation_docs()[0]  # "Sarah was a much better surgeon than Maria so _ always got the easier cases."
+    assert wino.doc_to_choice(doc)[wino.doc_to_text(doc)].endswith("than Maria so Maria")  # answer "2"
+    assert wino.doc_to_target(doc) == "always got the easier cases."
+    hs = tasks["hellaswag"]
+    doc = hs.validation_docs()[0]
+    assert hs.doc_to_text(doc) == "Roof shingle removal: A man is sitting on a roof. He"
+    assert hs.doc_to_target(doc) == 3 and len(hs.doc_to_choice(doc)) == 4
+    anat = tasks["mmlu_anatomy"]
+    doc = anat.test_docs()[0]
+    assert anat.doc_to_text(doc).endswith("\nD. " + doc["choices"][3] + "\nAnswer:")
+    assert anat.doc_to_choice(doc) == ["A", "B", "C", "D"] and anat.doc_to_target(doc) == doc["answer"]
