@@ -355,20 +355,29 @@ def run_lm_eval(
     shots_of: dict[str, Optional[int]] = {}
     splits: dict[str, Optional[str]] = {}
     t0 = time.perf_counter()
-    for shots, names in by_shots.items():
-        out = evaluator.simple_evaluate(
-            model=lm, tasks=names, num_fewshot=shots, limit=limit, task_manager=tm,
-            # acc's stderr is closed-form; bootstrap_iters only bounds other metrics' bootstraps
-            log_samples=False, bootstrap_iters=1000, verbosity="WARNING",
-            random_seed=0, numpy_random_seed=1234, torch_random_seed=1234, fewshot_random_seed=1234,
-        )
-        results.update(out["results"])
-        results.update(out.get("groups", {}))
-        n_samples.update(out.get("n-samples", {}))
-        for task_name, cfg in out.get("configs", {}).items():
-            shots_of[task_name] = cfg.get("num_fewshot", shots) if isinstance(cfg, dict) else shots
-            if isinstance(cfg, dict):
-                splits[task_name] = cfg.get("test_split") or cfg.get("validation_split")
+    tqdm_env = os.environ.get("TQDM_DISABLE")
+    if not progress:  # lm-eval's own progress bars (contexts, requests) honour tqdm's env switch
+        os.environ["TQDM_DISABLE"] = "1"
+    try:
+        for shots, names in by_shots.items():
+            out = evaluator.simple_evaluate(
+                model=lm, tasks=names, num_fewshot=shots, limit=limit, task_manager=tm,
+                # acc's stderr is closed-form; bootstrap_iters only bounds other metrics' bootstraps
+                log_samples=False, bootstrap_iters=1000, verbosity="WARNING",
+                random_seed=0, numpy_random_seed=1234, torch_random_seed=1234, fewshot_random_seed=1234,
+            )
+            results.update(out["results"])
+            results.update(out.get("groups", {}))
+            n_samples.update(out.get("n-samples", {}))
+            for task_name, cfg in out.get("configs", {}).items():
+                shots_of[task_name] = cfg.get("num_fewshot", shots) if isinstance(cfg, dict) else shots
+                if isinstance(cfg, dict):
+                    splits[task_name] = cfg.get("test_split") or cfg.get("validation_split")
+    finally:
+        if tqdm_env is None:
+            os.environ.pop("TQDM_DISABLE", None)
+        else:
+            os.environ["TQDM_DISABLE"] = tqdm_env
     seconds = time.perf_counter() - t0
 
     def entry(task_name: str) -> dict:
@@ -398,7 +407,7 @@ def run_lm_eval(
             out_dict["tasks"][name] = entry(name)
         else:  # a registry group: report its members
             for sub in results:
-                if sub not in out_dict["tasks"]:
+                if sub not in out_dict["tasks"] and not sub.startswith("mmlu"):
                     out_dict["tasks"][sub] = entry(sub)
     if any(n in MMLU_GROUPS for n, _ in parsed):
         subjects = {k.removeprefix("mmlu_"): entry(k) for k in results

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from pathlib import Path
 from typing import Any, Iterable, Optional
 
@@ -29,8 +30,9 @@ def find_metrics(paths: Iterable[str | Path]) -> list[Path]:
     for p in map(Path, paths):
         if p.is_file() and p.name == "metrics.json":
             found.add(p.resolve())
-        elif p.is_dir():
-            found.update(f.resolve() for f in p.rglob("metrics.json"))
+        elif p.is_dir():  # os.walk: follows symlinked run dirs, which Path.rglob does not
+            found.update((Path(d) / "metrics.json").resolve() for d, _, files in os.walk(p, followlinks=True)
+                         if "metrics.json" in files)
         else:
             log.warning("table: %s is neither a run dir nor a metrics.json; skipped", p)
     return sorted(found)
@@ -45,6 +47,9 @@ def _get(d: Any, *keys: str) -> Any:
 
 
 def _range(m: dict, cfg: dict, part: str) -> Optional[str]:
+    if m.get("task") == "evaluate":  # the ranges of the evaluated checkpoint, not this run's defaults
+        r = _get(m, "checkpoint_info", "layer_ranges", part)
+        return f"{r[0]}-{r[1]}" if isinstance(r, list) and len(r) == 2 else None
     resolved = _get(m, "pruning", f"{part}_layers")  # [start, end) after negative ends are resolved
     if isinstance(resolved, list) and len(resolved) == 2:
         return f"{resolved[0]}-{resolved[1]}"
@@ -108,7 +113,7 @@ def rows_from_metrics(m: dict, source: str) -> list[dict]:
             "is_base": is_base and side == "model" and "base" not in ev,
             "ratio": _get(cfg, "ratio") if m.get("task") == "prune" else m.get("ratio"),
             "attn_layers": _range(m, cfg, "attention"), "mlp_layers": _range(m, cfg, "mlp"),
-            "params": params.get("pruned") or _get(ev, side, "efficiency", "params"),
+            "params": params.get("pruned") or params.get("model") or _get(ev, side, "efficiency", "params"),
             "params_kept_pct": kept, **_eval_columns(ev[side]),
         })
     return rows

@@ -44,7 +44,9 @@ def test_evaluate_checkpoint_with_base_then_table(pruned_run, tmp_path):
     import pandas as pd
 
     df = pd.read_csv(table_dir / "results.csv")
-    assert df.iloc[0]["method"] == "base" and "taylor" in set(df["method"])
+    assert df.iloc[0]["method"] == "base" and (df["method"] == "base").sum() == 1
+    taylor = df[df["method"] == "taylor"]  # the prune run's row and the evaluate run's row
+    assert len(taylor) == 2 and taylor["attn_layers"].nunique() == 1 and taylor["params"].nunique() == 1
     assert (table_dir / "results.md").is_file() and (table_dir / "results.tex").is_file()
 
 
