@@ -108,6 +108,8 @@ def rows_from_metrics(m: dict, source: str) -> list[dict]:
         if kept is not None and kept <= 1.0:
             kept *= 100.0  # tolerate a fraction
         is_base = m.get("task") == "evaluate" and not m.get("method")
+        if is_base and kept is None:
+            kept = 100.0  # an uncompressed model evaluated on its own
         rows.append({
             **common, "model": model_name, "method": m.get("method") or ("base" if is_base else None),
             "is_base": is_base and side == "model" and "base" not in ev,
