@@ -200,8 +200,10 @@ def load_hf_dir(path: Path, *, dtype: str = "float32", device: str = "cpu", devi
 
     cfg = read_config_json(path)
     kwargs: dict[str, Any] = {"dtype": DTYPES.get(dtype, "auto")}
-    if device_map:
-        kwargs["device_map"] = device_map
+    # Weights go straight to their device (an 8B model is never staged in host RAM first);
+    # device_map="auto" spreads a model too large for one GPU.
+    if device_map or device != "cpu":
+        kwargs["device_map"] = device_map or device
     try:
         if _is_prunelab(cfg):
             from core.modeling_prunelab import PrunedLlamaForCausalLM
@@ -212,8 +214,6 @@ def load_hf_dir(path: Path, *, dtype: str = "float32", device: str = "cpu", devi
         tok = AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError, KeyError, RuntimeError) as e:
         raise LoadError(f"could not load the model in {path}: {type(e).__name__}: {str(e).splitlines()[0]}") from None
-    if not device_map:
-        model.to(device)
     model.eval()
     return model, tok
 
