@@ -8,20 +8,27 @@ import math
 import pytest
 import torch
 
-from conftest import run_task
+import subprocess
+import sys
+
+from conftest import ROOT
 
 pytestmark = pytest.mark.integration
 
 
 def test_taylor_run_end_to_end(tmp_path):
     run_dir = tmp_path / "run"
-    result, m = run_task(["pruner=taylor", "ratio=0.25", "logger=wandb", "eval.ppl.max_tokens=1024",
-                          "eval.generation.max_new_tokens=8"], run_dir)
+    proc = subprocess.run([sys.executable, str(ROOT / "run.py"), "pruner=taylor", "ratio=0.25", "logger=wandb",
+                           "eval.ppl.max_tokens=1024", "eval.generation.max_new_tokens=8", f"hydra.run.dir={run_dir}"],
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    m = json.loads((run_dir / "metrics.json").read_text())
     assert m["status"] == "completed", m.get("error")
+    log = (run_dir / "run.log").read_text()
+    assert "PPL base" in log and "PPL pruned" in log and "run dir:" in log
     base, pruned = m["eval"]["base"]["ppl"], m["eval"]["pruned"]["ppl"]
     assert math.isfinite(base["value"]) and math.isfinite(pruned["value"])
     assert base["value"] < pruned["value"] < 4 * base["value"]
-    assert result == pruned["value"]
     assert base["seq_len"] == 128 and base["source"] == "boolq"
     assert m["data"]["calibration"]["source"] == "austen"
     # LLM-Pruner's count for this configuration: 0.25 x 3 KV groups floors to 0 heads, MLP 1536 -> 1152 in 24 layers.
@@ -29,7 +36,7 @@ def test_taylor_run_end_to_end(tmp_path):
                            "removed_pct": pytest.approx(11.84, abs=0.01)}
     assert m["pruning"]["heads_pruned"] is False and m["pruning"]["notes"]
     assert "Paris" in m["eval"]["base"]["generation"]["output"]
-    for name in (".hydra/config.yaml", ".hydra/overrides.yaml", "model/model.safetensors", "model/config.json",
+    for name in ("analysis/model_structure.json", "analysis/layers.csv", "analysis/sparsity.png", ".hydra/config.yaml", ".hydra/overrides.yaml", "model/model.safetensors", "model/config.json",
                  "model/checkpoint_info.json"):
         assert (run_dir / name).is_file(), name
     assert list((run_dir / "wandb").glob("offline-run-*")), "offline W&B run missing"
