@@ -435,7 +435,11 @@ def run_lm_eval(
         metric = HEADLINE_METRIC.get(name, "acc")
         if e.get(metric) is not None:
             heads[name] = (metric, e[metric])
-    if heads:
+    failed_zs = [n for n, e in out_dict["tasks"].items() if n in ZEROSHOT_TASKS and e["status"] != "completed"]
+    if failed_zs:  # an average over the survivors would read as a number for the whole set
+        out_dict["task_average"] = None
+        out_dict["task_average_error"] = f"failed task(s): {', '.join(failed_zs)}"
+    elif heads:
         out_dict["task_average"] = sum(v for _, v in heads.values()) / len(heads)
         out_dict["task_average_over"] = {k: m for k, (m, _) in heads.items()}
     out_dict["lm_eval"] = {

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import json
 import math
+import subprocess
+import sys
 
 import pytest
 import torch
-
-import subprocess
-import sys
 
 from conftest import ROOT
 
