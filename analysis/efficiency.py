@@ -88,9 +88,26 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def _tensor_bytes(obj: Any, seen: Optional[set[int]] = None, depth: int = 0) -> int:
+    """Bytes of every tensor reachable from a KV cache object (DynamicCache, tuples, ...), once each."""
+    seen = set() if seen is None else seen
+    if id(obj) in seen or depth > 6:
+        return 0
+    seen.add(id(obj))
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, (list, tuple)):
+        return sum(_tensor_bytes(v, seen, depth + 1) for v in obj)
+    if isinstance(obj, dict):
+        return sum(_tensor_bytes(v, seen, depth + 1) for v in obj.values())
+    if hasattr(obj, "__dict__") and type(obj).__module__.startswith("transformers"):
+        return sum(_tensor_bytes(v, seen, depth + 1) for v in vars(obj).values())
+    return 0
+
+
 @torch.no_grad()
-def _prefill_and_decode(model, ids: torch.Tensor, decode_tokens: int) -> tuple[float, list[float]]:
-    """Seconds for the prefill forward, and per-step seconds for greedy decoding with the KV cache."""
+def _prefill_and_decode(model, ids: torch.Tensor, decode_tokens: int) -> tuple[float, list[float], int]:
+    """Prefill seconds, per-step seconds of greedy decoding with the KV cache, final KV cache bytes."""
     device = ids.device
     _sync(device)
     t0 = time.perf_counter()
@@ -107,7 +124,7 @@ def _prefill_and_decode(model, ids: torch.Tensor, decode_tokens: int) -> tuple[f
         steps.append(time.perf_counter() - t0)
         past = out.past_key_values
         nxt = out.logits[:, -1:].argmax(-1)
-    return prefill, steps
+    return prefill, steps, _tensor_bytes(past)
 
 
 def measure_efficiency(
@@ -131,12 +148,12 @@ def measure_efficiency(
     ids = torch.randint(0, vocab, (batch_size, prompt_len), generator=gen).to(device)  # [B, T]
     was_training = model.training
     model.eval()
-    for _ in range(warmup):
-        _prefill_and_decode(model, ids, min(decode_tokens, 4))
     prefills, step_medians = [], []
-    with _PeakMemory(device) as mem:
+    with _PeakMemory(device) as mem:  # from before the warm-up: its first run is when buffers grow
+        for _ in range(warmup):
+            _prefill_and_decode(model, ids, min(decode_tokens, 4))
         for _ in range(repeats):
-            prefill, steps = _prefill_and_decode(model, ids, decode_tokens)
+            prefill, steps, kv_bytes = _prefill_and_decode(model, ids, decode_tokens)
             prefills.append(prefill)
             if steps:
                 step_medians.append(statistics.median(steps))
@@ -153,9 +170,17 @@ def measure_efficiency(
         "repeats": repeats,
         "prefill_seconds": prefill_s,
         "prefill_tokens_per_s": batch_size * prompt_len / prefill_s,
-        "peak_memory_bytes": int(mem.peak),
-        "peak_memory_kind": "cuda_max_allocated_above_baseline" if device.type == "cuda" else "rss_above_baseline",
+        "kv_cache_bytes": int(kv_bytes),  # after prompt_len + decode_tokens positions
     })
+    if device.type == "cuda":
+        out["peak_memory_bytes"] = int(mem._base + mem.peak)  # absolute max_memory_allocated
+        out["peak_memory_kind"] = "cuda max allocated (weights + activations + KV cache)"
+    else:
+        # Process RSS is not per model (the heap keeps what an earlier model freed), so the
+        # comparable CPU figure is weights + the KV cache actually built; RSS growth is kept as a hint.
+        out["peak_memory_bytes"] = int(out["weight_bytes"] + kv_bytes)
+        out["peak_memory_kind"] = "weights + KV cache (CPU)"
+        out["rss_growth_bytes"] = int(mem.peak)
     if step_medians:
         latency = statistics.median(step_medians)
         out["decode_latency_ms"] = 1000.0 * latency  # one new token for the whole batch

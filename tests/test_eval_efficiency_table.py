@@ -44,6 +44,10 @@ def test_efficiency_base_vs_smaller_model_same_protocol():
         assert e["prompt_len"] == 16 and e["batch_size"] == 2 and e["repeats"] == 2 and e["peak_memory_bytes"] >= 0
         assert math.isclose(e["prefill_tokens_per_s"], 32 / e["prefill_seconds"])
     assert es["params"] < eb["params"]
+    # KV cache: layers x (k, v) x batch x kv_heads x (prompt + decoded) positions x head_dim x fp32
+    assert eb["kv_cache_bytes"] == es["kv_cache_bytes"] == 2 * 2 * 2 * 2 * (16 + 3) * 8 * 4
+    assert eb["peak_memory_bytes"] == eb["weight_bytes"] + eb["kv_cache_bytes"]  # CPU definition
+    assert es["peak_memory_bytes"] < eb["peak_memory_bytes"]
     with pytest.raises(ValueError):
         measure_efficiency(base, prompt_len=0)
 

@@ -93,7 +93,7 @@ def main() -> None:
     pruned_model = _prune_mlp_channels(model, 0.25)
     pruned = measure_efficiency(pruned_model, **kw)
     keys = ("params", "nonzero_params", "weight_bytes", "prefill_tokens_per_s", "decode_tokens_per_s",
-            "decode_latency_ms", "peak_memory_bytes")
+            "decode_latency_ms", "kv_cache_bytes", "peak_memory_bytes")
     print(json.dumps({
         "bench": "eval", "model": "smollm2-135m", "threads": args.threads, "device": "cpu",
         "ppl_tokens": ppl["tokens"], "ppl_seq_len": L, "ppl": round(ppl["value"], 4),
