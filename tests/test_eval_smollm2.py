@@ -45,7 +45,7 @@ def test_zeroshot_above_chance_and_mmlu(smollm2):
     assert res["tasks"]["arc_easy"]["acc"] > 0.33, res["tasks"]["arc_easy"]
     assert res["tasks"]["piqa"]["acc"] > 0.55, res["tasks"]["piqa"]
     assert res["lm_eval"]["requests_per_s"] > 0
-    mmlu = run_lm_eval(model, tok, ["mmlu"], limit=2, batch_size=8, max_length=2048)["mmlu"]
-    # ~chance for a 135M model: check it ran completely (2 items x 57 subjects), not its level
-    assert mmlu["status"] == "completed" and len(mmlu["subjects"]) == 57 and mmlu["n"] == 114
+    mmlu = run_lm_eval(model, tok, ["mmlu"], limit=1, batch_size=8, max_length=2048)["mmlu"]
+    # ~chance for a 135M model: check it ran completely (1 item x 57 subjects), not its level
+    assert mmlu["status"] == "completed" and len(mmlu["subjects"]) == 57 and mmlu["n"] == 57
     assert mmlu["num_fewshot"] in (0, None) and 0.0 <= mmlu["average"] <= 1.0
