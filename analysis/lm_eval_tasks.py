@@ -484,6 +484,9 @@ def results_frame(result: dict, model_label: str = "model"):
                      "num_fewshot": e.get("num_fewshot"), "split": e.get("split"), "status": e.get("status")})
     mmlu = result.get("mmlu")
     if mmlu:
+        for subject, acc in mmlu.get("subjects", {}).items():
+            rows.append({"model": model_label, "task": f"mmlu_{subject}", "acc": acc, "headline": "acc",
+                         "num_fewshot": mmlu.get("num_fewshot"), "split": "test", "status": mmlu["status"]})
         for cat, acc in mmlu.get("categories", {}).items():
             rows.append({"model": model_label, "task": f"mmlu_{cat}", "acc": acc, "headline": "acc",
                          "num_fewshot": mmlu.get("num_fewshot"), "split": "test", "status": mmlu["status"]})
