@@ -70,7 +70,7 @@ def run(cfg: DictConfig) -> float | None:
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
-    from core.models import set_threads
+    from core.models import set_mmap_threshold, set_threads
     from core.runlog import RunContext
 
     run_dir = Path(cfg.paths.output_dir)
@@ -84,6 +84,7 @@ def run(cfg: DictConfig) -> float | None:
         if (run_dir / "metrics.json").exists():
             raise FileExistsError(f"{run_dir} already holds a run; runs never overwrite each other")
         set_threads(cfg.runtime.threads)
+        set_mmap_threshold(cfg.runtime.mmap_threshold_mb)
         container = OmegaConf.to_container(cfg, resolve=True)
         ctx = RunContext(run_dir, task=task, config=container, logger=cfg.logger.name,
                          wandb_project=cfg.logger.project, wandb_mode=cfg.logger.mode,

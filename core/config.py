@@ -69,8 +69,8 @@ class DataConfig:
     source: str = "austen"  # austen | boolq | text_file
     path: Optional[str] = None
     text_field: str = "text"  # for .jsonl files
-    num_samples: int = 10
-    seq_len: int = 64
+    num_samples: int = 16
+    seq_len: int = 128
     seed: int = 0
 
 
@@ -78,7 +78,7 @@ class DataConfig:
 class PrunerConfig:
     name: str = "taylor"
     importance: str = "taylor"  # taylor | l1 | l2 | random
-    taylor: str = "param_first"  # vectorize | param_first | param_second | param_mix
+    taylor: str = "param_second"  # vectorize | param_first | param_second | param_mix
     group_reduction: str = "sum"  # sum | mean | max
     global_ranking: bool = False
     iterative_steps: int = 1
@@ -156,6 +156,7 @@ class LoggerConfig:
 @dataclass
 class RuntimeConfig:
     threads: Optional[int] = None  # torch intra-op threads; null = torch's default
+    mmap_threshold_mb: Optional[float] = 1.0  # CPU blocks >= this are mmapped (freed memory goes back); null = glibc default
 
 
 @dataclass
@@ -223,6 +224,9 @@ def validate(cfg: Any) -> list[str]:
             errors.append(f"{key}={value!r} is not one of {', '.join(allowed)}")
     task = _get(cfg, "task")
     task = getattr(task, "value", task)
+    mmap_mb = _get(cfg, "runtime.mmap_threshold_mb")
+    if mmap_mb is not None and not 0 <= float(mmap_mb) <= 32:
+        errors.append(f"runtime.mmap_threshold_mb={mmap_mb} must be in [0, 32] MiB (glibc's range) or null")
     if task == "prune":
         for key in ("ratio", "pruner.attention_ratio", "pruner.mlp_ratio"):
             value = _get(cfg, key)

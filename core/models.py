@@ -251,6 +251,28 @@ def set_threads(threads: Optional[int]) -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+def set_mmap_threshold(mib: Optional[float]) -> bool:
+    """Serve CPU allocations of at least ``mib`` MiB with mmap, so that freeing them returns memory at once.
+
+    glibc raises its mmap threshold dynamically (up to 32 MiB) once large blocks have been freed. After that,
+    freed activations, logits and pruned weights stay in the heap: they count in RSS and fragment it.
+    A fixed threshold keeps peak RSS close to the memory actually in use. On SmolLM2 pruning, with
+    perplexity measured before it, a 1 MiB threshold takes peak RSS from 1.76-1.80 to 1.61 GiB; the time
+    difference is within this machine's noise.
+    It is a no-op without glibc (macOS, musl), or for ``None``/0. Returns whether it was applied.
+    """
+    if not mib:
+        return False
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        m_mmap_threshold = -3  # <malloc.h>
+        return bool(libc.mallopt(m_mmap_threshold, int(mib * 2**20)))
+    except (OSError, AttributeError):
+        return False
+
+
 def count_params(model: torch.nn.Module) -> int:
     """Parameters counted once (tied embedding/LM head count once)."""
     seen: set[int] = set()

@@ -25,6 +25,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+import types
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
@@ -191,6 +192,75 @@ def _row_scores(w: torch.Tensor, g: Optional[torch.Tensor], h: Optional[torch.Te
     return (w * g.float() - 0.5 * w * h * w).abs().sum(dim)  # param_mix
 
 
+class _SwiGLUDown(torch.autograd.Function):
+    """``down(silu(g) * u)`` that saves only ``g`` and ``u`` for backward and recomputes the product.
+
+    Autograd would keep silu(g), silu(g) * u as well: two more ``[tokens, intermediate]`` tensors per layer,
+    a quarter of all calibration activations of a Llama. Gradients are those of the stock module.
+    """
+
+    @staticmethod
+    def forward(ctx, g: torch.Tensor, u: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(g, u, w)
+        return torch.nn.functional.linear(torch.nn.functional.silu(g) * u, w)
+
+    @staticmethod
+    def backward(ctx, dy: torch.Tensor):
+        g, u, w = ctx.saved_tensors
+        s = torch.sigmoid(g)
+        a = g * s
+        dp = dy @ w
+        dw = None
+        if ctx.needs_input_grad[2]:
+            dw = dy.reshape(-1, dy.shape[-1]).T @ (a * u).reshape(-1, u.shape[-1])
+        du = dp * a if ctx.needs_input_grad[1] else None
+        dg = dp * u * s * (1 + g * (1 - s)) if ctx.needs_input_grad[0] else None
+        return dg, du, dw
+
+
+def _lean_mlp_forward(mlp: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return _SwiGLUDown.apply(mlp.gate_proj(x), mlp.up_proj(x), mlp.down_proj.weight)
+
+
+def _lean_mlps(model: nn.Module) -> list[nn.Module]:
+    """Stock SwiGLU MLPs (SiLU, no biases) whose forward can be swapped for the lean one."""
+    out = []
+    for layer in model.model.layers:
+        m = getattr(layer, "mlp", None)
+        if (m is not None and all(hasattr(m, k) for k in ("gate_proj", "up_proj", "down_proj"))
+                and type(getattr(m, "act_fn", None)).__name__ in ("SiLU", "SiLUActivation")
+                and all(getattr(m, k).bias is None for k in ("gate_proj", "up_proj", "down_proj"))):
+            out.append(m)
+    return out
+
+
+LOGITS_CHUNK_BYTES = 32 * 2**20
+
+
+def _lm_loss_backward(model: nn.Module, ids: torch.Tensor, scale: float = 1.0) -> None:
+    """Backward of ``scale * model(ids, labels=ids).loss`` without holding the whole batch's logits.
+
+    The decoder runs once; the LM head and the cross-entropy run over chunks of tokens, each chunk's
+    backward accumulating into the gradient of the final hidden states, which is then pushed through the
+    decoder once. Same gradients as the plain loss (next-token mean over all positions), but the
+    ``[tokens, vocab]`` fp32 logits and their gradient never exist all at once (10 x 64 tokens of a
+    49k-token vocabulary: 126 MB each).
+    """
+    import torch.nn.functional as F
+
+    hidden = model.model(input_ids=ids, use_cache=False).last_hidden_state[:, :-1]
+    if not hidden.requires_grad:
+        return
+    h = hidden.detach().reshape(-1, hidden.shape[-1]).requires_grad_(True)
+    targets = ids[:, 1:].reshape(-1)
+    n = targets.numel()
+    step = max(1, LOGITS_CHUNK_BYTES // (4 * model.config.vocab_size))
+    for s in range(0, n, step):
+        logits = model.lm_head(h[s:s + step]).float()
+        (F.cross_entropy(logits, targets[s:s + step], reduction="sum") * (scale / n)).backward()
+    hidden.reshape(-1, hidden.shape[-1]).backward(h.grad)
+
+
 def _calibration_passes(model: nn.Module, batch: torch.Tensor, weights: list[nn.Parameter],
                         on_grad: Callable[[int, torch.Tensor], None], per_sample: bool, micro: int,
                         progress: bool) -> None:
@@ -214,6 +284,9 @@ def _calibration_passes(model: nn.Module, batch: torch.Tensor, weights: list[nn.
                 on_grad(i, param.grad)
                 param.grad = None
         handles.append(p.register_post_accumulate_grad_hook(hook))
+    lean = _lean_mlps(model)
+    for m in lean:  # instance attribute shadows the class forward; deleted in `finally`
+        m.forward = types.MethodType(_lean_mlp_forward, m)
     try:
         if per_sample:
             chunks = [batch[j:j + 1] for j in range(batch.shape[0])]
@@ -224,12 +297,12 @@ def _calibration_passes(model: nn.Module, batch: torch.Tensor, weights: list[nn.
             # Whole-batch scores (first-order terms) need the summed gradient: let micro-batches accumulate,
             # and hand the gradient over on the last one only.
             live["on"] = per_sample or k == len(chunks) - 1
-            chunk = chunk.to(device)
-            with torch.autocast(device_type=device.type, enabled=False):
-                loss = model(input_ids=chunk, labels=chunk, use_cache=False).loss
             scale = 1.0 if per_sample else chunk.shape[0] / batch.shape[0]
-            (loss * scale).backward()
+            with torch.autocast(device_type=device.type, enabled=False):
+                _lm_loss_backward(model, chunk.to(device), scale)
     finally:
+        for m in lean:
+            del m.forward
         for h in handles:
             h.remove()
         for p, f in zip(model.parameters(), flags):

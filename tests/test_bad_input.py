@@ -98,3 +98,17 @@ def test_cli_prints_one_clear_line(tmp_path):
     assert proc.returncode == 1
     assert "ratio=1.5 must be in [0, 1)" in proc.stderr + proc.stdout
     assert "Traceback" not in proc.stderr + proc.stdout
+
+
+def test_mmap_threshold_out_of_range(tmp_path):
+    expect_failure([*TINY, "runtime.mmap_threshold_mb=64"], tmp_path, "mmap_threshold_mb")
+
+
+def test_mmap_threshold_applies_on_glibc():
+    import platform
+
+    from core.models import set_mmap_threshold
+
+    assert set_mmap_threshold(None) is False and set_mmap_threshold(0) is False
+    if platform.system() == "Linux" and platform.libc_ver()[0] == "glibc":
+        assert set_mmap_threshold(1) is True

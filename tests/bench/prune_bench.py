@@ -46,6 +46,8 @@ def main() -> None:
     ap.add_argument("--samples", type=int, default=10)
     ap.add_argument("--seq-len", type=int, default=64)
     ap.add_argument("--ppl-tokens", type=int, default=4096)
+    ap.add_argument("--mmap-threshold-mb", type=float, default=1.0,
+                    help="as runtime.mmap_threshold_mb in run.py; 0 = glibc default")
     args = ap.parse_args()
 
     import torch
@@ -53,9 +55,10 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     from analysis.perplexity import perplexity
     from core.data import calibration_batch, eval_tokens, load_documents
-    from core.models import count_params, load_model, resolve_model_ref
+    from core.models import count_params, load_model, resolve_model_ref, set_mmap_threshold
     from pruning.llm_pruner import PruneSpec, prune
 
+    mmap_applied = set_mmap_threshold(args.mmap_threshold_mb)
     cache = os.environ.get("PRUNELAB_CACHE", str(ROOT / ".cache"))
     model, tok = load_model(resolve_model_ref("smollm2"), cache_dir=cache)
     batch = calibration_batch(tok, load_documents("austen", cache_dir=cache), args.samples, args.seq_len, 0)
@@ -79,7 +82,8 @@ def main() -> None:
     print(json.dumps({
         "bench": "prune", "model": "SmolLM2-135M-Instruct", "threads": args.threads,
         "config": {"importance": args.importance, "taylor": args.taylor, "global_ranking": args.global_ranking,
-                   "ratio": 0.25, "layers": [3, 27], "samples": args.samples, "seq_len": args.seq_len},
+                   "ratio": 0.25, "layers": [3, 27], "samples": args.samples, "seq_len": args.seq_len,
+                   "mmap_threshold_mb": args.mmap_threshold_mb if mmap_applied else None},
         "prune_s": round(prune_s, 3), "fwd_bwd_reference_s": round(fwd_bwd, 3),
         "prune_over_fwd_bwd": round(prune_s / fwd_bwd, 3),
         "importance_s": round(res.timings["importance_s"], 3), "surgery_s": round(res.timings["surgery_s"], 3),
