@@ -20,7 +20,8 @@ def evaluate_model(model: torch.nn.Module, tokenizer, eval_cfg: dict, *, cache_d
     ppl = eval_cfg["ppl"]
     if ppl["enabled"] and ppl_tokens is not None:
         out["ppl"] = perplexity(model, ppl_tokens, ppl["seq_len"], ppl["batch_size"], progress, ppl_source)
-        log.info("perplexity %s (seq_len %d, %d tokens, %s)", out["ppl"]["value"], ppl["seq_len"],
+        v = out["ppl"]["value"]
+        log.info("perplexity %s (seq_len %d, %d tokens, %s)", f"{v:.3f}" if isinstance(v, float) else v, ppl["seq_len"],
                  out["ppl"]["tokens"], ppl_source)
     gen = eval_cfg["generation"]
     if gen["enabled"]:
