@@ -211,7 +211,7 @@ def load_hf_dir(path: Path, *, dtype: str = "float32", device: str = "cpu", devi
             model = PrunedLlamaForCausalLM.from_pretrained(path, **kwargs)
         else:
             model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=trust_remote_code, **kwargs)
-        tok = AutoTokenizer.from_pretrained(path)
+        tok = AutoTokenizer.from_pretrained(path, config=model.config)  # no remote-code prompt for auto_map
     except (OSError, ValueError, KeyError, RuntimeError) as e:
         raise LoadError(f"could not load the model in {path}: {type(e).__name__}: {str(e).splitlines()[0]}") from None
     model.eval()

@@ -64,8 +64,10 @@ import sys
 for name in ("core", "pruning", "analysis", "replacement"):
     sys.modules[name] = None  # prunelab is not importable here
 import torch
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer
 m = AutoModelForCausalLM.from_pretrained({str(out)!r}, trust_remote_code=True)
+tok = AutoTokenizer.from_pretrained({str(out)!r}, trust_remote_code=True)
+assert tok("ab").input_ids
 x = torch.load({str(tmp_path / 'x.pt')!r}, weights_only=True)
 ref = torch.load({str(tmp_path / 'ref.pt')!r}, weights_only=True)
 assert type(m).__name__ == "PrunedLlamaForCausalLM", type(m)
@@ -133,3 +135,17 @@ def test_corrupt_config_is_a_clear_error(tmp_path):
     with pytest.raises(LoadError, match="unreadable"):
         load_model({"name": "x", "kind": "hf", "path": str(tmp_path), "dtype": "float32", "device": "cpu"},
                    cache_dir=".cache")
+
+
+def test_project_loader_never_asks_about_remote_code(saved):
+    """The tokenizer of a checkpoint with auto_map loads without transformers' interactive trust prompt."""
+    from core.models import load_hf_dir
+
+    _, _, out = saved
+    script = ("import sys; sys.path.insert(0, {root!r}); from core.models import load_hf_dir; "
+              "m, t = load_hf_dir(__import__('pathlib').Path({out!r})); print('LOADED', type(m).__name__)")
+    proc = subprocess.run([sys.executable, "-c", script.format(root=str(Path(__file__).resolve().parents[1]), out=str(out))],
+                          stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "LOADED PrunedLlamaForCausalLM" in proc.stdout
+    assert "custom code" not in proc.stdout + proc.stderr
