@@ -139,8 +139,6 @@ def test_corrupt_config_is_a_clear_error(tmp_path):
 
 def test_project_loader_never_asks_about_remote_code(saved):
     """The tokenizer of a checkpoint with auto_map loads without transformers' interactive trust prompt."""
-    from core.models import load_hf_dir
-
     _, _, out = saved
     script = ("import sys; sys.path.insert(0, {root!r}); from core.models import load_hf_dir; "
               "m, t = load_hf_dir(__import__('pathlib').Path({out!r})); print('LOADED', type(m).__name__)")
