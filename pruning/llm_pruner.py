@@ -18,6 +18,8 @@ with H the diagonal Fisher (mean over samples of the per-sample squared gradient
 Cost: one forward+backward over the calibration batch (param_second/mix: one per sample). Only the
 prunable weights require grad, and a post-accumulate hook turns each weight's gradient into per-row
 scores the moment it is ready and frees it, so peak memory is weights + activations + one gradient.
+Activations are trimmed further without changing any gradient: the LM-head loss runs over chunks of
+tokens (``_lm_loss_backward``) and SwiGLU MLPs recompute ``silu(g) * u`` in backward (``_SwiGLUDown``).
 """
 
 from __future__ import annotations
