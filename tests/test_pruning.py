@@ -236,3 +236,14 @@ def test_taylor_scores_match_plain_autograd(tiny, calib, taylor):
         parts = [row(p + f"{x}_proj.weight", "out") for x in "qkv"] + [row(p + "o_proj.weight", "in")]
         want = sum(r.view(2, -1).sum(1) for r in parts)
         torch.testing.assert_close(att[l].double(), want, rtol=2e-4, atol=1e-12)
+
+
+@pytest.mark.parametrize("taylor", ["vectorize", "param_first"])
+def test_micro_batches_give_the_whole_batch_scores(tiny, calib, taylor):
+    model, _ = tiny
+    whole = importance(model, calib, spec(taylor=taylor), progress=False)
+    micro = importance(model, calib, spec(taylor=taylor, batch_size=1), progress=False)
+    for a, b in zip(whole, micro):
+        for l in a:
+            torch.testing.assert_close(a[l], b[l], rtol=1e-4, atol=1e-10)
+    assert all(p.grad is None for p in model.parameters())
