@@ -136,9 +136,7 @@ def collect(paths: Iterable[str | Path]) -> pd.DataFrame:
     if not rows:
         return pd.DataFrame()
     df = pd.DataFrame(rows)
-    base = df[df["is_base"] == True]  # noqa: E712  (object column)
-    # the same base model evaluated in many runs with the same protocol: keep one row
-    base = base.drop_duplicates(subset=[c for c in base.columns if c not in ("run", "status")])
+    base = _merge_base_rows(df[df["is_base"] == True])  # noqa: E712  (object column)
     rest = df[df["is_base"] != True]  # noqa: E712
     keys = [k for k in ("method", "ratio", "attn_layers", "mlp_layers", "run") if k in rest.columns]
     rest = rest.sort_values(keys, na_position="last", kind="stable")
@@ -148,6 +146,48 @@ def collect(paths: Iterable[str | Path]) -> pd.DataFrame:
                "decode_tok_s", "decode_ms_per_tok", "limit", "status", "run"]
     cols = [c for c in ordered if c in out.columns] + [c for c in out.columns if c not in ordered]
     return out[cols]
+
+
+_INT_COLUMNS = ("params", "mmlu_shots", "limit")
+_MERGE_FREE = ("run", "status", "limit")
+
+
+def _merge_base_rows(base: pd.DataFrame) -> pd.DataFrame:
+    """One row per base model: rows from different runs (perplexity in one, zero-shot in another, MMLU in a
+    third) are merged when every cell both have agrees; a disagreement (another PPL protocol, another score)
+    keeps them apart. ``limit`` lists the limits merged (``5/50``), ``run`` the runs (``; ``-separated)."""
+    merged: list[tuple[dict, dict[str, list]]] = []
+    for row in base.to_dict("records"):
+        row = {k: v for k, v in row.items() if not _missing(v)}
+        for m, multi in merged:
+            if all(row[k] == m[k] for k in (set(row) & set(m)) - set(_MERGE_FREE)):
+                for k, v in row.items():
+                    if k in ("limit", "run"):
+                        multi.setdefault(k, []).append(v)
+                    elif k == "status":
+                        m[k] = v if m.get(k) in (None, "completed") else m[k]
+                    else:
+                        m.setdefault(k, v)
+                break
+        else:
+            merged.append((dict(row), {k: [row[k]] for k in ("limit", "run") if k in row}))
+    if not merged:
+        return base
+    out = []
+    for m, multi in merged:
+        for k, vals in multi.items():
+            uniq = sorted({_int_or(v) for v in vals}, key=lambda v: (isinstance(v, str), v))
+            m[k] = uniq[0] if len(uniq) == 1 else ("; " if k == "run" else "/").join(map(str, uniq))
+        out.append(m)
+    return pd.DataFrame(out, columns=base.columns)
+
+
+def _int_or(v: Any) -> Any:
+    return int(v) if isinstance(v, float) and v.is_integer() else v
+
+
+def _missing(v: Any) -> bool:
+    return v is None or (isinstance(v, float) and v != v)
 
 
 def write_tables(df: pd.DataFrame, out_dir: str | Path, stem: str = "results") -> dict[str, str]:
@@ -166,11 +206,14 @@ def write_tables(df: pd.DataFrame, out_dir: str | Path, stem: str = "results") -
 
 def _markdown(df: pd.DataFrame) -> str:
     """A GitHub Markdown table (pandas' ``to_markdown`` needs ``tabulate``, not a dependency)."""
-    def cell(v: Any) -> str:
+    def cell(v: Any, column: str) -> str:
         if v is None or (isinstance(v, float) and v != v):
             return ""
+        if isinstance(v, float) and v.is_integer() and column in _INT_COLUMNS:
+            return str(int(v))
         return f"{v:.2f}" if isinstance(v, float) else str(v).replace("|", "\\|")
 
     lines = ["| " + " | ".join(map(str, df.columns)) + " |", "|" + "---|" * len(df.columns)]
-    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in df.itertuples(index=False)]
+    lines += ["| " + " | ".join(cell(v, c) for v, c in zip(row, df.columns)) + " |"
+              for row in df.itertuples(index=False)]
     return "\n".join(lines) + "\n"

@@ -94,3 +94,25 @@ def test_table_from_runs(tmp_path):
     assert "\\begin{tabular}" in open(files["latex"]).read()
     assert len(pd.read_csv(files["csv"])) == len(df)
     assert rows_from_metrics({"status": "failed", "task": "prune"}, "x") == []
+
+
+def test_base_rows_from_different_runs_merge_unless_they_disagree():
+    from analysis.results_table import _merge_base_rows
+
+    nan = float("nan")
+    base = pd.DataFrame([
+        {"model": "smollm2", "params": 10, "ppl": 26.9, "ppl_protocol": "boolq 128", "PIQA": nan, "MMLU": nan,
+         "limit": nan, "run": "a", "status": "completed"},
+        {"model": "smollm2", "params": 10, "ppl": 26.9, "ppl_protocol": "boolq 128", "PIQA": 68.0, "MMLU": nan,
+         "limit": 50.0, "run": "b", "status": "completed"},
+        {"model": "smollm2", "params": 10, "ppl": nan, "ppl_protocol": nan, "PIQA": nan, "MMLU": 23.9,
+         "limit": 5.0, "run": "c", "status": "completed"},
+        {"model": "smollm2", "params": 10, "ppl": 20.4, "ppl_protocol": "boolq 512", "PIQA": nan, "MMLU": nan,
+         "limit": nan, "run": "d", "status": "completed"},  # another protocol: its own row
+    ])
+    out = _merge_base_rows(base)
+    assert len(out) == 2
+    first = out.iloc[0]
+    assert (first["ppl"], first["PIQA"], first["MMLU"]) == (26.9, 68.0, 23.9)
+    assert first["limit"] == "5/50" and first["run"] == "a; b; c"
+    assert out.iloc[1]["ppl"] == 20.4 and out.iloc[1]["run"] == "d"
