@@ -434,9 +434,13 @@ def _dtype_name(dt: torch.dtype) -> str:
     return str(dt).replace("torch.", "")
 
 
-def tensors_from_state_dict(sd: Mapping[str, torch.Tensor], count_nonzero: bool = False
-                            ) -> tuple[dict[str, TensorInfo], bool]:
-    """(name -> TensorInfo, tied?) with shared storages counted once (the first name wins)."""
+def tensors_from_state_dict(sd: Mapping[str, torch.Tensor], count_nonzero: bool = False,
+                            equal_copies_tied: bool = False) -> tuple[dict[str, TensorInfo], bool]:
+    """(name -> TensorInfo, tied?) with shared storages counted once (the first name wins).
+
+    ``equal_copies_tied``: a bare state dict whose ``lm_head.weight`` equals the embedding but does not share
+    its storage (cloned to save it, as safetensors requires) is a tied model saved untied: counted once.
+    """
     out: dict[str, TensorInfo] = {}
     seen: dict[tuple, str] = {}
     tied = False
@@ -454,6 +458,14 @@ def tensors_from_state_dict(sd: Mapping[str, torch.Tensor], count_nonzero: bool 
         seen[key] = tname
         nz = int(torch.count_nonzero(t.detach())) if count_nonzero and t.device.type != "meta" else None
         out[tname] = TensorInfo(tuple(t.shape), _dtype_name(t.dtype), nz)
+    if equal_copies_tied and not tied:
+        head = next((k for k in out if k.endswith("lm_head.weight")), None)
+        emb = next((k for k in out if k.endswith("embed_tokens.weight")), None)
+        if head and emb:
+            a, b = sd[head], sd[emb]
+            if a.device.type != "meta" and a.shape == b.shape and a.dtype == b.dtype and torch.equal(a, b):
+                del out[head]
+                tied = True
     return out, tied
 
 
@@ -499,7 +511,7 @@ def structure_of(source: Any, *, config: Optional[dict] = None, name: str, count
     if isinstance(source, Mapping):
         values = list(source.values())
         if values and all(isinstance(v, torch.Tensor) for v in values):
-            tensors, tied = tensors_from_state_dict(source, count_nonzero)
+            tensors, tied = tensors_from_state_dict(source, count_nonzero, equal_copies_tied=True)
             return build_structure(tensors, config or fallback_config, name=name, source="<state dict>",
                                    fmt="state_dict", tied=tied or None)
         tensors = {}
@@ -561,7 +573,7 @@ def _structure_of_path(path: Path, *, config: Optional[dict], name: str, count_n
                 s = structure_of(lm.model, config=cfg if cfg is not None else lm.config, name=name,
                                  count_nonzero=count_nonzero, fallback_config=fallback_config)
             else:
-                tensors, tied = tensors_from_state_dict(lm.state_dict or {}, count_nonzero)
+                tensors, tied = tensors_from_state_dict(lm.state_dict or {}, count_nonzero, equal_copies_tied=True)
                 s = build_structure(tensors, cfg or lm.config or fallback_config, name=name, source=str(path),
                                     fmt=fmt.kind, tied=tied or None, meta=meta)
         finally:

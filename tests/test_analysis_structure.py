@@ -91,6 +91,14 @@ def test_tied_counted_once():
         assert s.tied_embeddings and s.lm_head_params == 0 and s.embedding_params == 100 * 64
         assert s.total_params == sum(p.numel() for p in m.parameters())
         assert s.to_json()["lm_head_shape"] == [100, 64]
+    # saved untied (clone, as safetensors requires) without a config: equal copies still count once
+    cloned = {k: v.clone() for k, v in m.state_dict().items()}
+    s = structure_of(cloned, name="t")
+    assert s.tied_embeddings and s.total_params == sum(p.numel() for p in m.parameters())
+    # a genuinely untied head (different values) counts on its own
+    cloned["lm_head.weight"] = cloned["lm_head.weight"] + 1
+    s = structure_of(cloned, name="t")
+    assert not s.tied_embeddings and s.lm_head_params == 100 * 64
 
 
 def test_nonzero_streaming_and_zero_layer(tmp_path):
