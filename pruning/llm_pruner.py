@@ -230,6 +230,7 @@ def _lean_mlps(model: nn.Module) -> list[nn.Module]:
     for layer in model.model.layers:
         m = getattr(layer, "mlp", None)
         if (m is not None and all(hasattr(m, k) for k in ("gate_proj", "up_proj", "down_proj"))
+                and "forward" not in vars(m) and not hasattr(m, "_hf_hook")  # accelerate's hooks wrap forward
                 and type(getattr(m, "act_fn", None)).__name__ in ("SiLU", "SiLUActivation")
                 and all(getattr(m, k).bias is None for k in ("gate_proj", "up_proj", "down_proj"))):
             out.append(m)
@@ -258,8 +259,8 @@ def _lm_loss_backward(model: nn.Module, ids: torch.Tensor, scale: float = 1.0) -
     n = targets.numel()
     step = max(1, LOGITS_CHUNK_BYTES // (4 * model.config.vocab_size))
     for s in range(0, n, step):
-        logits = model.lm_head(h[s:s + step]).float()
-        (F.cross_entropy(logits, targets[s:s + step], reduction="sum") * (scale / n)).backward()
+        logits = model.lm_head(h[s:s + step]).float()  # (device_map: the head may sit on another device)
+        (F.cross_entropy(logits, targets[s:s + step].to(logits.device), reduction="sum") * (scale / n)).backward()
     hidden.reshape(-1, hidden.shape[-1]).backward(h.grad)
 
 

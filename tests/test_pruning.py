@@ -247,3 +247,19 @@ def test_micro_batches_give_the_whole_batch_scores(tiny, calib, taylor):
         for l in a:
             torch.testing.assert_close(a[l], b[l], rtol=1e-4, atol=1e-10)
     assert all(p.grad is None for p in model.parameters())
+
+
+def test_wrapped_mlp_forward_is_left_alone(tiny, calib):
+    """An MLP whose forward is already wrapped (accelerate's dispatch hooks) keeps its wrapper and is called."""
+    model, _ = tiny
+    mlp = model.model.layers[1].mlp
+    calls = []
+    stock = mlp.forward
+
+    def wrapped(x):
+        calls.append(1)
+        return stock(x)
+    mlp.forward = wrapped
+    importance(model, calib, spec(), progress=False)
+    assert calls and vars(mlp)["forward"] is wrapped
+    assert "forward" not in vars(model.model.layers[2].mlp)  # the lean forward is removed again
