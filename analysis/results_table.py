@@ -164,8 +164,8 @@ def _merge_base_rows(base: pd.DataFrame) -> pd.DataFrame:
                 for k, v in row.items():
                     if k in ("limit", "run"):
                         multi.setdefault(k, []).append(v)
-                    elif k == "status":
-                        m[k] = v if m.get(k) in (None, "completed") else m[k]
+                    elif k == "status":  # a failure anywhere shows
+                        m[k] = v if m.get(k, "completed") == "completed" else m[k]
                     else:
                         m.setdefault(k, v)
                 break
@@ -207,10 +207,10 @@ def write_tables(df: pd.DataFrame, out_dir: str | Path, stem: str = "results") -
 def _markdown(df: pd.DataFrame) -> str:
     """A GitHub Markdown table (pandas' ``to_markdown`` needs ``tabulate``, not a dependency)."""
     def cell(v: Any, column: str) -> str:
-        if v is None or (isinstance(v, float) and v != v):
+        if _missing(v):
             return ""
-        if isinstance(v, float) and v.is_integer() and column in _INT_COLUMNS:
-            return str(int(v))
+        if column in _INT_COLUMNS:
+            v = _int_or(v)
         return f"{v:.2f}" if isinstance(v, float) else str(v).replace("|", "\\|")
 
     lines = ["| " + " | ".join(map(str, df.columns)) + " |", "|" + "---|" * len(df.columns)]

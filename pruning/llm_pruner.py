@@ -33,6 +33,7 @@ from typing import Callable, Optional
 
 import torch
 from torch import nn
+from transformers.activations import SiLUActivation
 
 log = logging.getLogger(__name__)
 
@@ -231,7 +232,7 @@ def _lean_mlps(model: nn.Module) -> list[nn.Module]:
         m = getattr(layer, "mlp", None)
         if (m is not None and all(hasattr(m, k) for k in ("gate_proj", "up_proj", "down_proj"))
                 and "forward" not in vars(m) and not hasattr(m, "_hf_hook")  # accelerate's hooks wrap forward
-                and type(getattr(m, "act_fn", None)).__name__ in ("SiLU", "SiLUActivation")
+                and isinstance(getattr(m, "act_fn", None), (nn.SiLU, SiLUActivation))
                 and all(getattr(m, k).bias is None for k in ("gate_proj", "up_proj", "down_proj"))):
             out.append(m)
     return out

@@ -140,10 +140,16 @@ def test_corrupt_config_is_a_clear_error(tmp_path):
 def test_project_loader_never_asks_about_remote_code(saved):
     """The tokenizer of a checkpoint with auto_map loads without transformers' interactive trust prompt."""
     _, _, out = saved
-    script = ("import sys; sys.path.insert(0, {root!r}); from core.models import load_hf_dir; "
-              "m, t = load_hf_dir(__import__('pathlib').Path({out!r})); print('LOADED', type(m).__name__)")
-    proc = subprocess.run([sys.executable, "-c", script.format(root=str(Path(__file__).resolve().parents[1]), out=str(out))],
-                          stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=300)
+    script = f"""
+import sys
+from pathlib import Path
+sys.path.insert(0, {str(Path(__file__).resolve().parents[1])!r})
+from core.models import load_hf_dir
+m, t = load_hf_dir(Path({str(out)!r}))
+print("LOADED", type(m).__name__)
+"""
+    proc = subprocess.run([sys.executable, "-c", script], stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                          timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "LOADED PrunedLlamaForCausalLM" in proc.stdout
     assert "custom code" not in proc.stdout + proc.stderr

@@ -251,7 +251,10 @@ def test_micro_batches_give_the_whole_batch_scores(tiny, calib, taylor):
 
 def test_wrapped_mlp_forward_is_left_alone(tiny, calib):
     """An MLP whose forward is already wrapped (accelerate's dispatch hooks) keeps its wrapper and is called."""
+    from pruning.llm_pruner import _lean_mlps
+
     model, _ = tiny
+    assert len(_lean_mlps(model)) == 4  # stock Llama MLPs get the lean calibration forward
     mlp = model.model.layers[1].mlp
     calls = []
     stock = mlp.forward
@@ -262,4 +265,5 @@ def test_wrapped_mlp_forward_is_left_alone(tiny, calib):
     mlp.forward = wrapped
     importance(model, calib, spec(), progress=False)
     assert calls and vars(mlp)["forward"] is wrapped
+    assert mlp not in _lean_mlps(model)
     assert "forward" not in vars(model.model.layers[2].mlp)  # the lean forward is removed again

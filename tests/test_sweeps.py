@@ -70,3 +70,20 @@ def test_submitit_local_launcher(tmp_path):
     runs = _sweep(tmp_path, ["hydra/launcher=submitit_local", "hydra.launcher.timeout_min=10",
                              "hydra.launcher.cpus_per_task=1"])
     assert len(runs) == 4 and all(r["status"] == "completed" for r in runs)
+
+
+def test_group_options_only_state_what_differs(tmp_path):
+    """l1/l2/random and boolq/text_file take every other option from the schema: same values as the defaults."""
+    import conftest
+
+    def node(override, key):
+        return dict(getattr(conftest.compose([override], tmp_path), key))
+
+    taylor = node("pruner=taylor", "pruner")
+    for p in ("l1", "l2", "random"):
+        other = node(f"pruner={p}", "pruner")
+        assert (other.pop("name"), other.pop("importance")) == (p, p)
+        assert other == {k: v for k, v in taylor.items() if k not in ("name", "importance")}
+    for d in ("boolq", "text_file"):
+        data = node(f"data={d}", "data")
+        assert (data["num_samples"], data["seq_len"], data["seed"]) == (16, 128, 0) and data["source"] == d
