@@ -1,17 +1,24 @@
-"""prunelab entry point: compose the config, validate it, run one task, return the sweep metric.
+"""prunelab entry point: compose the config, validate it, run one recipe, return the sweep metric.
 
     python run.py                                   # prune SmolLM2 (taylor, ratio 0.25), evaluate, save
     python run.py pruner=l2 ratio=0.3 layers=all    # any group option / key from conf/
     python run.py task=evaluate model=/path/to/ckpt eval=zeroshot
     python run.py -m ratio=0.1,0.2,0.3 pruner=taylor,l1      # multirun sweep
+
+``task=X`` runs ``recipes/X.py``; its ``run`` returns named metrics, and ``optimized_metric.name`` picks the
+one returned to a sweeper (its direction is checked against the recipe's ``METRICS``). torch and
+transformers are imported only once the config is valid, so a bad config is reported in Hydra's time.
 """
 
 from __future__ import annotations
 
+import importlib
 import logging
 import os
 import sys
+import time
 from pathlib import Path
+from typing import Any, Optional
 
 ROOT = Path(__file__).resolve().parent
 os.environ.setdefault("PRUNELAB_ROOT", str(ROOT))
@@ -24,65 +31,91 @@ os.environ.setdefault("WANDB_SILENT", "true")
 import hydra  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
-from core.config import ConfigError, register_configs, validate  # noqa: E402
+from core.config import register_configs, validate  # noqa: E402
+from core.errors import ConfigError, UserError  # noqa: E402
+from recipes import task_names  # noqa: E402
 
 log = logging.getLogger("prunelab")
 register_configs()
 
-def _user_errors() -> tuple[type[BaseException], ...]:
-    """Errors that mean bad input: reported as one clear line, no traceback."""
-    from core.data import DataError
-    from core.models import LoadError
-    from pruning.llm_pruner import PruneError
-
-    return (ConfigError, LoadError, PruneError, DataError, FileNotFoundError, FileExistsError)
-
 
 def rewrite_model_args(argv: list[str], conf_dir: Path = ROOT / "conf") -> list[str]:
-    """``model=<path>`` (not an option of conf/model/) -> ``model=hf model.path=<path>``."""
+    """``model=<path>`` (not an option of conf/model/) -> ``model=hf model.path=<path>``.
+
+    The path is quoted for Hydra's override grammar, so spaces and any other character a filesystem
+    allows pass through unchanged.
+    """
     options = {p.stem for p in (conf_dir / "model").glob("*.yaml")}
     out = []
     for arg in argv:
         key, eq, value = arg.partition("=")
         if eq and key == "model" and value not in options and ("/" in value or Path(value).exists()):
-            out += ["model=hf", f"model.path={Path(value).expanduser().resolve()}", f"model.name={Path(value).name}"]
+            path = Path(value).expanduser().resolve()
+            out += ["model=hf", f"model.path={_quote(str(path))}", f"model.name={_quote(path.name)}"]
         else:
             out.append(arg)
     return out
 
 
-def _dispatch(task: str):
-    if task == "prune":
-        from pruning.task import run_prune
-
-        return run_prune
-    if task in ("evaluate", "table"):
-        from analysis import eval_tasks
-
-        return eval_tasks.run_evaluate if task == "evaluate" else eval_tasks.run_table
-    from analysis import analyze_tasks
-
-    return analyze_tasks.run_analyze if task == "analyze" else analyze_tasks.run_batch_analyze
+def _quote(s: str) -> str:
+    """A Hydra override value that is exactly ``s`` (single-quoted; backslashes and quotes escaped)."""
+    return "'" + s.replace("\\", "\\\\").replace("'", "\\'") + "'"
 
 
-def run(cfg: DictConfig) -> float | None:
+def load_recipe(task: str) -> Any:
+    """``recipes.<task>``; an unknown task is a ConfigError naming the ones there are."""
+    if task not in task_names():
+        raise ConfigError(f"task={task!r} is not one of {', '.join(task_names())}")
+    return importlib.import_module(f"recipes.{task}")
+
+
+def check(cfg: DictConfig) -> Any:
+    """Every problem of ``cfg`` at once (core groups, the task's own checks, the optimised metric)."""
+    errors = validate(cfg)
+    try:
+        recipe = load_recipe(str(cfg.task))
+    except ConfigError as e:
+        raise ConfigError("invalid configuration:\n  - " + "\n  - ".join([str(e), *errors])) from None
+    errors += recipe.validate(cfg)
+    name, direction = cfg.optimized_metric.name, cfg.optimized_metric.direction
+    if recipe.METRICS and name not in recipe.METRICS:
+        errors.append(f"optimized_metric.name={name!r}: task={cfg.task} reports {', '.join(recipe.METRICS)}")
+    elif recipe.METRICS and recipe.METRICS[name] != direction:
+        errors.append(f"optimized_metric: {name} is to {recipe.METRICS[name]}, not {direction} "
+                      f"(set optimized_metric.direction={recipe.METRICS[name]})")
+    if errors:
+        raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(errors))
+    return recipe
+
+
+def _startup_seconds() -> Optional[float]:
+    try:
+        import psutil
+
+        return time.time() - psutil.Process().create_time()
+    except Exception:  # noqa: BLE001 - a timing, never a reason to fail
+        return None
+
+
+def run(cfg: DictConfig) -> Optional[float]:
     """Validate, run ``cfg.task`` in the Hydra run dir, record the outcome in metrics.json."""
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
-    from core.models import set_mmap_threshold, set_threads
-    from core.runlog import RunContext
+    from core.record import RunContext
 
     run_dir = Path(cfg.paths.output_dir)
-    task = getattr(cfg.task, "value", str(cfg.task))
+    task = str(cfg.task)
     multirun = HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
     ctx = None
+    startup = _startup_seconds()
     try:
-        errors = validate(cfg)
-        if errors:
-            raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(errors))
+        t0 = time.perf_counter()
+        recipe = check(cfg)
         if (run_dir / "metrics.json").exists():
-            raise FileExistsError(f"{run_dir} already holds a run; runs never overwrite each other")
+            raise UserError(f"{run_dir} already holds a run; runs never overwrite each other")
+        from core.models import set_mmap_threshold, set_threads
+
         set_threads(cfg.runtime.threads)
         set_mmap_threshold(cfg.runtime.mmap_threshold_mb)
         container = OmegaConf.to_container(cfg, resolve=True)
@@ -90,15 +123,23 @@ def run(cfg: DictConfig) -> float | None:
                          wandb_project=cfg.logger.project, wandb_mode=cfg.logger.mode,
                          wandb_group=cfg.logger.group, wandb_tags=list(cfg.logger.tags))
         ctx.log("config", container)
-        result = _dispatch(task)(cfg, ctx)
+        ctx.log("timings", {"startup_s": startup, "validate_s": time.perf_counter() - t0})
+        metrics = recipe.run(cfg, ctx) or {}
+        value = metrics.get(cfg.optimized_metric.name) if recipe.METRICS else None
+        ctx.log("metrics", metrics)
+        ctx.log("optimized_metric", {"name": cfg.optimized_metric.name, "direction": cfg.optimized_metric.direction,
+                                     "value": value} if recipe.METRICS else None)
+        if recipe.METRICS and value is None:
+            log.warning("optimized_metric %s was not measured by this run (returned None to the sweeper)",
+                        cfg.optimized_metric.name)
         ctx.finish("completed")
         log.info("run dir: %s", run_dir.resolve())
-        return result
+        return None if value is None else float(value)
     except BaseException as e:  # noqa: BLE001 - every failure is recorded in metrics.json
         if ctx is None:
-            ctx = RunContext(run_dir, task=task, logger="none")
+            ctx = RunContext(run_dir, task=task, logger="none", heartbeat_s=None)
         ctx.finish("failed", e)
-        if isinstance(e, _user_errors()):
+        if isinstance(e, UserError):
             log.error("%s", e)
             if multirun:
                 return None  # one bad job must not kill the sweep
@@ -110,7 +151,7 @@ def run(cfg: DictConfig) -> float | None:
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
-def main(cfg: DictConfig) -> float | None:
+def main(cfg: DictConfig) -> Optional[float]:
     return run(cfg)
 
 

@@ -29,7 +29,7 @@ from typing import Any, Optional
 
 import yaml
 
-from core.config import ConfigError
+from core.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -280,6 +280,17 @@ def validate_eval_request(tasks: list[str], limit: Any) -> None:
     parsed = parse_task_specs(tasks, None)
     if any(name in local_task_names() for name, _ in parsed):
         check_data()
+
+
+def task_errors(tasks: list[str], limit: Any) -> list[str]:
+    """Every problem with an ``eval.tasks`` request, found without a model (empty list = fine)."""
+    try:
+        validate_eval_request(tasks, limit)
+        if tasks:
+            _task_manager([n for n, _ in parse_task_specs(tasks, None)])
+    except EvalTaskError as e:
+        return [str(e)]
+    return []
 
 
 # --------------------------------------------------------------------------- running

@@ -25,24 +25,10 @@ import torch
 from safetensors.torch import save_file
 
 from core.io import atomic_dir, atomic_write_json
+from core.llama import head_dim, layer_configs
 
-MODELING_FILE = Path(__file__).with_name("modeling_prunelab.py")
+MODELING_FILE = Path(__file__).parent / "modeling" / "pruned_llama.py"  # copied in as modeling_prunelab.py
 DEFAULT_SHARD_BYTES = 5 * 1024**3
-
-
-def layer_configs(model: torch.nn.Module) -> list[dict]:
-    """Per-layer widths read off the modules (the truth after pruning, whatever the config says)."""
-    cfg = model.config
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-    out = []
-    for layer in model.model.layers:
-        attn, mlp = layer.self_attn, layer.mlp
-        out.append({
-            "num_attention_heads": attn.q_proj.out_features // head_dim,
-            "num_key_value_heads": attn.k_proj.out_features // head_dim,
-            "intermediate_size": mlp.gate_proj.out_features,
-        })
-    return out
 
 
 def git_commit() -> Optional[str]:
@@ -53,11 +39,11 @@ def git_commit() -> Optional[str]:
         return None
 
 
-def _state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+def _state_dict(model: torch.nn.Module, dtype: Optional[torch.dtype] = None) -> dict[str, torch.Tensor]:
     sd = model.state_dict()
     if getattr(model.config, "tie_word_embeddings", False):
         sd.pop("lm_head.weight", None)  # tied: stored once, as the embedding
-    return {k: v.detach().to("cpu").contiguous() for k, v in sd.items()}
+    return {k: v.detach().to("cpu", dtype=dtype if v.is_floating_point() else None).contiguous() for k, v in sd.items()}
 
 
 def _write_weights(sd: dict[str, torch.Tensor], out: Path, shard_bytes: int) -> None:
@@ -86,25 +72,28 @@ def _write_weights(sd: dict[str, torch.Tensor], out: Path, shard_bytes: int) -> 
 
 
 def save_checkpoint(model: torch.nn.Module, tokenizer: Any, out_dir: str | Path, info: dict,
-                    shard_bytes: int = DEFAULT_SHARD_BYTES) -> Path:
-    """Write ``model`` + ``tokenizer`` + ``info`` as a prunelab checkpoint at ``out_dir`` (must not exist)."""
-    from core.modeling_prunelab import PrunedLlamaConfig
+                    shard_bytes: int = DEFAULT_SHARD_BYTES, save_dtype: Optional[torch.dtype] = None) -> Path:
+    """Write ``model`` + ``tokenizer`` + ``info`` as a prunelab checkpoint at ``out_dir`` (must not exist).
+
+    ``save_dtype`` (e.g. ``torch.float16``) casts floating-point weights on the way out (half-size files);
+    by default they are saved in the model's own dtype.
+    """
+    from core.modeling.pruned_llama import PrunedLlamaConfig
 
     out_dir = Path(out_dir)
     base_cfg = model.config.to_dict()
     for key in ("architectures", "auto_map", "model_type", "layer_configs", "transformers_version",
                 "_name_or_path", "quantization_config"):
         base_cfg.pop(key, None)
-    base_cfg["head_dim"] = getattr(model.config, "head_dim", None) or \
-        model.config.hidden_size // model.config.num_attention_heads
-    dtype = next(model.parameters()).dtype
+    base_cfg["head_dim"] = head_dim(model.config)
+    dtype = save_dtype or next(model.parameters()).dtype
     base_cfg["dtype"] = str(dtype).removeprefix("torch.")
     cfg = PrunedLlamaConfig(layer_configs=layer_configs(model), **base_cfg)
     cfg.architectures = ["PrunedLlamaForCausalLM"]
     cfg.auto_map = {"AutoConfig": "modeling_prunelab.PrunedLlamaConfig",
                     "AutoModelForCausalLM": "modeling_prunelab.PrunedLlamaForCausalLM"}
     with atomic_dir(out_dir) as tmp:
-        _write_weights(_state_dict(model), tmp, shard_bytes)
+        _write_weights(_state_dict(model, save_dtype), tmp, shard_bytes)
         cfg.to_json_file(tmp / "config.json")
         if getattr(model, "generation_config", None) is not None:
             model.generation_config.save_pretrained(tmp)

@@ -24,12 +24,19 @@ from typing import Optional
 
 import torch
 
+from core.errors import DataError
+
 AUSTEN_NOVELS = ("sensesensibility", "prideprejudice", "mansfieldpark", "emma", "northangerabbey", "persuasion")
 HOLDOUT_FRACTION = 0.1
 
 
-class DataError(ValueError):
-    """Missing or insufficient text; the message says how to fix it."""
+@dataclass(frozen=True)
+class TextSpec:
+    """Which text to read: ``source`` austen | boolq | text_file (with ``path``; ``.jsonl`` reads ``text_field``)."""
+
+    source: str
+    path: Optional[str] = None
+    text_field: str = "text"
 
 
 @dataclass(frozen=True)
@@ -102,24 +109,31 @@ def _text_file(path: str, text_field: str) -> TextSource:
     p = Path(path).expanduser()
     if not p.is_file():
         raise DataError(f"data file {p} does not exist")
+    try:
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(f"data file {p} is not UTF-8 text (byte {e.start}: {e.reason}); convert it, "
+                        "e.g. iconv -f latin1 -t utf-8") from None
+    except OSError as e:
+        raise DataError(f"data file {p} cannot be read: {e.strerror}") from None
     if p.suffix == ".jsonl":
         docs = []
-        for i, line in enumerate(p.read_text(encoding="utf-8").splitlines()):
+        for i, line in enumerate(text.splitlines()):
             if line.strip():
                 try:
                     docs.append(str(json.loads(line)[text_field]).strip())
                 except (json.JSONDecodeError, KeyError, TypeError):
                     raise DataError(f"{p}:{i + 1}: not a JSON object with a '{text_field}' field") from None
     else:
-        docs = _paragraphs(p.read_text(encoding="utf-8").splitlines())
+        docs = _paragraphs(text.splitlines())
     docs = [d for d in docs if d]
     if not docs:
         raise DataError(f"data file {p} contains no text")
     return TextSource(f"text_file:{p.name}", f"local file {p.resolve()}", tuple(docs))
 
 
-def load_documents(source: str, path: Optional[str] = None, text_field: str = "text",
-                   cache_dir: str | Path = ".cache") -> TextSource:
+def load_documents(spec: TextSpec, cache_dir: str | Path = ".cache") -> TextSource:
+    source, path, text_field = spec.source, spec.path, spec.text_field
     if source == "austen":
         return _austen(str(Path(cache_dir).resolve()))
     if source == "boolq":
@@ -131,10 +145,10 @@ def load_documents(source: str, path: Optional[str] = None, text_field: str = "t
     raise DataError(f"unknown text source {source!r} (austen, boolq, text_file)")
 
 
-def calibration_and_eval_sources(calib: dict, ppl: dict, cache_dir: str | Path) -> tuple[TextSource, TextSource]:
+def calibration_and_eval_sources(calib: TextSpec, ppl: TextSpec, cache_dir: str | Path) -> tuple[TextSource, TextSource]:
     """The two sources, split when they are the same text so they never overlap."""
-    c = load_documents(calib["source"], calib.get("path"), calib.get("text_field", "text"), cache_dir)
-    e = load_documents(ppl["source"], ppl.get("path"), ppl.get("text_field", "text"), cache_dir)
+    c = load_documents(calib, cache_dir)
+    e = load_documents(ppl, cache_dir)
     if c.documents is e.documents or (c.name == e.name and c.description == e.description):
         return c.split("calibration"), e.split("evaluation")
     return c, e

@@ -29,11 +29,7 @@ from typing import Any, Optional
 
 import torch
 
-try:  # core.models imports this module lazily, so this import is not circular
-    from core.models import LoadError
-except ImportError:  # pragma: no cover - only while core.models is absent
-    class LoadError(ValueError):  # type: ignore[no-redef]
-        """A model could not be found or loaded."""
+from core.errors import LoadError
 
 log = logging.getLogger(__name__)
 
@@ -329,7 +325,7 @@ def load_as_model(path: str | Path, *, allow_pickle: bool = False, fmt: Optional
 
     cfg = dict(lm.config)
     if cfg.get("layer_configs"):
-        from core.modeling_prunelab import PrunedLlamaForCausalLM, PrunedLlamaConfig  # type: ignore
+        from core.modeling.pruned_llama import PrunedLlamaConfig, PrunedLlamaForCausalLM
 
         model = PrunedLlamaForCausalLM(PrunedLlamaConfig(**{k: v for k, v in cfg.items() if k != "model_type"}))
     else:

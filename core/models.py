@@ -1,6 +1,6 @@
-"""One loader for every model prunelab reads.
+"""One loader for every model prunelab reads, addressed by a :class:`ModelRef`.
 
-``load_model(model_cfg)`` handles:
+``load_model(ref)`` handles:
 - ``kind=gguf``: a GGUF file inside an installed package (the embedded SmolLM2-135M-Instruct),
   dequantised once by transformers and cached as a safetensors HF dir under
   ``<cache_dir>/models/<name>`` (the GGUF load takes ~25 s, the cached dir ~1 s);
@@ -8,57 +8,84 @@
   needed), or a legacy file/dir (``core.legacy``; pickles only with ``allow_pickle``);
 - ``kind=tiny``: a random-weight GQA Llama with an in-memory byte-level tokenizer, for tests.
 
-``model_depth(model_cfg)`` reads the number of layers without loading weights, so layer
-ranges are validated before an 8B model is read.
+``model_depth(ref)`` reads the number of layers without loading weights, so layer ranges are
+validated before an 8B model is read. Any failure to load is a :class:`~core.errors.LoadError` with one
+line that names the file; missing, unexpected or mis-shaped weights are such a failure, never a model with
+random weights. ``torch`` and ``transformers`` are imported on first use, so building a ``ModelRef`` (config
+validation) costs nothing.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import logging
 import os
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-import torch
-
+from core.errors import LoadError, UserError
 from core.io import atomic_dir
 
 log = logging.getLogger(__name__)
 
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
-
-
-class LoadError(Exception):
-    """A model could not be found or loaded; the message says what to do."""
+DTYPE_NAMES = ("float32", "float16", "bfloat16", "auto")
+KINDS = ("gguf", "hf", "tiny")
 
 
 # --------------------------------------------------------------------------- references
 
 
-def model_names(conf_dir: Path = CONF_DIR) -> list[str]:
-    return sorted(p.stem for p in (conf_dir / "model").glob("*.yaml"))
+@dataclass
+class TinySpec:
+    """A random-weight GQA Llama built in memory (tests)."""
+
+    num_layers: int = 4
+    hidden_size: int = 64
+    intermediate_size: int = 128
+    num_heads: int = 8
+    num_kv_heads: int = 2
+    vocab_size: int = 256
+    seed: int = 0
 
 
-def resolve_model_ref(ref: str, conf_dir: Path = CONF_DIR) -> dict:
-    """A model name from ``conf/model/`` or a filesystem path -> a model cfg dict."""
-    from omegaconf import OmegaConf
+@dataclass
+class ModelRef:
+    """Where a model comes from and how to place it; the ``model:`` config group is this schema."""
 
-    from core.config import ModelConfig
+    name: str = "smollm2"
+    # gguf: a GGUF file inside an installed package (converted once, cached);
+    # hf: a local HF dir, a prunelab checkpoint or a legacy file; tiny: random weights in memory.
+    kind: str = "gguf"
+    path: Optional[str] = None
+    gguf_package: Optional[str] = None
+    gguf_file: Optional[str] = None
+    dtype: str = "float32"  # float32 | float16 | bfloat16 | auto (the checkpoint's own)
+    device: str = "cpu"
+    device_map: Optional[str] = None  # "auto" spreads a model too big for one GPU over the devices
+    trust_remote_code: bool = False
+    tiny: TinySpec = field(default_factory=TinySpec)
 
-    base = OmegaConf.structured(ModelConfig)
-    option = conf_dir / "model" / f"{ref}.yaml"
-    if "/" not in ref and option.is_file():
-        merged = OmegaConf.merge(base, OmegaConf.load(option))
-        return OmegaConf.to_container(merged, resolve=True)  # type: ignore[return-value]
-    path = Path(ref).expanduser()
-    if not path.exists():
-        raise LoadError(f"'{ref}' is neither a model name ({', '.join(model_names(conf_dir))}) nor an existing path")
-    merged = OmegaConf.merge(base, {"name": path.name if path.is_dir() else path.parent.name,
-                                    "kind": "hf", "path": str(path.resolve())})
-    return OmegaConf.to_container(merged, resolve=True)  # type: ignore[return-value]
+    @staticmethod
+    def of(d: Any) -> "ModelRef":
+        """A ModelRef from a mapping with its keys (a resolved config node, ``checkpoint_info.json``'s base_model)."""
+        if isinstance(d, ModelRef):
+            return d
+        d = dict(d)
+        tiny = TinySpec(**(d.pop("tiny", None) or {}))
+        known = {f.name for f in dataclasses.fields(ModelRef)}
+        return ModelRef(**{k: v for k, v in d.items() if k in known}, tiny=tiny)
+
+    @staticmethod
+    def at(path: str | Path, **kw: Any) -> "ModelRef":
+        """A reference to a local HF dir, prunelab checkpoint or legacy file."""
+        p = Path(path).expanduser()
+        return ModelRef(name=p.name if p.is_dir() else p.parent.name, kind="hf", path=str(p.resolve()), **kw)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
 
 
 # --------------------------------------------------------------------------- tiny models
@@ -84,18 +111,24 @@ def byte_tokenizer():
     return tok
 
 
+def tiny_config(num_layers: int = 4, hidden_size: int = 64, intermediate_size: int = 128, num_heads: int = 8,
+                num_kv_heads: int = 2, vocab_size: int = 256, seed: int = 0) -> dict:
+    """The ``config.json`` keys of :func:`build_tiny`'s model (259 = 256 bytes + 3 special tokens)."""
+    return {"vocab_size": max(vocab_size, 259), "hidden_size": hidden_size, "intermediate_size": intermediate_size,
+            "num_hidden_layers": num_layers, "num_attention_heads": num_heads, "num_key_value_heads": num_kv_heads,
+            "head_dim": hidden_size // num_heads, "max_position_embeddings": 2048, "tie_word_embeddings": False}
+
+
 def build_tiny(num_layers: int = 4, hidden_size: int = 64, intermediate_size: int = 128, num_heads: int = 8,
                num_kv_heads: int = 2, vocab_size: int = 256, seed: int = 0):
     """Random-weight Llama (GQA) + byte tokenizer, built in memory in milliseconds."""
+    import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     tok = byte_tokenizer()
-    cfg = LlamaConfig(
-        vocab_size=max(vocab_size, len(tok)), hidden_size=hidden_size, intermediate_size=intermediate_size,
-        num_hidden_layers=num_layers, num_attention_heads=num_heads, num_key_value_heads=num_kv_heads,
-        head_dim=hidden_size // num_heads, max_position_embeddings=2048, tie_word_embeddings=False,
-        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
-    )
+    cfg = LlamaConfig(**tiny_config(num_layers, hidden_size, intermediate_size, num_heads, num_kv_heads,
+                                    max(vocab_size, len(tok))),
+                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
     gen = torch.random.fork_rng()
     with gen:
         torch.manual_seed(seed)
@@ -119,12 +152,13 @@ def gguf_path(package: str, filename: str) -> Path:
     return path
 
 
-def cached_gguf_dir(model_cfg: dict, cache_dir: str | Path) -> Path:
+def cached_gguf_dir(ref: ModelRef, cache_dir: str | Path) -> Path:
     """Convert the packaged GGUF into a safetensors HF dir once; later loads read that dir."""
-    target = Path(cache_dir) / "models" / model_cfg["name"]
+    target = Path(cache_dir) / "models" / ref.name
     if (target / "config.json").is_file():
         return target
-    src = gguf_path(model_cfg["gguf_package"], model_cfg["gguf_file"])
+    src = gguf_path(ref.gguf_package, ref.gguf_file)
+    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     log.info("converting %s to a cached HF dir %s (once)", src.name, target)
@@ -135,7 +169,7 @@ def cached_gguf_dir(model_cfg: dict, cache_dir: str | Path) -> Path:
     model.is_quantized = False
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    model.config.name_or_path = model_cfg["name"]
+    model.config.name_or_path = ref.name
     try:
         with atomic_dir(target) as tmp:
             model.save_pretrained(tmp)
@@ -156,32 +190,39 @@ def read_config_json(path: str | Path) -> dict:
         raise LoadError(f"{cfg_file} is unreadable: {e}") from None
 
 
-def model_depth(model_cfg: dict, cache_dir: str | Path) -> Optional[int]:
+def model_depth(ref: ModelRef, cache_dir: str | Path) -> Optional[int]:
     """Number of decoder layers, read from config files only (None if unknown before loading)."""
-    kind = model_cfg["kind"]
-    if kind == "tiny":
-        return int(model_cfg["tiny"]["num_layers"])
-    if kind == "gguf":
-        cached = Path(cache_dir) / "models" / model_cfg["name"]
+    if ref.kind == "tiny":
+        return int(ref.tiny.num_layers)
+    if ref.kind == "gguf":
+        cached = Path(cache_dir) / "models" / ref.name
         if (cached / "config.json").is_file():
-            return int(read_config_json(cached)["num_hidden_layers"])
+            return _depth(read_config_json(cached), cached)
         from gguf import GGUFReader
 
-        reader = GGUFReader(str(gguf_path(model_cfg["gguf_package"], model_cfg["gguf_file"])))
-        for key, field in reader.fields.items():
+        reader = GGUFReader(str(gguf_path(ref.gguf_package, ref.gguf_file)))
+        for key, fld in reader.fields.items():
             if key.endswith(".block_count"):
-                return int(field.parts[field.data[0]][0])
+                return int(fld.parts[fld.data[0]][0])
         return None
-    path = _check_path(model_cfg)
+    path = _check_path(ref)
     if path.is_dir() and (path / "config.json").is_file():
-        return int(read_config_json(path)["num_hidden_layers"])
+        return _depth(read_config_json(path), path)
     return None
 
 
-def _check_path(model_cfg: dict) -> Path:
-    if not model_cfg.get("path"):
-        raise LoadError(f"model '{model_cfg['name']}' needs model.path=<local HF checkpoint dir>")
-    path = Path(model_cfg["path"]).expanduser()
+def _depth(cfg: dict, path: Path) -> int:
+    try:
+        return int(cfg["num_hidden_layers"])
+    except (KeyError, TypeError, ValueError):
+        raise LoadError(f"{path}/config.json has no num_hidden_layers (model_type {cfg.get('model_type')!r}): "
+                        "prunelab reads Llama-style decoders (llama, mistral, qwen2, prunelab_llama)") from None
+
+
+def _check_path(ref: ModelRef) -> Path:
+    if not ref.path:
+        raise LoadError(f"model '{ref.name}' needs model.path=<local HF checkpoint dir>")
+    path = Path(ref.path).expanduser()
     if not path.exists():
         raise LoadError(f"model.path {path} does not exist")
     return path
@@ -194,58 +235,93 @@ def _is_prunelab(cfg: dict) -> bool:
     return cfg.get("model_type") == "prunelab_llama"
 
 
+def torch_dtype(name: str):
+    import torch
+
+    return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}.get(name, "auto")
+
+
+def _check_loading_info(path: Path, info: dict) -> None:
+    """Missing, unexpected or mis-shaped weights are an error: a model with random weights is never returned."""
+    problems = []
+    for key, label in (("missing_keys", "missing"), ("unexpected_keys", "unexpected"),
+                       ("mismatched_keys", "wrong shape")):
+        names = sorted(str(k[0] if isinstance(k, tuple) else k) for k in (info.get(key) or []))
+        if names:
+            problems.append(f"{len(names)} {label} ({', '.join(names[:3])}{', ...' if len(names) > 3 else ''})")
+    if problems:
+        raise LoadError(f"{path}: the weights do not match config.json: " + "; ".join(problems)
+                        + " (a truncated or edited checkpoint?)")
+
+
 def load_hf_dir(path: Path, *, dtype: str = "float32", device: str = "cpu", device_map: Optional[str] = None,
                 trust_remote_code: bool = False):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     cfg = read_config_json(path)
-    kwargs: dict[str, Any] = {"dtype": DTYPES.get(dtype, "auto")}
+    kwargs: dict[str, Any] = {"dtype": torch_dtype(dtype), "output_loading_info": True}
     # Weights go straight to their device (an 8B model is never staged in host RAM first);
     # device_map="auto" spreads a model too large for one GPU.
     if device_map or device != "cpu":
         kwargs["device_map"] = device_map or device
-    try:
-        if _is_prunelab(cfg):
-            from core.modeling_prunelab import PrunedLlamaForCausalLM
+    if _is_prunelab(cfg):
+        from core.modeling.pruned_llama import PrunedLlamaForCausalLM
 
-            model = PrunedLlamaForCausalLM.from_pretrained(path, **kwargs)
-        else:
-            model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=trust_remote_code, **kwargs)
-        tok = AutoTokenizer.from_pretrained(path, config=model.config)  # no remote-code prompt for auto_map
-    except (OSError, ValueError, KeyError, RuntimeError) as e:
-        raise LoadError(f"could not load the model in {path}: {type(e).__name__}: {str(e).splitlines()[0]}") from None
+        model, info = PrunedLlamaForCausalLM.from_pretrained(path, **kwargs)
+    else:
+        model, info = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=trust_remote_code, **kwargs)
+    _check_loading_info(path, info)
+    tok = AutoTokenizer.from_pretrained(path, config=model.config)  # no remote-code prompt for auto_map
     model.eval()
     return model, tok
 
 
-def load_model(model_cfg: dict, *, cache_dir: str | Path, allow_pickle: bool = False):
-    """Return ``(model, tokenizer)`` for a model cfg dict (keys of ``core.config.ModelConfig``)."""
-    kind = model_cfg["kind"]
-    if kind == "tiny":
-        model, tok = build_tiny(**model_cfg["tiny"])
-        return model.to(DTYPES.get(model_cfg["dtype"], torch.float32)).to(model_cfg["device"]), tok
-    if kind == "gguf":
-        path = cached_gguf_dir(model_cfg, cache_dir)
-        return load_hf_dir(path, dtype=model_cfg["dtype"], device=model_cfg["device"],
-                           device_map=model_cfg.get("device_map"))
-    if kind != "hf":
-        raise LoadError(f"unknown model.kind={kind!r}")
-    path = _check_path(model_cfg)
-    if path.is_dir() and (path / "config.json").is_file():
-        return load_hf_dir(path, dtype=model_cfg["dtype"], device=model_cfg["device"],
-                           device_map=model_cfg.get("device_map"),
-                           trust_remote_code=bool(model_cfg.get("trust_remote_code")))
-    from core import legacy  # imported here: it imports LoadError from this module
+def load_model(ref: ModelRef, *, cache_dir: str | Path, allow_pickle: bool = False):
+    """``(model, tokenizer)`` for ``ref``; any failure is one :class:`LoadError` line naming the model."""
+    try:
+        return _load(ref, Path(cache_dir), allow_pickle)
+    except UserError:
+        raise
+    except Exception as e:  # noqa: BLE001 - a broken file raises anything; the user gets one line
+        where = ref.path or ref.name
+        first = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
+        raise LoadError(f"could not load model {where!r}: {type(e).__name__}: {first}") from None
+
+
+def _load(ref: ModelRef, cache_dir: Path, allow_pickle: bool):
+    if ref.kind == "tiny":
+        model, tok = build_tiny(**dataclasses.asdict(ref.tiny))
+        if ref.dtype != "auto":
+            model = model.to(torch_dtype(ref.dtype))
+        return model.to(ref.device), tok
+    if ref.kind == "gguf":
+        path = cached_gguf_dir(ref, cache_dir)
+        return load_hf_dir(path, dtype=ref.dtype, device=ref.device, device_map=ref.device_map)
+    if ref.kind != "hf":
+        raise LoadError(f"unknown model.kind={ref.kind!r} ({', '.join(KINDS)})")
+    path = _check_path(ref)
+    from core import legacy
 
     fmt = legacy.detect_format(path)
+    if path.is_dir() and (path / "config.json").is_file():
+        wp = fmt.weights_path
+        if wp is not None and wp.is_file() and wp.suffix == ".bin" and legacy.classify_pickle(wp)[0] in (
+                "pickle_bundle", "whole_model_pt"):
+            # A pickled object named pytorch_model.bin beside a config.json: refused unless allow_pickle.
+            return legacy.load_as_model(wp, allow_pickle=allow_pickle, fmt=legacy.detect_format(wp),
+                                        dtype=torch_dtype(ref.dtype), device=ref.device)
+        return load_hf_dir(path, dtype=ref.dtype, device=ref.device, device_map=ref.device_map,
+                           trust_remote_code=ref.trust_remote_code)
     if fmt.kind not in ("unknown", "eval_only"):
-        return legacy.load_as_model(path, allow_pickle=allow_pickle, fmt=fmt,
-                                    dtype=DTYPES.get(model_cfg["dtype"], torch.float32), device=model_cfg["device"])
+        return legacy.load_as_model(path, allow_pickle=allow_pickle, fmt=fmt, dtype=torch_dtype(ref.dtype),
+                                    device=ref.device)
     raise LoadError(f"{path} is not a model: expected a dir with config.json (HF or prunelab checkpoint)"
                     " or a legacy .bin/.pt file")
 
 
 def set_threads(threads: Optional[int]) -> None:
+    import torch
+
     if threads:
         torch.set_num_threads(int(threads))
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -271,14 +347,3 @@ def set_mmap_threshold(mib: Optional[float]) -> bool:
         return bool(libc.mallopt(m_mmap_threshold, int(mib * 2**20)))
     except (OSError, AttributeError):
         return False
-
-
-def count_params(model: torch.nn.Module) -> int:
-    """Parameters counted once (tied embedding/LM head count once)."""
-    seen: set[int] = set()
-    total = 0
-    for p in model.parameters():
-        if id(p) not in seen:
-            seen.add(id(p))
-            total += p.numel()
-    return total

@@ -1,4 +1,6 @@
-"""LLM-Pruner-style block-wise structured pruning of Llama models, GQA-correct.
+"""LLM-Pruner (Ma et al. 2023): block-wise structured pruning of Llama models, GQA-correct.
+
+    python run.py pruner=taylor ratio=0.25        # also pruner=l1 | l2 | random (conf/pruner/*.yaml)
 
 Groups (the units removed together):
 - attention, layer l, KV group g (g < num_kv_heads): rows of k_proj/v_proj for KV head g, the rows
@@ -15,102 +17,126 @@ summed over the group's rows/columns, where the per-row score of a weight W with
     l1            sum_row |W|              l2            sum_row W^2          random: uniform
 with H the diagonal Fisher (mean over samples of the per-sample squared gradient).
 
-Cost: one forward+backward over the calibration batch (param_second/mix: one per sample). Only the
-prunable weights require grad, and a post-accumulate hook turns each weight's gradient into per-row
-scores the moment it is ready and frees it, so peak memory is weights + activations + one gradient.
-Activations are trimmed further without changing any gradient: the LM-head loss runs over chunks of
-tokens (``_lm_loss_backward``) and SwiGLU MLPs recompute ``silu(g) * u`` in backward (``_SwiGLUDown``).
+Cost: one forward+backward over the calibration batch (param_second/mix: one per sample), streamed by
+:func:`pruning.calibration.gradient_passes` (each weight's gradient becomes per-row scores the moment it is
+ready). This module is importance and selection only: anatomy lives in ``core.llama``, the cuts in
+``pruning.surgery``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import time
-import types
-from dataclasses import dataclass, field
-from typing import Callable, Optional
+from dataclasses import dataclass
+from typing import Any, Optional
 
 import torch
 from torch import nn
-from transformers.activations import SiLUActivation
+
+from core.errors import ConfigError
+from core.llama import Geometry, count_params, decoder_layers, layer_configs
+from pruning import PruneError, PruneResult
+from pruning.calibration import gradient_passes
+from pruning.ranges import resolve_range
+from pruning.surgery import remove_channels, remove_kv_groups
 
 log = logging.getLogger(__name__)
 
+IMPORTANCES = ("taylor", "l1", "l2", "random")
 TAYLOR_VARIANTS = ("vectorize", "param_first", "param_second", "param_mix")
+_CHOICES = {"importance": IMPORTANCES, "taylor": TAYLOR_VARIANTS, "group_reduction": ("sum", "mean", "max"),
+            "rounding": ("floor", "nearest", "ceil"), "ratio_target": ("groups", "params")}
 
 
-class PruneError(ValueError):
-    """A pruning request that cannot be honoured; raised before the model is modified."""
-
-
-@dataclass
-class PruneSpec:
-    importance: str = "taylor"  # taylor | l1 | l2 | random
-    taylor: str = "param_first"
-    group_reduction: str = "sum"  # sum | mean | max
-    global_ranking: bool = False
-    iterative_steps: int = 1
-    attention_ratio: float = 0.25
-    mlp_ratio: float = 0.25
-    attention_layers: tuple[int, int] = (0, 0)  # [start, end), absolute
-    mlp_layers: tuple[int, int] = (0, 0)
-    round_to: int = 1
-    rounding: str = "floor"  # floor | nearest | ceil, for heads and channel multiples
-    batch_size: int = 0  # calibration micro-batch (0 = whole batch at once)
-    seed: int = 0
-
-
-@dataclass
-class PruneResult:
-    params_before: int
-    params_after: int
-    layers: list[dict] = field(default_factory=list)
-    notes: list[str] = field(default_factory=list)
-    timings: dict[str, float] = field(default_factory=dict)
-
-    @property
-    def removed_fraction(self) -> float:
-        return 1.0 - self.params_after / self.params_before
-
-
-# --------------------------------------------------------------------------- geometry
+def _range(r: Any) -> tuple[Optional[int], Optional[int]]:
+    """``(start, end)`` from a pair or a ``{start, end}`` mapping (conf/layers/*.yaml)."""
+    if isinstance(r, dict):
+        return r.get("start"), r.get("end")
+    start, end = r
+    return start, end
 
 
 @dataclass(frozen=True)
-class Geometry:
-    hidden: int
-    head_dim: int
-    heads: tuple[int, ...]  # per layer
-    kv_heads: tuple[int, ...]
-    widths: tuple[int, ...]
-    attn_bias: bool
-    mlp_bias: bool
+class LLMPruner:
+    """Remove whole KV groups and MLP channels inside layer ranges, ranked by ``importance``.
 
-    @staticmethod
-    def of(model: nn.Module) -> "Geometry":
-        cfg = model.config
-        hd = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-        layers = model.model.layers
-        return Geometry(
-            hidden=cfg.hidden_size, head_dim=hd,
-            heads=tuple(l.self_attn.q_proj.out_features // hd for l in layers),
-            kv_heads=tuple(l.self_attn.k_proj.out_features // hd for l in layers),
-            widths=tuple(l.mlp.gate_proj.out_features for l in layers),
-            attn_bias=layers[0].self_attn.q_proj.bias is not None,
-            mlp_bias=layers[0].mlp.gate_proj.bias is not None,
-        )
+    ``ratio`` is LLM-Pruner's ``--pruning_ratio``: the share of KV groups / MLP channels removed in each
+    layer of the ranges (``ratio_target=params``: the share of *all* parameters, solved for a group ratio).
+    Ranges are ``(start, end)``, end exclusive, negative counting from the last layer, ``None`` = the end.
+    """
 
-    def group_params(self, layer: int) -> int:
-        """Parameters in one KV group of ``layer`` (q, k, v rows + o columns, + biases)."""
-        n_rep = self.heads[layer] // self.kv_heads[layer]
-        q = n_rep * self.head_dim * self.hidden
-        kv = 2 * self.head_dim * self.hidden
-        bias = (n_rep * self.head_dim + 2 * self.head_dim) if self.attn_bias else 0
-        return 2 * q + kv + bias
+    ratio: float = 0.25
+    name: str = "taylor"
+    importance: str = "taylor"  # taylor | l1 | l2 | random
+    taylor: str = "param_second"  # vectorize | param_first | param_second | param_mix (taylor only)
+    group_reduction: str = "sum"  # sum | mean | max over the coupled weights of a group
+    global_ranking: bool = False  # rank groups across layers instead of per layer
+    iterative_steps: int = 1
+    attention_ratio: Optional[float] = None  # None = ratio
+    mlp_ratio: Optional[float] = None  # None = ratio
+    attention_layers: Any = (0, None)  # (start, end) or {start, end}
+    mlp_layers: Any = (0, None)
+    round_to: int = 1  # MLP width removed in multiples of this
+    rounding: str = "floor"  # floor | nearest | ceil: whole KV groups / round_to channel multiples
+    batch_size: int = 0  # calibration micro-batch; 0 = all samples in one pass
+    ratio_target: str = "groups"  # groups | params
+    seed: int = 0
+    progress: bool = True
 
-    def channel_params(self) -> int:
-        return 3 * self.hidden + (2 if self.mlp_bias else 0)
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "attention_layers", _range(self.attention_layers))
+        object.__setattr__(self, "mlp_layers", _range(self.mlp_layers))
+        errors = [f"pruner.{k}={getattr(self, k)!r} is not one of {', '.join(v)}"
+                  for k, v in _CHOICES.items() if getattr(self, k) not in v]
+        for key in ("ratio", "attention_ratio", "mlp_ratio"):
+            v = getattr(self, key)
+            if v is not None and not 0.0 <= float(v) < 1.0:
+                errors.append(f"{'ratio' if key == 'ratio' else 'pruner.' + key}={v} must be in [0, 1)")
+        for key, low in (("iterative_steps", 1), ("round_to", 1), ("batch_size", 0)):
+            if getattr(self, key) < low:
+                errors.append(f"pruner.{key}={getattr(self, key)} must be >= {low}")
+        for part in ("attention", "mlp"):
+            start, end = getattr(self, f"{part}_layers")
+            if start is not None and end is not None and (start >= 0) == (end >= 0) and end < start:
+                errors.append(f"layers.{part}: start={start} is after end={end} (start inclusive, end exclusive)")
+        if errors:
+            raise ConfigError("; ".join(errors))
+
+    @property
+    def needs_calibration(self) -> bool:
+        return self.importance == "taylor"
+
+    def resolved(self, depth: int) -> "LLMPruner":
+        """A copy with absolute ``[start, end)`` ranges and explicit per-part ratios (checked against ``depth``).
+
+        The planning, scoring and surgery functions below take resolved specs only.
+        """
+        att = float(self.ratio if self.attention_ratio is None else self.attention_ratio)
+        mlp = float(self.ratio if self.mlp_ratio is None else self.mlp_ratio)
+        return dataclasses.replace(
+            self, attention_ratio=att, mlp_ratio=mlp,
+            attention_layers=resolve_range(*self.attention_layers, depth, "attention", att),
+            mlp_layers=resolve_range(*self.mlp_layers, depth, "mlp", mlp))
+
+    def check(self, depth: int) -> None:
+        self.resolved(depth)
+
+    def __call__(self, model: nn.Module, calibration: Optional[torch.Tensor]) -> PruneResult:
+        spec = self.resolved(len(decoder_layers(model)))
+        if self.ratio_target == "params":
+            spec = solve_params_ratio(Geometry.of(model), spec, float(self.ratio), count_params(model),
+                                      fixed_attention=self.attention_ratio is not None,
+                                      fixed_mlp=self.mlp_ratio is not None)
+            log.info("ratio_target=params: group ratios attention %.4f, mlp %.4f", spec.attention_ratio, spec.mlp_ratio)
+        log.info("pruning %s (%s) attention layers [%d, %d) ratio %.3f, mlp layers [%d, %d) ratio %.3f", self.name,
+                 spec.taylor if spec.importance == "taylor" else spec.importance,
+                 *spec.attention_layers, spec.attention_ratio, *spec.mlp_layers, spec.mlp_ratio)
+        return prune(model, calibration, spec)
+
+
+# --------------------------------------------------------------------------- planning
 
 
 def _round(x: float, mode: str) -> int:
@@ -121,7 +147,7 @@ def _round(x: float, mode: str) -> int:
     return int(math.floor(x + 0.5))
 
 
-def plan_counts(geo: Geometry, spec: PruneSpec, fraction: float = 1.0) -> tuple[dict[int, int], dict[int, int], list[str]]:
+def plan_counts(geo: Geometry, spec: LLMPruner, fraction: float = 1.0) -> tuple[dict[int, int], dict[int, int], list[str]]:
     """How many KV groups / MLP channels each layer loses (``fraction`` of the way, for iterative steps)."""
     notes: list[str] = []
     heads: dict[int, int] = {}
@@ -155,16 +181,49 @@ def planned_params_removed(geo: Geometry, heads: dict[int, int], chans: dict[int
     return sum(n * geo.group_params(l) for l, n in heads.items()) + sum(n * geo.channel_params() for n in chans.values())
 
 
+def solve_params_ratio(geo: Geometry, spec: LLMPruner, target: float, total_params: int,
+                       fixed_attention: bool, fixed_mlp: bool, tol: float = 0.01) -> LLMPruner:
+    """Find the group ratio that removes ``target`` of all parameters (``ratio_target=params``).
+
+    Ratios not fixed by ``pruner.attention_ratio``/``mlp_ratio`` move together. The removed count is a
+    step function of the ratio (whole heads, multiples of round_to), so we scan the achievable steps and
+    take the closest; if it misses the target by more than ``tol`` of all parameters, that is an error.
+    """
+    def removed(r: float) -> int:
+        s = dataclasses.replace(spec, attention_ratio=spec.attention_ratio if fixed_attention else r,
+                                mlp_ratio=spec.mlp_ratio if fixed_mlp else r)
+        h, c, _ = plan_counts(geo, s)
+        return planned_params_removed(geo, h, c)
+
+    goal = target * total_params
+    lo, hi = 0.0, 0.999999
+    for _ in range(60):  # removed() is monotone in r: bisect for the first r reaching the goal
+        mid = (lo + hi) / 2
+        if removed(mid) >= goal:
+            hi = mid
+        else:
+            lo = mid
+    best = min((lo, hi), key=lambda r: abs(removed(r) - goal))
+    got = removed(best) / total_params
+    if abs(got - target) > tol:
+        raise PruneError(
+            f"ratio_target=params: {target:.3f} of all parameters cannot be removed with this head layout and "
+            f"these ranges (closest achievable: {removed(lo) / total_params:.4f} or {removed(hi) / total_params:.4f}); "
+            "widen the layer ranges, set pruner.round_to lower, or pick a reachable ratio")
+    return dataclasses.replace(spec, attention_ratio=spec.attention_ratio if fixed_attention else best,
+                               mlp_ratio=spec.mlp_ratio if fixed_mlp else best)
+
+
 # --------------------------------------------------------------------------- importance
 
 
-def _coupled(model: nn.Module, spec: PruneSpec) -> list[tuple[str, int, nn.Parameter, str]]:
+def _coupled(model: nn.Module, spec: LLMPruner) -> list[tuple[str, int, nn.Parameter, str]]:
     """(kind, layer, weight, orientation) of every weight whose rows/cols form pruning groups.
 
     orientation 'out': groups are rows (q/k/v, gate/up); 'in': groups are columns (o, down).
     """
     out = []
-    layers = model.model.layers
+    layers = decoder_layers(model)
     for l in range(*spec.attention_layers):
         a = layers[l].self_attn
         out += [("q", l, a.q_proj.weight, "out"), ("k", l, a.k_proj.weight, "out"),
@@ -177,7 +236,7 @@ def _coupled(model: nn.Module, spec: PruneSpec) -> list[tuple[str, int, nn.Param
 
 
 def _row_scores(w: torch.Tensor, g: Optional[torch.Tensor], h: Optional[torch.Tensor], orient: str,
-                spec: PruneSpec) -> torch.Tensor:
+                spec: LLMPruner) -> torch.Tensor:
     """Per-row (out) or per-column (in) score of one weight, float32 ``[n_rows]``."""
     w = w.detach().float()
     dim = 1 if orient == "out" else 0
@@ -195,126 +254,7 @@ def _row_scores(w: torch.Tensor, g: Optional[torch.Tensor], h: Optional[torch.Te
     return (w * g.float() - 0.5 * w * h * w).abs().sum(dim)  # param_mix
 
 
-class _SwiGLUDown(torch.autograd.Function):
-    """``down(silu(g) * u)`` that saves only ``g`` and ``u`` for backward and recomputes the product.
-
-    Autograd would keep silu(g), silu(g) * u as well: two more ``[tokens, intermediate]`` tensors per layer,
-    a quarter of all calibration activations of a Llama. Gradients are those of the stock module.
-    """
-
-    @staticmethod
-    def forward(ctx, g: torch.Tensor, u: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(g, u, w)
-        return torch.nn.functional.linear(torch.nn.functional.silu(g) * u, w)
-
-    @staticmethod
-    def backward(ctx, dy: torch.Tensor):
-        g, u, w = ctx.saved_tensors
-        s = torch.sigmoid(g)
-        a = g * s
-        dp = dy @ w
-        dw = None
-        if ctx.needs_input_grad[2]:
-            dw = dy.reshape(-1, dy.shape[-1]).T @ (a * u).reshape(-1, u.shape[-1])
-        du = dp * a if ctx.needs_input_grad[1] else None
-        dg = dp * u * s * (1 + g * (1 - s)) if ctx.needs_input_grad[0] else None
-        return dg, du, dw
-
-
-def _lean_mlp_forward(mlp: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    return _SwiGLUDown.apply(mlp.gate_proj(x), mlp.up_proj(x), mlp.down_proj.weight)
-
-
-def _lean_mlps(model: nn.Module) -> list[nn.Module]:
-    """Stock SwiGLU MLPs (SiLU, no biases) whose forward can be swapped for the lean one."""
-    out = []
-    for layer in model.model.layers:
-        m = getattr(layer, "mlp", None)
-        if (m is not None and all(hasattr(m, k) for k in ("gate_proj", "up_proj", "down_proj"))
-                and "forward" not in vars(m) and not hasattr(m, "_hf_hook")  # accelerate's hooks wrap forward
-                and isinstance(getattr(m, "act_fn", None), (nn.SiLU, SiLUActivation))
-                and all(getattr(m, k).bias is None for k in ("gate_proj", "up_proj", "down_proj"))):
-            out.append(m)
-    return out
-
-
-LOGITS_CHUNK_BYTES = 32 * 2**20
-
-
-def _lm_loss_backward(model: nn.Module, ids: torch.Tensor, scale: float = 1.0) -> None:
-    """Backward of ``scale * model(ids, labels=ids).loss`` without holding the whole batch's logits.
-
-    The decoder runs once; the LM head and the cross-entropy run over chunks of tokens, each chunk's
-    backward accumulating into the gradient of the final hidden states, which is then pushed through the
-    decoder once. Same gradients as the plain loss (next-token mean over all positions), but the
-    ``[tokens, vocab]`` fp32 logits and their gradient never exist all at once (10 x 64 tokens of a
-    49k-token vocabulary: 126 MB each).
-    """
-    import torch.nn.functional as F
-
-    hidden = model.model(input_ids=ids, use_cache=False).last_hidden_state[:, :-1]
-    if not hidden.requires_grad:
-        return
-    h = hidden.detach().reshape(-1, hidden.shape[-1]).requires_grad_(True)
-    targets = ids[:, 1:].reshape(-1)
-    n = targets.numel()
-    step = max(1, LOGITS_CHUNK_BYTES // (4 * model.config.vocab_size))
-    for s in range(0, n, step):
-        logits = model.lm_head(h[s:s + step]).float()  # (device_map: the head may sit on another device)
-        (F.cross_entropy(logits, targets[s:s + step].to(logits.device), reduction="sum") * (scale / n)).backward()
-    hidden.reshape(-1, hidden.shape[-1]).backward(h.grad)
-
-
-def _calibration_passes(model: nn.Module, batch: torch.Tensor, weights: list[nn.Parameter],
-                        on_grad: Callable[[int, torch.Tensor], None], per_sample: bool, micro: int,
-                        progress: bool) -> None:
-    """Run forward+backward; call ``on_grad(i, grad)`` once per weight per pass (per sample if asked).
-
-    Each weight's gradient is handed over by a post-accumulate hook and freed at once.
-    """
-    from tqdm.auto import tqdm
-
-    device = next(model.parameters()).device
-    flags = [p.requires_grad for p in model.parameters()]
-    for p in model.parameters():
-        p.requires_grad_(False)
-    for p in weights:
-        p.requires_grad_(True)
-    live = {"on": True}
-    handles = []
-    for i, p in enumerate(weights):
-        def hook(param: torch.Tensor, i: int = i) -> None:
-            if live["on"]:
-                on_grad(i, param.grad)
-                param.grad = None
-        handles.append(p.register_post_accumulate_grad_hook(hook))
-    lean = _lean_mlps(model)
-    for m in lean:  # instance attribute shadows the class forward; deleted in `finally`
-        m.forward = types.MethodType(_lean_mlp_forward, m)
-    try:
-        if per_sample:
-            chunks = [batch[j:j + 1] for j in range(batch.shape[0])]
-        else:
-            step = micro if micro and micro < batch.shape[0] else batch.shape[0]
-            chunks = [batch[j:j + step] for j in range(0, batch.shape[0], step)]
-        for k, chunk in enumerate(tqdm(chunks, desc="calibration fwd+bwd", disable=not progress)):
-            # Whole-batch scores (first-order terms) need the summed gradient: let micro-batches accumulate,
-            # and hand the gradient over on the last one only.
-            live["on"] = per_sample or k == len(chunks) - 1
-            scale = 1.0 if per_sample else chunk.shape[0] / batch.shape[0]
-            with torch.autocast(device_type=device.type, enabled=False):
-                _lm_loss_backward(model, chunk.to(device), scale)
-    finally:
-        for m in lean:
-            del m.forward
-        for h in handles:
-            h.remove()
-        for p, f in zip(model.parameters(), flags):
-            p.requires_grad_(f)
-            p.grad = None
-
-
-def importance(model: nn.Module, batch: Optional[torch.Tensor], spec: PruneSpec, progress: bool = True
+def importance(model: nn.Module, batch: Optional[torch.Tensor], spec: LLMPruner, progress: bool = True
                ) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor]]:
     """Group scores: ``{layer: [kv_groups]}`` for attention and ``{layer: [width]}`` for MLP."""
     geo = Geometry.of(model)
@@ -337,14 +277,14 @@ def importance(model: nn.Module, batch: Optional[torch.Tensor], spec: PruneSpec,
         if spec.taylor in ("vectorize", "param_first"):
             def on_grad(i: int, g: torch.Tensor) -> None:
                 rows[i] = _row_scores(weights[i], g, None, coupled[i][3], spec)
-            _calibration_passes(model, batch, weights, on_grad, False, spec.batch_size, progress)
+            gradient_passes(model, batch, weights, on_grad, False, spec.batch_size, progress)
         elif spec.taylor == "param_second":
             # sum_row |W*H*W| with H = mean_j g_j^2 is linear in H: accumulate per row, per sample.
             def on_grad(i: int, g: torch.Tensor) -> None:
                 w = weights[i].detach().float()
                 s = (w * w * g.float().pow(2) / n).sum(1 if coupled[i][3] == "out" else 0)
                 rows[i] = s if rows[i] is None else rows[i] + s
-            _calibration_passes(model, batch, weights, on_grad, True, 0, progress)
+            gradient_passes(model, batch, weights, on_grad, True, 0, progress)
         else:  # param_mix needs the full mean gradient and Fisher diagonal before the abs
             gsum = [torch.zeros_like(w, dtype=torch.float32) for w in weights]
             hsum = [torch.zeros_like(w, dtype=torch.float32) for w in weights]
@@ -353,7 +293,7 @@ def importance(model: nn.Module, batch: Optional[torch.Tensor], spec: PruneSpec,
                 gf = g.float()
                 gsum[i].add_(gf, alpha=1.0 / n)
                 hsum[i].addcmul_(gf, gf, value=1.0 / n)
-            _calibration_passes(model, batch, weights, on_grad, True, 0, progress)
+            gradient_passes(model, batch, weights, on_grad, True, 0, progress)
             rows = [_row_scores(w, gsum[i], hsum[i], coupled[i][3], spec) for i, w in enumerate(weights)]
             del gsum, hsum
 
@@ -401,71 +341,21 @@ def _select(scores: dict[int, torch.Tensor], counts: dict[int, int], global_rank
     return out
 
 
-# --------------------------------------------------------------------------- surgery
-
-
-def _keep(n: int, drop: torch.Tensor) -> torch.Tensor:
-    mask = torch.ones(n, dtype=torch.bool)
-    mask[drop] = False
-    return mask.nonzero().squeeze(1)
-
-
-def _shrink(lin: nn.Linear, keep: torch.Tensor, dim: int) -> None:
-    keep = keep.to(lin.weight.device)
-    lin.weight = nn.Parameter(lin.weight.data.index_select(dim, keep).contiguous(), requires_grad=False)
-    if dim == 0:
-        if lin.bias is not None:
-            lin.bias = nn.Parameter(lin.bias.data.index_select(0, keep).contiguous(), requires_grad=False)
-        lin.out_features = keep.numel()
-    else:
-        lin.in_features = keep.numel()
-
-
-def remove_kv_groups(layer: nn.Module, groups: torch.Tensor, head_dim: int) -> None:
-    """Remove KV groups (each: 1 KV head + its n_rep query heads) from a Llama attention block."""
-    attn = layer.self_attn
-    kv = attn.k_proj.out_features // head_dim
-    n_rep = attn.q_proj.out_features // head_dim // kv
-    keep_groups = _keep(kv, groups)
-    kv_rows = (keep_groups[:, None] * head_dim + torch.arange(head_dim)).reshape(-1)
-    q_rows = (keep_groups[:, None] * (n_rep * head_dim) + torch.arange(n_rep * head_dim)).reshape(-1)
-    _shrink(attn.q_proj, q_rows, 0)
-    _shrink(attn.k_proj, kv_rows, 0)
-    _shrink(attn.v_proj, kv_rows, 0)
-    _shrink(attn.o_proj, q_rows, 1)
-    attn.num_key_value_groups = n_rep  # unchanged by construction
-
-
-def remove_channels(layer: nn.Module, channels: torch.Tensor) -> None:
-    mlp = layer.mlp
-    keep = _keep(mlp.gate_proj.out_features, channels)
-    _shrink(mlp.gate_proj, keep, 0)
-    _shrink(mlp.up_proj, keep, 0)
-    _shrink(mlp.down_proj, keep, 1)
-    mlp.intermediate_size = keep.numel()
-
-
 # --------------------------------------------------------------------------- driver
 
 
-def prune(model: nn.Module, batch: Optional[torch.Tensor], spec: PruneSpec, progress: bool = True) -> PruneResult:
-    """Prune ``model`` in place; ``batch`` is ``[num_samples, seq_len]`` calibration token ids."""
-    from core.checkpoint import layer_configs
-    from core.models import count_params
-
-    if spec.importance not in ("taylor", "l1", "l2", "random"):
-        raise PruneError(f"unknown importance {spec.importance!r}")
-    if spec.importance == "taylor" and spec.taylor not in TAYLOR_VARIANTS:
-        raise PruneError(f"unknown taylor variant {spec.taylor!r} ({', '.join(TAYLOR_VARIANTS)})")
+def prune(model: nn.Module, batch: Optional[torch.Tensor], spec: LLMPruner) -> PruneResult:
+    """Prune ``model`` in place with a resolved ``spec`` (absolute ranges); ``batch``: ``[n, seq_len]`` ids."""
+    progress = spec.progress
     geo0 = Geometry.of(model)
-    depth = len(geo0.heads)
+    depth = geo0.depth
     for name, (a, b) in (("attention", spec.attention_layers), ("mlp", spec.mlp_layers)):
         if not 0 <= a <= b <= depth:
             raise PruneError(f"{name} layer range [{a}, {b}) is outside the model's {depth} layers")
     final_heads, final_chans, notes = plan_counts(geo0, spec)
     for note in notes:
         log.warning(note)
-    result = PruneResult(params_before=count_params(model), params_after=0, notes=list(notes))
+    params_before = count_params(model)
     removed_groups: dict[int, list[int]] = {l: [] for l in final_heads}
     t_score = t_cut = 0.0
     was_training = model.training
@@ -484,7 +374,7 @@ def prune(model: nn.Module, batch: Optional[torch.Tensor], spec: PruneSpec, prog
         t1 = time.perf_counter()
         drop_h = _select(att, want_h, spec.global_ranking, 1, 1)
         drop_c = _select(mlp, want_c, spec.global_ranking, spec.round_to, spec.round_to)
-        layers = model.model.layers
+        layers = decoder_layers(model)
         for l, g in drop_h.items():
             # Map indices of the current (already shrunk) layer back to original group ids for the record.
             alive = [i for i in range(geo0.kv_heads[l]) if i not in removed_groups[l]]
@@ -497,14 +387,21 @@ def prune(model: nn.Module, batch: Optional[torch.Tensor], spec: PruneSpec, prog
     model.train(was_training)
     model.config.layer_configs = layer_configs(model)
     geo1 = Geometry.of(model)
-    for l in range(depth):
-        result.layers.append({
-            "layer": l,
-            "heads": [geo0.heads[l], geo1.heads[l]],
-            "kv_heads": [geo0.kv_heads[l], geo1.kv_heads[l]],
-            "intermediate_size": [geo0.widths[l], geo1.widths[l]],
-            "removed_kv_groups": sorted(removed_groups.get(l, [])),
-        })
-    result.params_after = count_params(model)
-    result.timings = {"importance_s": t_score, "surgery_s": t_cut}
-    return result
+    per_layer = [{"layer": l, "heads": [geo0.heads[l], geo1.heads[l]], "kv_heads": [geo0.kv_heads[l], geo1.kv_heads[l]],
+                  "intermediate_size": [geo0.widths[l], geo1.widths[l]],
+                  "removed_kv_groups": sorted(removed_groups.get(l, []))} for l in range(depth)]
+    params_after = count_params(model)
+    ranges = {"attention": list(spec.attention_layers), "mlp": list(spec.mlp_layers)}
+    return PruneResult(
+        params_before=params_before, params_after=params_after,
+        compression={"unit": "params" if spec.ratio_target == "params" else "group_ratio",
+                     "amount": float(spec.ratio), "attention_group_ratio": spec.attention_ratio,
+                     "mlp_group_ratio": spec.mlp_ratio, "params_removed": 1.0 - params_after / params_before},
+        ranges=ranges, layers=per_layer, notes=list(notes),
+        details={"importance": spec.importance, "taylor": spec.taylor, "group_reduction": spec.group_reduction,
+                 "global_ranking": spec.global_ranking, "iterative_steps": spec.iterative_steps,
+                 "attention_ratio": spec.attention_ratio, "mlp_ratio": spec.mlp_ratio,
+                 "attention_layers": ranges["attention"], "mlp_layers": ranges["mlp"],
+                 "round_to": spec.round_to, "rounding": spec.rounding,
+                 "heads_pruned": any(l["kv_heads"][0] != l["kv_heads"][1] for l in per_layer)},
+        timings={"importance_s": t_score, "surgery_s": t_cut})

@@ -70,3 +70,7 @@ PRUNED_TOTAL = 2 * EMB + 2 * LAYER_FULL + LAYER1 + LAYER2 + HIDDEN
 
 def state_dict_copy(model) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+class Tok:  # a picklable stand-in for a tokenizer (module-level so it pickles)
+    vocab = {"a": 0}

@@ -14,8 +14,9 @@ for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
     os.environ[var] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("WANDB_SILENT", "true")
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+for _p in (ROOT, ROOT / "tests"):  # the project, and helpers shared by tests (analysis_helpers)
+    if str(_p) not in sys.path:
+        sys.path.insert(0, str(_p))
 
 CACHE_DIR = Path(os.environ.get("PRUNELAB_CACHE", ROOT / ".cache"))
 

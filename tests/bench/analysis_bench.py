@@ -56,10 +56,11 @@ def main() -> None:
     path = args.path
     if path is None:
         sys.path.insert(0, str(ROOT))
-        from core.models import cached_gguf_dir, resolve_model_ref
+        from core.models import cached_gguf_dir
+        from recipes._common import resolve_model
 
         cache = os.environ.get("PRUNELAB_CACHE", str(ROOT / ".cache"))
-        path = str(cached_gguf_dir(resolve_model_ref("smollm2"), cache))
+        path = str(cached_gguf_dir(resolve_model("smollm2"), cache))
     res = {m: run_mode(m, path) for m in ("headers", "headers_nonzero", "load", "load_nonzero")}
     assert len({r["total_params"] for r in res.values()}) == 1, "modes disagree on the parameter count"
     h, ld = res["headers"], res["load"]

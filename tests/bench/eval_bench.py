@@ -63,12 +63,13 @@ def main() -> None:
     from analysis.efficiency import measure_efficiency
     from analysis.lm_eval_tasks import make_lm, rolling_nll, run_lm_eval
     from analysis.perplexity import perplexity
-    from core.data import eval_tokens, load_documents
-    from core.models import load_model, resolve_model_ref
+    from core.data import TextSpec, eval_tokens, load_documents
+    from core.models import load_model
+    from recipes._common import resolve_model
 
     cache = os.environ.get("PRUNELAB_CACHE", str(ROOT / ".cache"))
-    model, tok = load_model(resolve_model_ref("smollm2"), cache_dir=cache)
-    tokens = eval_tokens(tok, load_documents("boolq", cache_dir=cache), args.tokens)  # [1, n]
+    model, tok = load_model(resolve_model("smollm2"), cache_dir=cache)
+    tokens = eval_tokens(tok, load_documents(TextSpec("boolq"), cache_dir=cache), args.tokens)  # [1, n]
     L = args.seq_len
     windows = tokens[0, : tokens.shape[1] // L * L].view(-1, L)  # [w, L]
 

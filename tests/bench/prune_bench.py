@@ -63,17 +63,19 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     from analysis.perplexity import perplexity
-    from core.data import calibration_batch, eval_tokens, load_documents
-    from core.models import count_params, load_model, resolve_model_ref, set_mmap_threshold
-    from pruning.llm_pruner import PruneSpec, prune
+    from core.data import TextSpec, calibration_batch, eval_tokens, load_documents
+    from core.llama import count_params
+    from core.models import load_model, set_mmap_threshold
+    from pruning.llm_pruner import LLMPruner
+    from recipes._common import resolve_model
 
     mmap_applied = set_mmap_threshold(args.mmap_threshold_mb)
     cache = os.environ.get("PRUNELAB_CACHE", str(ROOT / ".cache"))
-    model, tok = load_model(resolve_model_ref("smollm2"), cache_dir=cache)
-    austen = load_documents("austen", cache_dir=cache)
+    model, tok = load_model(resolve_model("smollm2"), cache_dir=cache)
+    austen = load_documents(TextSpec("austen"), cache_dir=cache)
     calib_src = austen.split("calibration") if args.holdout else austen
     batch = calibration_batch(tok, calib_src, args.samples, args.seq_len, 0)
-    ppl_tokens = eval_tokens(tok, load_documents("boolq"), args.ppl_tokens)
+    ppl_tokens = eval_tokens(tok, load_documents(TextSpec("boolq")), args.ppl_tokens)
     holdout = eval_tokens(tok, austen.split("evaluation"), args.ppl_tokens) if args.holdout else None
 
     def ppls() -> tuple[float, Optional[float]]:
@@ -88,11 +90,12 @@ def main() -> None:
 
     ppl_before, holdout_before = ppls()
     params_before = count_params(model)
-    spec = PruneSpec(importance=args.importance, taylor=args.taylor, global_ranking=args.global_ranking,
-                     group_reduction=args.group_reduction, iterative_steps=args.iterative_steps,
-                     attention_ratio=0.25, mlp_ratio=0.25, attention_layers=(3, 27), mlp_layers=(3, 27))
+    pruner = LLMPruner(ratio=0.25, importance=args.importance, taylor=args.taylor,
+                       global_ranking=args.global_ranking, group_reduction=args.group_reduction,
+                       iterative_steps=args.iterative_steps, attention_layers=(3, 27), mlp_layers=(3, 27),
+                       progress=False)
     t0 = time.perf_counter()
-    res = prune(model, batch, spec, progress=False)
+    res = pruner(model, batch)
     prune_s = time.perf_counter() - t0
     peak_prune = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2  # KiB -> GiB
     ppl_after, holdout_after = ppls()

@@ -51,8 +51,10 @@ def test_unknown_pruner_and_model_fail_at_composition(tmp_path):
 def test_wrong_type_fails_at_composition(tmp_path):
     with pytest.raises((ValidationError, ConfigCompositionException)):
         compose(["data.num_samples=many"], tmp_path)
-    with pytest.raises((ValidationError, ConfigCompositionException)):
-        compose(["task=train"], tmp_path)
+
+
+def test_unknown_task_names_the_recipes(tmp_path):
+    expect_failure(["task=train", "logger=none"], tmp_path, "task='train' is not one of analyze, batch_analyze")
 
 
 def test_unknown_importance_value(tmp_path):

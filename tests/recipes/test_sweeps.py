@@ -25,7 +25,7 @@ def test_experiment_files_compose(name, tmp_path):
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         cfg = compose("config", overrides=[f"experiment={name}", f"paths.output_dir={tmp_path}"])
     GlobalHydra.instance().clear()
-    assert cfg.task.value == "prune" and 0 < cfg.ratio < 1
+    assert cfg.task == "prune" and 0 < cfg.ratio < 1
 
 
 @pytest.mark.parametrize("name", sorted(p.stem for p in (ROOT / "multirun_sweeps").glob("*.yaml")))

@@ -11,9 +11,10 @@ from conftest import CACHE_DIR
 def test_smollm2_headers_match_module(tmp_path):
     from analysis.report import write_analysis
     from analysis.structure import structure_of
-    from core.models import cached_gguf_dir, load_hf_dir, resolve_model_ref
+    from core.models import cached_gguf_dir, load_hf_dir
+    from recipes._common import resolve_model
 
-    path = cached_gguf_dir(resolve_model_ref("smollm2"), CACHE_DIR)
+    path = cached_gguf_dir(resolve_model("smollm2"), CACHE_DIR)
     h = structure_of(path, name="smollm2")
     model, _ = load_hf_dir(path)
     m = structure_of(model, name="smollm2")

@@ -12,7 +12,7 @@ from analysis_helpers import (ATTN_FULL, ATTN_L1, BASE_TOTAL, EMB, HIDDEN, LAYER
                               NORM, PRUNED_TOTAL, base_and_pruned, state_dict_copy, tiny)
 from analysis.structure import TensorInfo, count_nonzero_safetensors, read_safetensors_header, structure_of
 from core.checkpoint import save_checkpoint
-from core.legacy import LoadError
+from core.errors import LoadError
 
 
 def _check_known(s):

@@ -14,21 +14,22 @@ pytestmark = pytest.mark.integration
 
 @pytest.fixture(scope="module")
 def smollm2():
-    from core.models import load_model, resolve_model_ref
+    from core.models import load_model
+    from recipes._common import resolve_model
 
     torch.set_num_threads(2)
-    return load_model(resolve_model_ref("smollm2"), cache_dir=CACHE_DIR)
+    return load_model(resolve_model("smollm2"), cache_dir=CACHE_DIR)
 
 
 def test_perplexity_loop_agrees_with_lm_eval_rolling(smollm2):
     """The project's perplexity loop vs lm-eval's loglikelihood_rolling on the same token windows."""
     from analysis.lm_eval_tasks import make_lm, rolling_nll
     from analysis.perplexity import perplexity
-    from core.data import eval_tokens, load_documents
+    from core.data import TextSpec, eval_tokens, load_documents
 
     model, tok = smollm2
     seq_len = 128
-    tokens = eval_tokens(tok, load_documents("boolq", cache_dir=CACHE_DIR), 4 * seq_len)  # [1, 512]
+    tokens = eval_tokens(tok, load_documents(TextSpec("boolq"), cache_dir=CACHE_DIR), 4 * seq_len)  # [1, 512]
     ours = perplexity(model, tokens, seq_len, batch_size=4, progress=False, source="boolq")
     lm = make_lm(model, tok, max_length=seq_len, batch_size=4)
     nll, n = rolling_nll(lm, tokens[0].view(-1, seq_len).tolist())

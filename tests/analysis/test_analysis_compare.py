@@ -15,7 +15,7 @@ from analysis.report import write_analysis
 from analysis.size import compare_sizes, size_report
 from analysis.structure import structure_of
 from core.checkpoint import save_checkpoint
-from core.runlog import RunContext
+from core.record import RunContext
 
 
 @pytest.fixture(scope="module")

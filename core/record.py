@@ -1,14 +1,27 @@
-"""Run bookkeeping: ``metrics.json`` (with ``status``) and the W&B run, in one object.
+"""The run record: ``metrics.json`` (schema ``prunelab-run/1``) and its W&B mirror, written by one object.
 
-Task code receives a :class:`RunContext` and calls ``log``, ``log_table``,
-``log_image``; the context writes ``metrics.json`` atomically after every update
-and mirrors everything to W&B when ``logger=wandb``. ``wandb`` is imported
-lazily so ``logger=none`` never pays for it.
+Every run dir holds one record, rewritten atomically after each update. Top-level keys:
+
+    schema       "prunelab-run/1"
+    status       running | completed | failed | killed | interrupted   (readers add "dead": see run_status)
+    task         the recipe that ran;  pid, host, started, heartbeat, finished
+    method       what produced the model (a pruner's name, "base", ...)
+    compression  {"unit": "group_ratio" | "params" | "sparsity" | ..., "amount": float, ...}
+    params       {"base": int, "pruned": int, "kept_pct": float, ...}
+    eval         {"base": {...}, "pruned": {...}} or {"model": {...}}
+    optimized_metric  {"name", "direction", "value"}: what run.py returned to a sweeper
+    timings, data, config, error, and the sections each recipe adds (pruning, analysis, checkpoint, table)
+
+Recipes receive a :class:`RunContext` and call ``log``, ``log_table``, ``log_image``. ``wandb`` is imported
+only when ``logger=wandb``.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import socket
+import threading
 import time
 import traceback
 from pathlib import Path
@@ -17,6 +30,14 @@ from typing import Any, Optional
 from core.io import atomic_write_json
 
 log = logging.getLogger(__name__)
+
+SCHEMA = "prunelab-run/1"
+HEARTBEAT_S = 30.0  # a running record is rewritten at least this often
+FINAL_STATUSES = ("completed", "failed", "killed", "interrupted")
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S")
 
 
 def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
@@ -28,6 +49,31 @@ def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
         elif isinstance(v, (int, float, str, bool)) or v is None:
             out[key] = v
     return out
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    return True
+
+
+def run_status(m: dict, now: Optional[float] = None) -> str:
+    """A record's status as a reader should report it: a ``running`` record whose process is gone (same host)
+    or whose heartbeat stopped (another host, 3 missed beats) is ``dead``."""
+    status = m.get("status") or "unknown"
+    if status != "running":
+        return status
+    pid, host = m.get("pid"), m.get("host")
+    if isinstance(pid, int) and host == socket.gethostname():
+        return "running" if _pid_alive(pid) else "dead"
+    beat = m.get("heartbeat_unix")
+    if isinstance(beat, (int, float)):
+        return "running" if (now or time.time()) - beat < 3 * HEARTBEAT_S + 5 else "dead"
+    return "dead" if pid is None else "running"
 
 
 class RunContext:
@@ -45,16 +91,24 @@ class RunContext:
         wandb_group: Optional[str] = None,
         wandb_tags: Optional[list[str]] = None,
         run_name: Optional[str] = None,
+        heartbeat_s: Optional[float] = HEARTBEAT_S,
     ):
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.metrics: dict[str, Any] = {
+            "schema": SCHEMA,
             "status": "running",
             "task": task,
-            "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "started": _now(),
+            "heartbeat": _now(),
+            "heartbeat_unix": time.time(),
             "run_dir": str(self.run_dir.resolve()),
         }
+        self._lock = threading.Lock()
         self._wandb = None
+        self._write()
         if logger == "wandb" and wandb_mode != "disabled":
             import wandb
 
@@ -71,14 +125,30 @@ class RunContext:
             )
             self.metrics["wandb"] = {"mode": wandb_mode, "dir": str(Path(self._wandb.dir).parent),
                                      "run_id": self._wandb.id}
-        self._write()
+            self._write()
+        self._stop = threading.Event()
+        self._beat: Optional[threading.Thread] = None
+        if heartbeat_s:
+            self._beat = threading.Thread(target=self._heartbeat, args=(heartbeat_s,), daemon=True,
+                                          name="prunelab-heartbeat")
+            self._beat.start()
 
     @property
     def path(self) -> Path:
         return self.run_dir / "metrics.json"
 
     def _write(self) -> None:
-        atomic_write_json(self.path, self.metrics)
+        with self._lock:
+            atomic_write_json(self.path, self.metrics)
+
+    def _heartbeat(self, every: float) -> None:
+        while not self._stop.wait(every):
+            self.metrics["heartbeat"] = _now()
+            self.metrics["heartbeat_unix"] = time.time()
+            try:
+                self._write()
+            except OSError as e:  # a full disk must not kill the run from a side thread
+                log.warning("heartbeat not written: %s", e)
 
     def log(self, section: str, values: Any) -> None:
         """Store ``values`` under ``metrics[section]`` (dicts merge) and mirror scalars to W&B."""
@@ -119,16 +189,22 @@ class RunContext:
         self._wandb.log({name: wandb.Html(f"<pre>{text}</pre>")})
 
     def finish(self, status: str = "completed", error: Optional[BaseException] = None) -> None:
+        """Write the final status (once; a later call is ignored) and close W&B."""
+        self._stop.set()
+        if self.metrics.get("status") in FINAL_STATUSES:
+            return
         self.metrics["status"] = status
-        self.metrics["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S")
+        self.metrics["finished"] = _now()
         if error is not None:
             self.metrics["error"] = {
                 "type": type(error).__name__,
                 "message": str(error),
                 "traceback": "".join(traceback.format_exception(error))[-4000:],
             }
-        self._write()
-        if self._wandb is not None:
-            self._wandb.summary["status"] = status
-            self._wandb.finish(exit_code=0 if status == "completed" else 1)
-            self._wandb = None
+        try:
+            self._write()
+        finally:
+            if self._wandb is not None:
+                wb, self._wandb = self._wandb, None
+                wb.summary["status"] = status
+                wb.finish(exit_code=0 if status == "completed" else 1)

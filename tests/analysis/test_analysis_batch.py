@@ -7,12 +7,11 @@ import json
 import pytest
 import torch
 
-from analysis_helpers import BASE_TOTAL, PRUNED_TOTAL, base_and_pruned, state_dict_copy
+from analysis_helpers import BASE_TOTAL, PRUNED_TOTAL, Tok, base_and_pruned, state_dict_copy
 from analysis.batch import batch_analyze
 from analysis.structure import structure_of
 from conftest import run_task
 from core.checkpoint import save_checkpoint
-from test_legacy import Tok
 
 
 @pytest.fixture(scope="module")
@@ -98,8 +97,12 @@ def test_tasks_through_run(folder, tmp_path):
     cmp = json.loads((out / "model_comparison.json").read_text())
     assert cmp["consistency"]["ranges"]["mlp"]["ok"] and cmp["size"] is None  # tiny base has no dir
     assert json.loads((out / "model_structure.json").read_text())["size"]["total_bytes"] > 0
-    _, metrics = run_task(["task=batch_analyze", f"models_dir={root}", "base=tiny", "logger=none"], tmp_path / "b")
-    assert metrics["status"] == "completed"
+    # Every model is analysed, and the run fails (exit 1, one line naming them) because some models failed.
+    with pytest.raises(SystemExit):
+        run_task(["task=batch_analyze", f"models_dir={root}", "base=tiny", "logger=none"], tmp_path / "b")
+    metrics = json.loads((tmp_path / "b" / "metrics.json").read_text())
+    assert metrics["status"] == "failed" and "3 of 9 models failed" in metrics["error"]["message"]
+    assert metrics["batch_analyze"]["counts"]["failed"] == 3
     assert (tmp_path / "b" / "models_summary.json").is_file()
     assert (tmp_path / "b" / "batch_analysis_results.json").is_file()
     # bad input: not a model -> failed run with a clear message, no traceback for the user

@@ -7,18 +7,22 @@ import copy
 import pytest
 import torch
 
-from core.models import build_tiny, count_params
-from pruning.llm_pruner import (Geometry, PruneError, PruneSpec, importance, plan_counts, prune, remove_channels,
-                                remove_kv_groups)
-from pruning.ranges import resolve_range, solve_params_ratio
+from core.llama import count_params
+from core.models import build_tiny
+from core.llama import Geometry
+from pruning import PruneError
+from pruning.llm_pruner import LLMPruner, importance, plan_counts, solve_params_ratio
+from pruning.ranges import resolve_range
+from pruning.surgery import remove_channels, remove_kv_groups
 
 HD = 8  # head_dim of the tiny model (64 / 8 heads)
 
 
-def spec(**kw) -> PruneSpec:
-    base = dict(attention_ratio=0.5, mlp_ratio=0.25, attention_layers=(1, 3), mlp_layers=(1, 3))
+def spec(**kw) -> LLMPruner:
+    base = dict(attention_ratio=0.5, mlp_ratio=0.25, attention_layers=(1, 3), mlp_layers=(1, 3), taylor="param_first",
+                progress=False)
     base.update(kw)
-    return PruneSpec(**base)
+    return LLMPruner(**base)
 
 
 @pytest.mark.parametrize("importance_name,taylor", [
@@ -27,7 +31,7 @@ def spec(**kw) -> PruneSpec:
 ])
 def test_each_pruner_removes_expected_group_counts(tiny, calib, importance_name, taylor):
     model, _ = tiny
-    res = prune(model, calib, spec(importance=importance_name, taylor=taylor), progress=False)
+    res = spec(importance=importance_name, taylor=taylor)(model, calib)
     for entry in res.layers:
         l = entry["layer"]
         inside = 1 <= l < 3
@@ -46,7 +50,7 @@ def test_each_pruner_removes_expected_group_counts(tiny, calib, importance_name,
 def test_l1_removes_exactly_the_smallest_channels(tiny):
     model, _ = tiny
     ref = copy.deepcopy(model)
-    prune(model, None, spec(importance="l1", attention_ratio=0.0, mlp_layers=(2, 3)), progress=False)
+    spec(importance="l1", attention_ratio=0.0, mlp_layers=(2, 3))(model, None)
     mlp = ref.model.layers[2].mlp
     score = mlp.gate_proj.weight.abs().sum(1) + mlp.up_proj.weight.abs().sum(1) + mlp.down_proj.weight.abs().sum(0)
     keep = torch.sort(torch.topk(score, 96).indices).values
@@ -62,7 +66,7 @@ def test_l2_head_groups_ranked_by_coupled_weights(tiny):
         a.k_proj.weight[8:] *= 0.01
         a.v_proj.weight[8:] *= 0.01
         a.o_proj.weight[:, 32:] *= 0.01
-    res = prune(model, None, spec(importance="l2", mlp_ratio=0.0, attention_layers=(1, 2)), progress=False)
+    res = spec(importance="l2", mlp_ratio=0.0, attention_layers=(1, 2))(model, None)
     assert res.layers[1]["removed_kv_groups"] == [1]
 
 
@@ -99,7 +103,7 @@ def test_mlp_channel_removal_equals_silencing_channels(tiny):
 
 def test_mha_without_gqa(calib):
     model, _ = build_tiny(num_heads=4, num_kv_heads=4)
-    res = prune(model, calib, spec(attention_ratio=0.5), progress=False)
+    res = spec(attention_ratio=0.5)(model, calib)
     assert res.layers[1]["heads"] == [4, 2] and res.layers[1]["kv_heads"] == [4, 2]
     model(calib)
 
@@ -107,7 +111,7 @@ def test_mha_without_gqa(calib):
 def test_layers_outside_ranges_untouched(tiny, calib):
     model, _ = tiny
     ref = copy.deepcopy(model)
-    prune(model, calib, spec(attention_layers=(1, 2), mlp_layers=(2, 4)), progress=False)
+    spec(attention_layers=(1, 2), mlp_layers=(2, 4))(model, calib)
     sd, ref_sd = model.state_dict(), ref.state_dict()
     for name, t in ref_sd.items():
         layer = int(name.split(".")[2]) if name.startswith("model.layers.") else None
@@ -121,7 +125,7 @@ def test_layers_outside_ranges_untouched(tiny, calib):
 
 def test_forward_and_generate_with_kv_cache_after_pruning(tiny, calib):
     model, _ = tiny
-    prune(model, calib, spec(), progress=False)
+    spec()(model, calib)
     prompt = calib[:1, :6]
     with_cache = model.generate(prompt, max_new_tokens=8, do_sample=False, use_cache=True)
     without = model.generate(prompt, max_new_tokens=8, do_sample=False, use_cache=False)
@@ -134,14 +138,14 @@ def test_deterministic_for_a_seed(calib):
     runs = []
     for _ in range(2):
         model, _ = build_tiny(seed=3)
-        res = prune(model, calib, spec(importance="random", seed=7), progress=False)
+        res = spec(importance="random", seed=7)(model, calib)
         runs.append(([l["removed_kv_groups"] for l in res.layers], model.model.layers[1].mlp.gate_proj.weight))
     assert runs[0][0] == runs[1][0] and torch.equal(runs[0][1], runs[1][1])
 
 
 def test_iterative_steps_and_global_ranking(tiny, calib):
     model, _ = tiny
-    res = prune(model, calib, spec(iterative_steps=2, global_ranking=True, round_to=8), progress=False)
+    res = spec(iterative_steps=2, global_ranking=True, round_to=8)(model, calib)
     removed = sum(l["intermediate_size"][0] - l["intermediate_size"][1] for l in res.layers)
     assert removed % 8 == 0 and 0 < removed <= 64
     assert all((l["intermediate_size"][1]) % 8 == 0 for l in res.layers)
@@ -196,7 +200,7 @@ def test_ratio_target_params(tiny):
 @pytest.mark.parametrize("taylor", ["vectorize", "param_first", "param_second", "param_mix"])
 def test_taylor_scores_match_plain_autograd(tiny, calib, taylor):
     """Hooks + chunked LM-head loss give the scores of the textbook computation on full gradients."""
-    import pruning.llm_pruner as lp
+    import pruning.calibration as lp
 
     model, _ = tiny
     ref = copy.deepcopy(model)
@@ -251,10 +255,10 @@ def test_micro_batches_give_the_whole_batch_scores(tiny, calib, taylor):
 
 def test_wrapped_mlp_forward_is_left_alone(tiny, calib):
     """An MLP whose forward is already wrapped (accelerate's dispatch hooks) keeps its wrapper and is called."""
-    from pruning.llm_pruner import _lean_mlps
+    from pruning.calibration import lean_mlps
 
     model, _ = tiny
-    assert len(_lean_mlps(model)) == 4  # stock Llama MLPs get the lean calibration forward
+    assert len(lean_mlps(model)) == 4  # stock Llama MLPs get the lean calibration forward
     mlp = model.model.layers[1].mlp
     calls = []
     stock = mlp.forward
@@ -265,5 +269,5 @@ def test_wrapped_mlp_forward_is_left_alone(tiny, calib):
     mlp.forward = wrapped
     importance(model, calib, spec(), progress=False)
     assert calls and vars(mlp)["forward"] is wrapped
-    assert mlp not in _lean_mlps(model)
+    assert mlp not in lean_mlps(model)
     assert "forward" not in vars(model.model.layers[2].mlp)  # the lean forward is removed again

@@ -43,10 +43,10 @@ def test_taylor_run_end_to_end(tmp_path):
         assert (run_dir / name).is_file(), name
     assert list((run_dir / "wandb").glob("offline-run-*")), "offline W&B run missing"
 
-    from core.models import load_model
+    from core.models import ModelRef, load_model
 
-    model, tok = load_model({"name": "ck", "kind": "hf", "path": str(run_dir / "model"), "dtype": "float32",
-                             "device": "cpu"}, cache_dir=".cache")
+    model, tok = load_model(ModelRef.of({"name": "ck", "kind": "hf", "path": str(run_dir / "model"), "dtype": "float32",
+                             "device": "cpu"}), cache_dir=".cache")
     cfg = json.loads((run_dir / "model" / "config.json").read_text())
     assert [l["intermediate_size"] for l in cfg["layer_configs"]] == [1536] * 3 + [1152] * 24 + [1536] * 3
     ids = tok("The capital of France is", return_tensors="pt")

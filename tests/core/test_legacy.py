@@ -7,15 +7,11 @@ import json
 import pytest
 import torch
 
-from analysis_helpers import PRUNED_TOTAL, base_and_pruned, state_dict_copy
+from analysis_helpers import PRUNED_TOTAL, Tok, base_and_pruned, state_dict_copy
 from analysis.structure import structure_of
 from core.checkpoint import save_checkpoint
 from core.legacy import PickleNotAllowed, detect_format, load_as_model, load_legacy, scan_pickle
-from core.models import LoadError
-
-
-class Tok:  # a picklable stand-in for a tokenizer (module-level so it pickles)
-    vocab = {"a": 0}
+from core.errors import LoadError
 
 
 @pytest.fixture(scope="module")

@@ -25,7 +25,8 @@ def test_evaluate_checkpoint_with_base_then_table(pruned_run, tmp_path):
     headline, m = run_task(["task=evaluate", f"model={pruned_run / 'model'}", "logger=none", "eval=zeroshot",
                             "eval.tasks=[piqa,arc_easy]", "eval.limit=2", "eval.ppl.max_tokens=512",
                             "eval.efficiency.enabled=true", "eval.efficiency.prompt_len=8",
-                            "eval.efficiency.decode_tokens=2", "eval.efficiency.repeats=1"], ev_dir)
+                            "eval.efficiency.decode_tokens=2", "eval.efficiency.repeats=1",
+                            "optimized_metric.name=avg_acc", "optimized_metric.direction=maximize"], ev_dir)
     assert m["status"] == "completed" and m["method"] == "taylor"
     for side in ("model", "base"):  # the base model (tiny) loads offline: same settings, same run
         ev = m["eval"][side]
@@ -36,6 +37,7 @@ def test_evaluate_checkpoint_with_base_then_table(pruned_run, tmp_path):
     assert m["params"]["model"] < m["params"]["base"] and 0 < m["params"]["kept_pct"] < 100
     assert m["data"]["calibration"]["source"] != m["data"]["evaluation"]["source"]
     assert headline == pytest.approx(m["eval"]["model"]["task_average"])
+    assert m["optimized_metric"] == {"name": "avg_acc", "direction": "maximize", "value": headline}
     assert (ev_dir / "eval_results.csv").read_text().count("piqa") == 2  # model and base rows
 
     (runs / "prune").symlink_to(pruned_run, target_is_directory=True)

@@ -13,16 +13,19 @@ import torch
 from safetensors import safe_open
 
 from core.checkpoint import save_checkpoint
-from core.models import LoadError, count_params, load_model
-from pruning.llm_pruner import PruneSpec, prune
+from core.errors import LoadError
+from core.llama import count_params
+from core.models import ModelRef, load_model
+from pruning.llm_pruner import LLMPruner
 
-SPEC = PruneSpec(attention_ratio=0.5, mlp_ratio=0.25, attention_layers=(1, 3), mlp_layers=(0, 3))
+PRUNER = LLMPruner(attention_ratio=0.5, mlp_ratio=0.25, attention_layers=(1, 3), mlp_layers=(0, 3),
+                   taylor="param_first", progress=False)
 
 
 @pytest.fixture
 def saved(tiny, calib, tmp_path):
     model, tok = tiny
-    prune(model, calib, SPEC, progress=False)
+    PRUNER(model, calib)
     out = save_checkpoint(model, tok, tmp_path / "model", {"method": "taylor", "ratio": 0.5})
     return model, tok, out
 
@@ -48,7 +51,7 @@ def test_checkpoint_layout(saved):
 def test_roundtrip_through_project_loader(saved):
     model, _, out = saved
     x = torch.randint(0, 256, (2, 12))
-    loaded, tok = load_model({"name": "ck", "kind": "hf", "path": str(out), "dtype": "float32", "device": "cpu"},
+    loaded, tok = load_model(ModelRef.of({"name": "ck", "kind": "hf", "path": str(out), "dtype": "float32", "device": "cpu"}),
                              cache_dir=".cache")
     assert torch.equal(model(x).logits, loaded(x).logits)
     assert tok("hello")["input_ids"]
@@ -85,7 +88,7 @@ def test_sharded_checkpoint(tiny, tmp_path):
     out = save_checkpoint(model, tok, tmp_path / "m", {}, shard_bytes=100_000)
     index = json.loads((out / "model.safetensors.index.json").read_text())
     assert len(set(index["weight_map"].values())) > 1
-    loaded, _ = load_model({"name": "m", "kind": "hf", "path": str(out), "dtype": "float32", "device": "cpu"},
+    loaded, _ = load_model(ModelRef.of({"name": "m", "kind": "hf", "path": str(out), "dtype": "float32", "device": "cpu"}),
                            cache_dir=".cache")
     x = torch.randint(0, 256, (1, 8))
     assert torch.equal(model(x).logits, loaded(x).logits)
@@ -120,20 +123,20 @@ def test_safetensors_only_no_pickle(saved):
 @pytest.mark.parametrize("path,msg", [("/nonexistent/model", "does not exist")])
 def test_missing_model_path(path, msg):
     with pytest.raises(LoadError, match=msg):
-        load_model({"name": "x", "kind": "hf", "path": path, "dtype": "float32", "device": "cpu"}, cache_dir=".cache")
+        load_model(ModelRef.of({"name": "x", "kind": "hf", "path": path, "dtype": "float32", "device": "cpu"}), cache_dir=".cache")
 
 
 def test_dir_that_is_not_a_model(tmp_path):
     (tmp_path / "notes.txt").write_text("hello")
     with pytest.raises(LoadError, match="not a model"):
-        load_model({"name": "x", "kind": "hf", "path": str(tmp_path), "dtype": "float32", "device": "cpu"},
+        load_model(ModelRef.of({"name": "x", "kind": "hf", "path": str(tmp_path), "dtype": "float32", "device": "cpu"}),
                    cache_dir=".cache")
 
 
 def test_corrupt_config_is_a_clear_error(tmp_path):
     (tmp_path / "config.json").write_text("{not json")
     with pytest.raises(LoadError, match="unreadable"):
-        load_model({"name": "x", "kind": "hf", "path": str(tmp_path), "dtype": "float32", "device": "cpu"},
+        load_model(ModelRef.of({"name": "x", "kind": "hf", "path": str(tmp_path), "dtype": "float32", "device": "cpu"}),
                    cache_dir=".cache")
 
 

@@ -1,0 +1,109 @@
+"""Pieces several recipes share: config node -> plain argument (a ModelRef, a TextSpec, a built pruner)."""
+
+from __future__ import annotations
+
+import inspect
+import json
+import logging
+from pathlib import Path
+from typing import Any, Optional
+
+from omegaconf import DictConfig, OmegaConf
+
+from core.data import TextSpec
+from core.errors import ConfigError, LoadError, UserError
+from core.models import ModelRef
+
+log = logging.getLogger(__name__)
+
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+
+
+def plain(node: Any) -> Any:
+    """A config node as plain Python containers (resolved)."""
+    return OmegaConf.to_container(node, resolve=True, enum_to_str=True) if isinstance(node, DictConfig) else node
+
+
+def model_ref(node: Any) -> ModelRef:
+    return ModelRef.of(plain(node))
+
+
+def text_spec(node: Any) -> TextSpec:
+    d = plain(node)
+    return TextSpec(d["source"], d.get("path"), d.get("text_field", "text"))
+
+
+def model_names() -> list[str]:
+    return sorted(p.stem for p in (CONF_DIR / "model").glob("*.yaml"))
+
+
+def resolve_model(name_or_path: str) -> ModelRef:
+    """``base=smollm2`` (an option of conf/model/) or ``base=/path/to/model`` -> a ModelRef."""
+    option = CONF_DIR / "model" / f"{name_or_path}.yaml"
+    if "/" not in name_or_path and option.is_file():
+        merged = OmegaConf.merge(OmegaConf.structured(ModelRef), OmegaConf.load(option))
+        return OmegaConf.to_object(merged)  # type: ignore[return-value]
+    path = Path(name_or_path).expanduser()
+    if not path.exists():
+        raise LoadError(f"'{name_or_path}' is neither a model name ({', '.join(model_names())}) nor an existing path")
+    return ModelRef.at(path)
+
+
+def build(node: Any, group: str) -> Any:
+    """Instantiate an option's ``_target_`` with its keys; a bad key or value is one ConfigError line."""
+    from hydra.errors import InstantiationException
+    from hydra.utils import get_class, instantiate
+
+    d = plain(node) or {}
+    target = d.get("_target_")
+    if not target:
+        raise ConfigError(f"{group}: the option names no code (no _target_ in conf/{group}/*.yaml)")
+    try:
+        cls = get_class(target)
+    except Exception as e:  # noqa: BLE001 - an unimportable target is a config error
+        raise ConfigError(f"{group}._target_={target!r} cannot be imported: {e}") from None
+    params = inspect.signature(cls).parameters
+    unknown = sorted(set(d) - {"_target_"} - set(params))
+    if unknown and not any(p.kind == p.VAR_KEYWORD for p in params.values()):
+        raise ConfigError(f"{', '.join(f'{group}.{k}' for k in unknown)}: not an option of {target} "
+                          f"(options: {', '.join(params)})")
+    try:
+        return instantiate(d, _convert_="all")
+    except InstantiationException as e:
+        cause = e.__cause__
+        if isinstance(cause, UserError):
+            raise cause from None
+        raise ConfigError(f"{group} ({target}): {cause or e}") from None
+
+
+def checkpoint_info(ref: ModelRef) -> dict:
+    """``checkpoint_info.json`` of a prunelab checkpoint (empty for anything else)."""
+    info = Path(ref.path) / "checkpoint_info.json" if ref.path else None
+    if info is not None and info.is_file():
+        try:
+            return json.loads(info.read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            log.warning("cannot read %s: %s", info, e)
+    return {}
+
+
+def structure_for_ref(ref: ModelRef, *, cache_dir: str, count_nonzero: bool = False, allow_pickle: bool = False,
+                      fallback_config: Optional[dict] = None):
+    """(structure, model dir or None) of a model; checkpoints are read from headers, not loaded."""
+    from analysis.structure import structure_of
+    from core.models import build_tiny, cached_gguf_dir
+
+    if ref.kind == "tiny":
+        import dataclasses
+
+        model, _ = build_tiny(**dataclasses.asdict(ref.tiny))
+        return structure_of(model, name=ref.name, count_nonzero=count_nonzero), None
+    if ref.kind == "gguf":
+        path = cached_gguf_dir(ref, cache_dir)  # converts once (~20 s), then a safetensors dir
+    else:
+        if not ref.path:
+            raise ConfigError(f"model '{ref.name}' has no path: give model=<path> or a model name")
+        path = Path(ref.path)
+    s = structure_of(path, name=ref.name, count_nonzero=count_nonzero, allow_pickle=allow_pickle,
+                     fallback_config=fallback_config)
+    return s, Path(s.model_dir) if s.model_dir else path

@@ -1,0 +1,49 @@
+"""task=batch_analyze: every model in ``models_dir`` (any format) analysed against ``base``, one summary.
+
+    python run.py task=batch_analyze models_dir=<dir> base=smollm2
+    (+ allow_pickle=true for legacy torch pickles you trust; count_nonzero=false for shapes only)
+
+Every model is tried and recorded; the run fails (exit 1, one line naming them) when any model failed.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig
+
+from recipes._common import resolve_model, structure_for_ref
+
+log = logging.getLogger(__name__)
+
+METRICS: dict[str, str] = {}
+
+
+def validate(cfg: DictConfig) -> list[str]:
+    if not cfg.models_dir:
+        return ["task=batch_analyze needs models_dir=<folder of models>"]
+    path = Path(str(cfg.models_dir)).expanduser()
+    if not path.is_dir():
+        return [f"models_dir={cfg.models_dir}: {'not a folder' if path.exists() else 'no such folder'}"]
+    return []
+
+
+def run(cfg: DictConfig, ctx: Any) -> dict:
+    from analysis.batch import batch_analyze
+    from core.errors import DataError
+
+    count_nonzero = bool(cfg.count_nonzero)
+    base, base_dir = (structure_for_ref(resolve_model(str(cfg.base)), cache_dir=cfg.paths.cache_dir,
+                                        count_nonzero=count_nonzero, allow_pickle=bool(cfg.allow_pickle))
+                      if cfg.base else (None, None))
+    result = batch_analyze(cfg.models_dir, base, ctx.run_dir, allow_pickle=bool(cfg.allow_pickle),
+                           count_nonzero=count_nonzero, base_model_dir=base_dir, ctx=ctx)
+    log.info("batch analysis of %s: %s", cfg.models_dir, result["counts"])
+    failed = [r["name"] for r in result["models"] if r.get("status") == "failed"]
+    if failed:
+        raise DataError(f"batch_analyze: {len(failed)} of {len(result['models'])} models failed "
+                        f"({', '.join(failed[:5])}{', ...' if len(failed) > 5 else ''}); the others are analysed, "
+                        f"see {Path(ctx.run_dir) / 'batch_analysis_results.json'}")
+    return {}

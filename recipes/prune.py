@@ -1,0 +1,153 @@
+"""task=prune, top to bottom: check, load, calibrate, evaluate, prune, evaluate, save, analyse.
+
+    python run.py pruner=taylor ratio=0.25 layers=seed model=llama3_8b_instruct
+
+``pruner=X`` builds the class named by ``conf/pruner/X.yaml``'s ``_target_`` (a :class:`pruning.Pruner`);
+everything below takes plain arguments.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import time
+from pathlib import Path
+
+from omegaconf import DictConfig
+
+from recipes._common import build, model_ref, plain, text_spec
+
+log = logging.getLogger(__name__)
+
+METRICS = {"ppl": "minimize", "ppl_base": "minimize", "avg_acc": "maximize", "mmlu": "maximize",
+           "params_kept_pct": "minimize"}
+
+
+def validate(cfg: DictConfig) -> list[str]:
+    """The pruner's options bound to its class, and the eval tasks: a typo or a bad value fails before any weight loads."""
+    from analysis.lm_eval_tasks import task_errors
+    from core.errors import UserError
+
+    errors = task_errors(list(cfg.eval.tasks), cfg.eval.limit)
+    try:
+        build(cfg.pruner, "pruner")
+    except UserError as e:
+        errors.append(str(e))
+    return errors
+
+
+def _headline(result: dict) -> dict:
+    """The numbers of one evaluate_model result that a sweeper can optimise."""
+    out = {"ppl": (result.get("ppl") or {}).get("value"), "avg_acc": result.get("task_average"),
+           "mmlu": (result.get("mmlu") or {}).get("average")}
+    return {k: v for k, v in out.items() if v is not None}
+
+
+def run(cfg: DictConfig, ctx) -> dict:
+    import torch
+
+    from analysis.evaluate import evaluate_model
+    from analysis.report import write_analysis
+    from analysis.structure import structure_of
+    from core.checkpoint import save_checkpoint
+    from core.data import calibration_and_eval_sources, calibration_batch, eval_tokens
+    from core.llama import count_params
+    from core.models import cached_gguf_dir, load_model, model_depth, torch_dtype
+
+    t_start = time.perf_counter()
+    torch.manual_seed(cfg.seed)
+    pruner = build(cfg.pruner, "pruner")
+    ref = model_ref(cfg.model)
+    cache_dir, run_dir = cfg.paths.cache_dir, Path(cfg.paths.output_dir)
+    eval_cfg = plain(cfg.eval)
+
+    # 1. Everything that can be checked without weights: depth and ranges, text sources.
+    depth = model_depth(ref, cache_dir)
+    if depth is not None:
+        pruner.check(depth)
+    calib_src, eval_src = calibration_and_eval_sources(text_spec(cfg.data), text_spec(cfg.eval.ppl), cache_dir)
+
+    # 2. Model, calibration batch, evaluation tokens (tokenised once for base and pruned).
+    t0 = time.perf_counter()
+    model, tok = load_model(ref, cache_dir=cache_dir, allow_pickle=cfg.allow_pickle)
+    t_load = time.perf_counter() - t0
+    pruner.check(len(model.model.layers))
+    batch = (calibration_batch(tok, calib_src, cfg.data.num_samples, cfg.data.seq_len, cfg.data.seed)
+             if pruner.needs_calibration else None)
+    ppl_tokens = eval_tokens(tok, eval_src, cfg.eval.ppl.max_tokens) if cfg.eval.ppl.enabled else None
+    ctx.log("data", {
+        "calibration": {"source": calib_src.name, "description": calib_src.description, "used": batch is not None,
+                        "num_samples": cfg.data.num_samples, "seq_len": cfg.data.seq_len, "seed": cfg.data.seed},
+        "evaluation": {"source": eval_src.name, "description": eval_src.description,
+                       "tokens": int(ppl_tokens.shape[1]) if ppl_tokens is not None else 0},
+    })
+    params_base = count_params(model)
+
+    # 3. Base model, same protocol as the pruned one.
+    t0 = time.perf_counter()
+    results: dict = {}
+    if cfg.eval.compare_base:
+        results["base"] = evaluate_model(model, tok, eval_cfg, cache_dir=cache_dir, ppl_tokens=ppl_tokens,
+                                         ppl_source=eval_src.name)
+        ctx.log("eval", {"base": results["base"]})
+    base_structure = structure_of(model, config=model.config.to_dict(), name=ref.name)  # shapes only
+    t_eval = time.perf_counter() - t0
+
+    # 4. Prune.
+    t0 = time.perf_counter()
+    result = pruner(model, batch)
+    t_prune = time.perf_counter() - t0
+    log.info("params %s -> %s (%.2f%% removed) in %.1f s", f"{result.params_before:,}", f"{result.params_after:,}",
+             100 * result.removed_fraction, t_prune)
+    ctx.log("method", pruner.name)
+    ctx.log("compression", result.compression)
+    ctx.log("params", {"base": params_base, "pruned": result.params_after,
+                       "kept_pct": 100.0 * result.params_after / params_base,
+                       "removed_pct": 100.0 * result.removed_fraction})
+    ctx.log("pruning", {**result.details, "notes": result.notes, "layers": result.layers, "seconds": t_prune,
+                        **result.timings})
+    del batch
+    gc.collect()
+
+    # 5. Pruned model.
+    t0 = time.perf_counter()
+    results["pruned"] = evaluate_model(model, tok, eval_cfg, cache_dir=cache_dir, ppl_tokens=ppl_tokens,
+                                       ppl_source=eval_src.name)
+    ctx.log("eval", {"pruned": results["pruned"]})
+    t_eval += time.perf_counter() - t0
+    for side in ("base", "pruned"):
+        ppl = results.get(side, {}).get("ppl")
+        if ppl:
+            log.info("PPL %-6s %s (seq_len %d, %d tokens of %s)", side,
+                     f"{ppl['value']:.3f}" if ppl["value"] is not None else "FAILED (non-finite)",
+                     ppl["seq_len"], ppl["tokens"], ppl["source"])
+
+    # 6. Checkpoint (atomic) and analysis.
+    t0 = time.perf_counter()
+    info = {"method": pruner.name, "ratio": float(cfg.ratio), "ratio_target": str(cfg.ratio_target),
+            "compression": result.compression, "layer_ranges": result.ranges, "base_model": ref.to_dict(),
+            "params": {"base": params_base, "pruned": result.params_after},
+            "scores": {k: (v.get("ppl") or {}).get("value") for k, v in results.items()},
+            "config": plain(cfg)}
+    if cfg.save_model:
+        out = save_checkpoint(model, tok, run_dir / "model", info,
+                              save_dtype=torch_dtype(cfg.save_dtype) if cfg.save_dtype else None)
+        ctx.log("checkpoint", {"path": str(out), "bytes": sum(f.stat().st_size for f in out.iterdir()),
+                               "dtype": cfg.save_dtype or str(next(model.parameters()).dtype).removeprefix("torch.")})
+        log.info("checkpoint: %s", out)
+    t_save = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    base_dir = cached_gguf_dir(ref, cache_dir) if ref.kind == "gguf" else ref.path
+    summary = write_analysis(
+        run_dir / "analysis", structure_of(model, config=model.config.to_dict(), name=f"{ref.name}-{pruner.name}"),
+        base_structure, expected_ranges=result.ranges,
+        target_sparsity=float(cfg.ratio) if result.compression.get("unit") == "params" else result.removed_fraction,
+        model_dir=(run_dir / "model") if cfg.save_model else None, base_model_dir=base_dir, ctx=ctx)
+    ctx.log("analysis", summary)
+    ctx.log("timings", {"load_s": t_load, "eval_s": t_eval, "prune_s": t_prune, "save_s": t_save,
+                        "analysis_s": time.perf_counter() - t0, "recipe_s": time.perf_counter() - t_start})
+    metrics = _headline(results["pruned"])
+    if "base" in results and (results["base"].get("ppl") or {}).get("value") is not None:
+        metrics["ppl_base"] = results["base"]["ppl"]["value"]
+    metrics["params_kept_pct"] = 100.0 * result.params_after / params_base
+    return metrics
