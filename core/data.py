@@ -20,11 +20,12 @@ import random
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Optional
-
-import torch
+from typing import TYPE_CHECKING, Optional
 
 from core.errors import DataError
+
+if TYPE_CHECKING:
+    import torch
 
 AUSTEN_NOVELS = ("sensesensibility", "prideprejudice", "mansfieldpark", "emma", "northangerabbey", "persuasion")
 HOLDOUT_FRACTION = 0.1
@@ -145,12 +146,30 @@ def load_documents(spec: TextSpec, cache_dir: str | Path = ".cache") -> TextSour
     raise DataError(f"unknown text source {source!r} (austen, boolq, text_file)")
 
 
-def calibration_and_eval_sources(calib: TextSpec, ppl: TextSpec, cache_dir: str | Path) -> tuple[TextSource, TextSource]:
-    """The two sources, split when they are the same text so they never overlap."""
-    c = load_documents(calib, cache_dir)
-    e = load_documents(ppl, cache_dir)
-    if c.documents is e.documents or (c.name == e.name and c.description == e.description):
-        return c.split("calibration"), e.split("evaluation")
+def same_text(a: TextSpec, b: TextSpec) -> bool:
+    """Whether two specs read the same text (then calibration and evaluation must split it)."""
+    if a.source != b.source:
+        return False
+    if a.source != "text_file":
+        return True
+    return Path(a.path or "").expanduser().resolve() == Path(b.path or "").expanduser().resolve() \
+        and a.text_field == b.text_field
+
+
+def calibration_and_eval_sources(calib: TextSpec, ppl: TextSpec, cache_dir: str | Path, *,
+                                 calibration: bool = True, evaluation: bool = True
+                                 ) -> tuple[Optional[TextSource], Optional[TextSource]]:
+    """The two sources, split when they are the same text so they never overlap.
+
+    ``calibration=False`` / ``evaluation=False`` skip reading a source nobody uses (None in its place);
+    the split depends on the specs alone, so the evaluation text is the same whether or not the
+    calibration text is read.
+    """
+    shared = same_text(calib, ppl)
+    c = load_documents(calib, cache_dir) if calibration else None
+    e = load_documents(ppl, cache_dir) if evaluation else None
+    if shared:
+        return (c.split("calibration") if c else None), (e.split("evaluation") if e else None)
     return c, e
 
 
@@ -160,6 +179,8 @@ def calibration_batch(tokenizer, source: TextSource, num_samples: int, seq_len: 
     Each sample joins consecutive paragraphs from a random start until it has ``seq_len`` tokens,
     so only the sampled text is tokenised (not the whole corpus). Deterministic for a seed.
     """
+    import torch
+
     docs = source.documents
     total_chars = sum(len(d) for d in docs)
     # ~4 characters per token in English prose; ask for 2x margin before giving up.
@@ -188,6 +209,8 @@ def calibration_batch(tokenizer, source: TextSource, num_samples: int, seq_len: 
 
 def eval_tokens(tokenizer, source: TextSource, max_tokens: int) -> torch.Tensor:
     """The first ``max_tokens`` tokens of the source's paragraphs joined by blank lines, ``[1, n]``."""
+    import torch
+
     parts, chars = [], 0
     for d in source.documents:
         parts.append(d)

@@ -9,10 +9,11 @@ answer from a config dict before any weight is loaded.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 
-import torch
-from torch import nn
+if TYPE_CHECKING:  # annotations only: reading a config's geometry needs no torch
+    import torch
+    from torch import nn
 
 
 def head_dim(config: Any) -> int:

@@ -9,12 +9,13 @@ takes plain arguments only (a model, a token tensor) and imports ``core``, never
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Optional, Protocol, runtime_checkable
-
-import torch
-from torch import nn
+from typing import TYPE_CHECKING, Any, Optional, Protocol, runtime_checkable
 
 from core.errors import UserError
+
+if TYPE_CHECKING:  # a pruner's options bind (config validation) without importing torch
+    import torch
+    from torch import nn
 
 
 class PruneError(UserError, ValueError):

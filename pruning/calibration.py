@@ -62,7 +62,7 @@ def lean_mlps(model: nn.Module) -> list[nn.Module]:
     return out
 
 
-LOGITS_CHUNK_BYTES = 32 * 2**20
+LOGITS_CHUNK_BYTES = 8 * 2**20  # fp32 logits per LM-head chunk (their softmax and gradient are as large)
 
 
 def lm_loss_backward(model: nn.Module, ids: torch.Tensor, scale: float = 1.0) -> None:

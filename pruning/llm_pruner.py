@@ -30,17 +30,19 @@ import logging
 import math
 import time
 from dataclasses import dataclass
-from typing import Any, Optional
-
-import torch
-from torch import nn
+from typing import TYPE_CHECKING, Any, Optional
 
 from core.errors import ConfigError
 from core.llama import Geometry, count_params, decoder_layers, layer_configs
 from pruning import PruneError, PruneResult
-from pruning.calibration import gradient_passes
 from pruning.ranges import resolve_range
-from pruning.surgery import remove_channels, remove_kv_groups
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+# torch (and the calibration and surgery helpers that need it) are imported inside the functions that use
+# them: building an LLMPruner from its options, which is how run.py validates a config, imports no torch.
 
 log = logging.getLogger(__name__)
 
@@ -257,6 +259,10 @@ def _row_scores(w: torch.Tensor, g: Optional[torch.Tensor], h: Optional[torch.Te
 def importance(model: nn.Module, batch: Optional[torch.Tensor], spec: LLMPruner, progress: bool = True
                ) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor]]:
     """Group scores: ``{layer: [kv_groups]}`` for attention and ``{layer: [width]}`` for MLP."""
+    import torch
+
+    from pruning.calibration import gradient_passes
+
     geo = Geometry.of(model)
     coupled = _coupled(model, spec)
     weights = [w for _, _, w, _ in coupled]
@@ -319,6 +325,8 @@ def importance(model: nn.Module, batch: Optional[torch.Tensor], spec: LLMPruner,
 def _select(scores: dict[int, torch.Tensor], counts: dict[int, int], global_ranking: bool, round_to: int,
             min_keep: int) -> dict[int, torch.Tensor]:
     """Indices to remove per layer: lowest scores per layer, or lowest across layers (global)."""
+    import torch
+
     if not global_ranking:
         return {l: torch.topk(scores[l], counts[l], largest=False).indices.sort().values
                 for l in scores if counts.get(l, 0) > 0}
@@ -346,6 +354,8 @@ def _select(scores: dict[int, torch.Tensor], counts: dict[int, int], global_rank
 
 def prune(model: nn.Module, batch: Optional[torch.Tensor], spec: LLMPruner) -> PruneResult:
     """Prune ``model`` in place with a resolved ``spec`` (absolute ranges); ``batch``: ``[n, seq_len]`` ids."""
+    from pruning.surgery import remove_channels, remove_kv_groups
+
     progress = spec.progress
     geo0 = Geometry.of(model)
     depth = geo0.depth

@@ -43,11 +43,16 @@ def _headline(result: dict) -> dict:
     return {k: v for k, v in out.items() if v is not None}
 
 
+def _peak_mib() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
 def run(cfg: DictConfig, ctx) -> dict:
     import torch
 
     from analysis.evaluate import evaluate_model
-    from analysis.report import write_analysis
     from analysis.structure import structure_of
     from core.checkpoint import save_checkpoint
     from core.data import calibration_and_eval_sources, calibration_batch, eval_tokens
@@ -65,21 +70,25 @@ def run(cfg: DictConfig, ctx) -> dict:
     depth = model_depth(ref, cache_dir)
     if depth is not None:
         pruner.check(depth)
-    calib_src, eval_src = calibration_and_eval_sources(text_spec(cfg.data), text_spec(cfg.eval.ppl), cache_dir)
+    calib_src, eval_src = calibration_and_eval_sources(text_spec(cfg.data), text_spec(cfg.eval.ppl), cache_dir,
+                                                       calibration=pruner.needs_calibration,
+                                                       evaluation=cfg.eval.ppl.enabled)
 
     # 2. Model, calibration batch, evaluation tokens (tokenised once for base and pruned).
     t0 = time.perf_counter()
     model, tok = load_model(ref, cache_dir=cache_dir, allow_pickle=cfg.allow_pickle)
     t_load = time.perf_counter() - t0
+    peak = {"load": _peak_mib()}
     pruner.check(len(model.model.layers))
     batch = (calibration_batch(tok, calib_src, cfg.data.num_samples, cfg.data.seq_len, cfg.data.seed)
              if pruner.needs_calibration else None)
     ppl_tokens = eval_tokens(tok, eval_src, cfg.eval.ppl.max_tokens) if cfg.eval.ppl.enabled else None
     ctx.log("data", {
-        "calibration": {"source": calib_src.name, "description": calib_src.description, "used": batch is not None,
-                        "num_samples": cfg.data.num_samples, "seq_len": cfg.data.seq_len, "seed": cfg.data.seed},
+        "calibration": {"source": calib_src.name, "description": calib_src.description,
+                        "num_samples": cfg.data.num_samples, "seq_len": cfg.data.seq_len, "seed": cfg.data.seed}
+        if calib_src else {"source": None, "description": f"{pruner.name} uses no calibration text"},
         "evaluation": {"source": eval_src.name, "description": eval_src.description,
-                       "tokens": int(ppl_tokens.shape[1]) if ppl_tokens is not None else 0},
+                       "tokens": int(ppl_tokens.shape[1])} if eval_src else {"source": None, "tokens": 0},
     })
     params_base = count_params(model)
 
@@ -88,7 +97,7 @@ def run(cfg: DictConfig, ctx) -> dict:
     results: dict = {}
     if cfg.eval.compare_base:
         results["base"] = evaluate_model(model, tok, eval_cfg, cache_dir=cache_dir, ppl_tokens=ppl_tokens,
-                                         ppl_source=eval_src.name)
+                                         ppl_source=eval_src.name if eval_src else "")
         ctx.log("eval", {"base": results["base"]})
     base_structure = structure_of(model, config=model.config.to_dict(), name=ref.name)  # shapes only
     t_eval = time.perf_counter() - t0
@@ -97,6 +106,7 @@ def run(cfg: DictConfig, ctx) -> dict:
     t0 = time.perf_counter()
     result = pruner(model, batch)
     t_prune = time.perf_counter() - t0
+    peak["prune"] = _peak_mib()
     log.info("params %s -> %s (%.2f%% removed) in %.1f s", f"{result.params_before:,}", f"{result.params_after:,}",
              100 * result.removed_fraction, t_prune)
     ctx.log("method", pruner.name)
@@ -112,7 +122,7 @@ def run(cfg: DictConfig, ctx) -> dict:
     # 5. Pruned model.
     t0 = time.perf_counter()
     results["pruned"] = evaluate_model(model, tok, eval_cfg, cache_dir=cache_dir, ppl_tokens=ppl_tokens,
-                                       ppl_source=eval_src.name)
+                                       ppl_source=eval_src.name if eval_src else "")
     ctx.log("eval", {"pruned": results["pruned"]})
     t_eval += time.perf_counter() - t0
     for side in ("base", "pruned"):
@@ -136,7 +146,10 @@ def run(cfg: DictConfig, ctx) -> dict:
                                "dtype": cfg.save_dtype or str(next(model.parameters()).dtype).removeprefix("torch.")})
         log.info("checkpoint: %s", out)
     t_save = time.perf_counter() - t0
+    peak["save"] = _peak_mib()
     t0 = time.perf_counter()
+    from analysis.report import write_analysis  # pandas + matplotlib: imported after the memory peak of pruning
+
     base_dir = cached_gguf_dir(ref, cache_dir) if ref.kind == "gguf" else ref.path
     summary = write_analysis(
         run_dir / "analysis", structure_of(model, config=model.config.to_dict(), name=f"{ref.name}-{pruner.name}"),
@@ -144,6 +157,8 @@ def run(cfg: DictConfig, ctx) -> dict:
         target_sparsity=float(cfg.ratio) if result.compression.get("unit") == "params" else result.removed_fraction,
         model_dir=(run_dir / "model") if cfg.save_model else None, base_model_dir=base_dir, ctx=ctx)
     ctx.log("analysis", summary)
+    peak["analysis"] = _peak_mib()
+    ctx.log("memory", {f"peak_rss_mib_after_{k}": round(v, 1) for k, v in peak.items()})
     ctx.log("timings", {"load_s": t_load, "eval_s": t_eval, "prune_s": t_prune, "save_s": t_save,
                         "analysis_s": time.perf_counter() - t0, "recipe_s": time.perf_counter() - t_start})
     metrics = _headline(results["pruned"])

@@ -58,9 +58,10 @@ def test_config_errors_need_no_torch():
     import subprocess
     import sys
 
-    code = ("import sys; sys.argv=['run.py']; import run; "
-            "heavy = [m for m in ('torch', 'transformers', 'pandas', 'matplotlib', 'wandb') if m in sys.modules]; "
-            "print(heavy)")
+    code = ("import sys; sys.path.insert(0, 'tests'); from pathlib import Path; from conftest import compose; "
+            "import run; cfg = compose(['pruner=taylor', 'eval=quick'], Path('unused')); run.check(cfg); "
+            "heavy = [m for m in ('torch', 'transformers', 'pandas', 'matplotlib', 'wandb', 'lm_eval', 'datasets') "
+            "if m in sys.modules]; print(heavy)")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]", out.stdout

@@ -156,3 +156,17 @@ print("LOADED", type(m).__name__)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "LOADED PrunedLlamaForCausalLM" in proc.stdout
     assert "custom code" not in proc.stdout + proc.stderr
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_save_dtype_halves_the_checkpoint(saved, tmp_path, dtype):
+    model, tok, full = saved
+    half = save_checkpoint(model, tok, tmp_path / "half", {"method": "taylor"}, save_dtype=dtype)
+    ratio = (half / "model.safetensors").stat().st_size / (full / "model.safetensors").stat().st_size
+    assert 0.49 < ratio < 0.52
+    assert json.loads((half / "config.json").read_text())["dtype"] == str(dtype).removeprefix("torch.")
+    assert next(model.parameters()).dtype == torch.float32  # the in-memory model is left as it was
+    loaded, _ = load_model(ModelRef.at(half, dtype="auto"), cache_dir=".cache")
+    assert next(loaded.parameters()).dtype == dtype
+    x = torch.randint(0, 256, (2, 12))
+    torch.testing.assert_close(loaded(x).logits.float(), model(x).logits, rtol=0.05, atol=0.05)
