@@ -2,7 +2,8 @@
 
 Replaces the seed's ``generate_results_table.py``. One row per evaluated model: each prune
 run gives its pruned model (and its base model, deduplicated across runs); each evaluate
-run gives its model. The base model rows come first, then the compressed models sorted by
+run gives its model. ``ratio`` and ``unit`` come from the record's ``compression`` (what was compressed
+in which unit: a group ratio never sorts together with a sparsity). The base model rows come first, then the compressed models sorted by
 method, ratio and layer ranges. Missing keys are empty cells, never errors.
 """
 
@@ -113,7 +114,9 @@ def rows_from_metrics(m: dict, source: str) -> list[dict]:
         rows.append({
             **common, "model": model_name, "method": m.get("method") or ("base" if is_base else None),
             "is_base": is_base and side == "model" and "base" not in ev,
-            "ratio": _get(cfg, "ratio") if m.get("task") == "prune" else m.get("ratio"),
+            "ratio": _get(m, "compression", "amount") if _get(m, "compression", "amount") is not None
+            else (_get(cfg, "ratio") if m.get("task") == "prune" else m.get("ratio")),
+            "unit": _get(m, "compression", "unit"),
             "attn_layers": _range(m, cfg, "attention"), "mlp_layers": _range(m, cfg, "mlp"),
             "params": params.get("pruned") or params.get("model") or _get(ev, side, "efficiency", "params"),
             "params_kept_pct": kept, **_eval_columns(ev[side]),
@@ -138,10 +141,10 @@ def collect(paths: Iterable[str | Path]) -> pd.DataFrame:
     df = pd.DataFrame(rows)
     base = _merge_base_rows(df[df["is_base"] == True])  # noqa: E712  (object column)
     rest = df[df["is_base"] != True]  # noqa: E712
-    keys = [k for k in ("method", "ratio", "attn_layers", "mlp_layers", "run") if k in rest.columns]
+    keys = [k for k in ("method", "unit", "ratio", "attn_layers", "mlp_layers", "run") if k in rest.columns]
     rest = rest.sort_values(keys, na_position="last", kind="stable")
     out = pd.concat([base, rest], ignore_index=True).drop(columns=["is_base"])
-    ordered = ["model", "method", "ratio", "attn_layers", "mlp_layers", "params", "params_kept_pct", "ppl",
+    ordered = ["model", "method", "ratio", "unit", "attn_layers", "mlp_layers", "params", "params_kept_pct", "ppl",
                "ppl_protocol", *TASK_LABELS.values(), "avg", "MMLU", "mmlu_shots", "prefill_tok_s",
                "decode_tok_s", "decode_ms_per_tok", "limit", "status", "run"]
     cols = [c for c in ordered if c in out.columns] + [c for c in out.columns if c not in ordered]

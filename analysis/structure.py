@@ -25,7 +25,9 @@ from typing import Any, Iterator, Mapping, Optional
 
 import torch
 
-from core.legacy import LoadError, detect_format, load_legacy
+from core.errors import LoadError
+from core.legacy import detect_format, load_legacy
+from core.llama import head_dim
 
 # safetensors dtype codes -> (torch-style name, bytes per element)
 ST_DTYPES = {
@@ -249,11 +251,11 @@ def _classify(rest: str) -> tuple[str, str]:
 
 
 def _head_dim(config: dict) -> Optional[int]:
-    if config.get("head_dim"):
-        return int(config["head_dim"])
-    if config.get("hidden_size") and config.get("num_attention_heads"):
-        return int(config["hidden_size"]) // int(config["num_attention_heads"])
-    return None
+    """``core.llama.head_dim``, or None for a config without the keys (structure is still read from shapes)."""
+    try:
+        return head_dim(config)
+    except (KeyError, TypeError, ValueError, ZeroDivisionError):
+        return None
 
 
 def build_structure(tensors: Mapping[str, TensorInfo], config: Optional[dict] = None, *, name: str,

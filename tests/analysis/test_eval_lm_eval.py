@@ -9,7 +9,9 @@ import pytest
 import torch
 
 from analysis import lm_eval_tasks as let
-from analysis.lm_eval_tasks import EvalTaskError, parse_task_specs, run_lm_eval, write_templates
+from analysis import lm_eval_templates_writer as tw
+from analysis.lm_eval_tasks import EvalTaskError, parse_task_specs, run_lm_eval
+from analysis.lm_eval_templates_writer import write_templates
 
 
 @pytest.fixture(scope="module")
@@ -116,11 +118,11 @@ def test_known_answers_acc_vs_acc_norm(tmp_path):
              " ee": -2.0, " ffffffff": -1.0}      # acc: B (wrong), norm: -1.0 vs -0.125 -> B (wrong)
     data = tmp_path / "items.jsonl"
     data.write_text("\n".join(json.dumps(i) for i in items))
-    spec = {k: v for k, v in let._zeroshot_specs()["arc_easy"].items() if k not in ("custom_dataset", "dataset_kwargs")}
+    spec = {k: v for k, v in tw._zeroshot_specs()["arc_easy"].items() if k not in ("custom_dataset", "dataset_kwargs")}
     spec.update(task="handmade_arc", dataset_path="json",
                 dataset_kwargs={"data_files": {"validation": str(data)}, "cache_dir": str(tmp_path / "hf")})
     (tmp_path / "tasks").mkdir()
-    (tmp_path / "tasks" / "handmade.yaml").write_text(let._dump(spec))
+    (tmp_path / "tasks" / "handmade.yaml").write_text(tw._dump(spec))
     tm = TaskManager(include_path=str(tmp_path / "tasks"), include_defaults=False)
     out = evaluator.simple_evaluate(model=_FakeLM(table), tasks=["handmade_arc"], task_manager=tm,
                                     log_samples=False, bootstrap_iters=0, verbosity="ERROR")
