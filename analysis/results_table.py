@@ -5,6 +5,13 @@ run gives its pruned model (and its base model, deduplicated across runs); each 
 run gives its model. ``ratio`` and ``unit`` come from the record's ``compression`` (what was compressed
 in which unit: a group ratio never sorts together with a sparsity). The base model rows come first, then the compressed models sorted by
 method, ratio and layer ranges. Missing keys are empty cells, never errors.
+
+Only ``completed`` runs give results. Every other run (``core.record.run_status``: failed, killed, interrupted,
+``dead`` for a ``running`` record whose process is gone, or still ``running``) gets exactly one row after all
+results: what it was (model, method, ratio, layers), its honest status and the first line of its error, never a
+number (its model was never saved). The Markdown lists them under their own heading, the CSV with ``status``
+filled, the LaTeX table (meant for a paper) leaves them out and says so in a comment. :func:`remove_orphans`
+deletes the unfinished checkpoint dirs (``.<name>.partial-*``, see ``core.io.atomic_dir``) of runs that ended.
 """
 
 from __future__ import annotations
@@ -12,17 +19,23 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 from pathlib import Path
-from typing import Any, Iterable, Optional
+from typing import Any, Iterable, Mapping, Optional
 
 import pandas as pd
 
 from analysis.lm_eval_tasks import HEADLINE_METRIC, ZEROSHOT_TASKS
+from core.record import run_status
 
 log = logging.getLogger(__name__)
 
 TASK_LABELS = {"boolq": "BoolQ", "piqa": "PIQA", "hellaswag": "HellaSwag", "winogrande": "WinoGrande",
                "arc_easy": "ARC-e", "arc_challenge": "ARC-c", "openbookqa": "OBQA"}
+INCOMPLETE_HEADING = "## Runs that did not complete"
+# statuses whose process has ended without finishing: nothing will ever complete their partial dirs
+ENDED_STATUSES = ("dead", "killed", "interrupted", "failed")
+PARTIAL_GLOB = ".*.partial-*"  # core.io.atomic_dir's temp dirs, beside their target in the run dir
 
 
 def find_metrics(paths: Iterable[str | Path]) -> list[Path]:
@@ -90,12 +103,23 @@ def _eval_columns(ev: dict) -> dict[str, Any]:
     return row
 
 
+def _model_name(m: dict, cfg: dict) -> Optional[str]:
+    return (_get(cfg, "model", "name") or _get(m, "model", "name")
+            or (m.get("model") if isinstance(m.get("model"), str) else None))
+
+
+def _ratio(m: dict, cfg: dict) -> Any:
+    if _get(m, "compression", "amount") is not None:
+        return _get(m, "compression", "amount")
+    return _get(cfg, "ratio") if m.get("task") == "prune" else m.get("ratio")
+
+
 def rows_from_metrics(m: dict, source: str) -> list[dict]:
     """Zero, one or two rows (base, compressed) from one run's metrics dict."""
     cfg = m.get("config") or {}
     ev = m.get("eval") or {}
     params = m.get("params") or {}
-    model_name = _get(cfg, "model", "name") or _get(m, "model", "name") or (m.get("model") if isinstance(m.get("model"), str) else None)
+    model_name = _model_name(m, cfg)
     common = {"run": source, "status": m.get("status")}
     rows = []
     if "base" in ev:
@@ -114,8 +138,7 @@ def rows_from_metrics(m: dict, source: str) -> list[dict]:
         rows.append({
             **common, "model": model_name, "method": m.get("method") or ("base" if is_base else None),
             "is_base": is_base and side == "model" and "base" not in ev,
-            "ratio": _get(m, "compression", "amount") if _get(m, "compression", "amount") is not None
-            else (_get(cfg, "ratio") if m.get("task") == "prune" else m.get("ratio")),
+            "ratio": _ratio(m, cfg),
             "unit": _get(m, "compression", "unit"),
             "attn_layers": _range(m, cfg, "attention"), "mlp_layers": _range(m, cfg, "mlp"),
             "params": params.get("pruned") or params.get("model") or _get(ev, side, "efficiency", "params"),
@@ -124,31 +147,107 @@ def rows_from_metrics(m: dict, source: str) -> list[dict]:
     return rows
 
 
-def collect(paths: Iterable[str | Path]) -> pd.DataFrame:
-    """One DataFrame over all runs: base model first (deduplicated), then sorted compressed rows."""
+def incomplete_row(m: dict, source: str, status: Optional[str] = None, note: Optional[str] = None) -> dict:
+    """The one row of a run that did not complete: what it was and how it ended, and no result column
+    (params, perplexity, accuracies): a failed or dead run's model was never saved, whatever its record holds."""
+    cfg = m.get("config") or {}
+    status = status or run_status(m)
+    pruning = m.get("task") in ("prune", None)  # an evaluate run's config names the default pruner, not its model's
+    message = _get(m, "error", "message")
+    lines = str(message).strip().splitlines() if message else []
+    notes = []
+    if status == "dead" and m.get("heartbeat"):
+        notes.append(f"last heartbeat {m['heartbeat']}")
+    if note:
+        notes.append(note)
+    return {"run": source, "status": status, "task": m.get("task"), "model": _model_name(m, cfg),
+            "method": m.get("method") or (_get(cfg, "pruner", "name") if pruning else None),
+            "ratio": _ratio(m, cfg), "unit": _get(m, "compression", "unit"),
+            "attn_layers": _range(m, cfg, "attention"), "mlp_layers": _range(m, cfg, "mlp"),
+            "error": lines[0] if lines else None, "note": "; ".join(notes) or None}
+
+
+def read_record(path: str | Path) -> Optional[dict]:
+    """One ``metrics.json`` as a dict, or None (logged) when it cannot be read."""
+    try:
+        m = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
+        log.warning("table: cannot read %s (%s); skipped", path, e)
+        return None
+    if not isinstance(m, dict):
+        log.warning("table: %s is not a run record; skipped", path)
+        return None
+    return m
+
+
+def remove_orphans(run_dir: str | Path, status: Optional[str] = None) -> list[str]:
+    """Remove the unfinished checkpoint dirs (``.<name>.partial-*``) of a run that has ended without finishing
+    (``status`` dead, killed, interrupted or failed; read from ``run_dir/metrics.json`` when not given): a
+    ``kill -9`` during a save leaves one behind and nothing will ever finish it. A live (``running``), completed
+    or unreadable run is never touched. Returns the removed paths, each one logged as a warning."""
+    run_dir = Path(run_dir)
+    if status is None:
+        m = read_record(run_dir / "metrics.json")
+        status = run_status(m) if m is not None else None
+    if status not in ENDED_STATUSES:
+        return []
+    removed = []
+    for p in sorted(run_dir.glob(PARTIAL_GLOB)):
+        if p.is_symlink() or not p.is_dir():  # atomic_dir makes real dirs only
+            continue
+        shutil.rmtree(p, ignore_errors=True)
+        if p.exists():
+            log.warning("table: could not remove the orphaned partial dir %s (run %s)", p, status)
+            continue
+        log.warning("table: removed the orphaned partial dir %s: its run is %s and will never finish it", p, status)
+        removed.append(str(p))
+    return removed
+
+
+def _sort(df: pd.DataFrame, *first: str) -> pd.DataFrame:
+    keys = [k for k in (*first, "method", "unit", "ratio", "attn_layers", "mlp_layers", "run") if k in df.columns]
+    return df.sort_values(keys, na_position="last", kind="stable")
+
+
+def collect(paths: Iterable[str | Path], notes: Optional[Mapping[str, str]] = None) -> pd.DataFrame:
+    """One DataFrame over all runs: base model first (deduplicated), then sorted compressed rows, then one row
+    per run whose status (``run_status``) is not ``completed``. ``notes``: run dir -> a note for its row."""
     rows: list[dict] = []
+    incomplete: list[dict] = []
     for f in find_metrics(paths):
-        try:
-            m = json.loads(f.read_text())
-        except (OSError, json.JSONDecodeError) as e:
-            log.warning("table: cannot read %s (%s); skipped", f, e)
+        m = read_record(f)
+        if m is None or m.get("task") == "table":
             continue
-        if m.get("task") == "table" or not isinstance(m, dict):
-            continue
-        rows += rows_from_metrics(m, str(f.parent))
-    if not rows:
+        status = run_status(m)
+        if status == "completed":
+            rows += rows_from_metrics(m, str(f.parent))
+        else:
+            incomplete.append(incomplete_row(m, str(f.parent), status, (notes or {}).get(str(f.parent))))
+    parts = []
+    if rows:
+        df = pd.DataFrame(rows)
+        base = _merge_base_rows(df[df["is_base"] == True])  # noqa: E712  (object column)
+        rest = _sort(df[df["is_base"] != True])  # noqa: E712
+        parts.append(pd.concat([base, rest], ignore_index=True).drop(columns=["is_base"]))
+    if incomplete:
+        inc = _sort(pd.DataFrame(incomplete), "status")
+        parts.append(inc.dropna(axis=1, how="all"))  # no all-empty column (pandas warns on those)
+    if not parts:
         return pd.DataFrame()
-    df = pd.DataFrame(rows)
-    base = _merge_base_rows(df[df["is_base"] == True])  # noqa: E712  (object column)
-    rest = df[df["is_base"] != True]  # noqa: E712
-    keys = [k for k in ("method", "unit", "ratio", "attn_layers", "mlp_layers", "run") if k in rest.columns]
-    rest = rest.sort_values(keys, na_position="last", kind="stable")
-    out = pd.concat([base, rest], ignore_index=True).drop(columns=["is_base"])
+    out = pd.concat(parts, ignore_index=True) if len(parts) > 1 else parts[0].reset_index(drop=True)
     ordered = ["model", "method", "ratio", "unit", "attn_layers", "mlp_layers", "params", "params_kept_pct", "ppl",
                "ppl_protocol", *TASK_LABELS.values(), "avg", "MMLU", "mmlu_shots", "prefill_tok_s",
-               "decode_tok_s", "decode_ms_per_tok", "limit", "status", "run"]
+               "decode_tok_s", "decode_ms_per_tok", "limit", "task", "status", "error", "note", "run"]
     cols = [c for c in ordered if c in out.columns] + [c for c in out.columns if c not in ordered]
     return out[cols]
+
+
+def split_completed(df: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(results, runs that did not complete) of a :func:`collect` frame."""
+    if "status" not in df.columns:
+        return df, df.iloc[0:0]
+    done = df["status"] == "completed"
+    return df[done], df[~done]
 
 
 _INT_COLUMNS = ("params", "mmlu_shots", "limit")
@@ -189,20 +288,47 @@ def _int_or(v: Any) -> Any:
     return int(v) if isinstance(v, float) and v.is_integer() else v
 
 
+def _integral(col: pd.Series) -> bool:
+    """A numeric column of whole numbers, none missing: what pandas would have kept as integers."""
+    if not pd.api.types.is_numeric_dtype(col) or pd.api.types.is_bool_dtype(col) or col.isna().any():
+        return False
+    return bool((col == col.round()).all())
+
+
 def _missing(v: Any) -> bool:
     return v is None or (isinstance(v, float) and v != v)
 
 
+_INCOMPLETE_ONLY = ("task", "error", "note")  # columns only the rows of runs that did not complete fill
+_INCOMPLETE_SHOWN = ("model", "method", "ratio", "unit", "attn_layers", "mlp_layers", "task", "status", "error",
+                     "note", "run")
+
+
 def write_tables(df: pd.DataFrame, out_dir: str | Path, stem: str = "results") -> dict[str, str]:
-    """``<stem>.csv``, ``.md`` and ``.tex`` in ``out_dir`` (atomic); returns their paths."""
+    """``<stem>.csv``, ``.md`` and ``.tex`` in ``out_dir`` (atomic); returns their paths.
+
+    The CSV holds every row (``status`` tells results from the rest); the Markdown shows the results, then the
+    runs that did not complete under :data:`INCOMPLETE_HEADING`; the LaTeX holds the results only."""
     from core.io import atomic_write_text
 
     out_dir = Path(out_dir)
-    shown = df.drop(columns=[c for c in ("run",) if c in df.columns])
+    done, incomplete = split_completed(df)
+    if len(incomplete):  # their empty cells made integer columns (params) floats: the results keep their integers
+        df = df.astype({c: "Int64" for c in _INT_COLUMNS if c in df.columns and _integral(done[c])})
+        done, incomplete = split_completed(df)
+    shown = done.drop(columns=[c for c in ("run", *_INCOMPLETE_ONLY) if c in df.columns])
+    md = _markdown(shown) if len(done) or not len(incomplete) else ""
+    tex = shown.to_latex(index=False, float_format="%.2f", na_rep="--") if len(done) or not len(incomplete) else ""
+    if len(incomplete):
+        cols = [c for c in _INCOMPLETE_SHOWN if c in incomplete.columns and not incomplete[c].isna().all()]
+        what = ", ".join(f"{n} {status}" for status, n in incomplete["status"].value_counts().items())
+        md += ("\n" if md else "") + (f"{INCOMPLETE_HEADING}\n\n{len(incomplete)} run(s) ({what}). No numbers are "
+                                      "shown for them: none of them finished.\n\n") + _markdown(incomplete[cols])
+        tex += f"% {len(incomplete)} run(s) that did not complete ({what}) are listed in {stem}.md and {stem}.csv\n"
     paths = {
         "csv": atomic_write_text(out_dir / f"{stem}.csv", df.to_csv(index=False)),
-        "markdown": atomic_write_text(out_dir / f"{stem}.md", _markdown(shown)),
-        "latex": atomic_write_text(out_dir / f"{stem}.tex", shown.to_latex(index=False, float_format="%.2f", na_rep="--")),
+        "markdown": atomic_write_text(out_dir / f"{stem}.md", md),
+        "latex": atomic_write_text(out_dir / f"{stem}.tex", tex),
     }
     return {k: str(v) for k, v in paths.items()}
 
