@@ -22,6 +22,8 @@ import io
 import json
 import logging
 import pickletools
+import re
+import warnings
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -88,6 +90,68 @@ class PickleScan:
         return False
 
 
+# opcodes whose argument is a str the unpickler pushes (the *STRING ones decode to str under Python 3)
+_STRING_OPS = frozenset({"STRING", "BINSTRING", "SHORT_BINSTRING", "UNICODE", "BINUNICODE", "SHORT_BINUNICODE",
+                         "BINUNICODE8"})
+_MEMO_PUT_OPS = frozenset({"PUT", "BINPUT", "LONG_BINPUT"})
+_MEMO_GET_OPS = frozenset({"GET", "BINGET", "LONG_BINGET"})
+_MARK = object()  # a MARK on the simulated stack
+UNRESOLVED_GLOBAL = "<unresolved STACK_GLOBAL>"  # module/name not literal strings: treated as needing a full unpickle
+
+
+def _scan_ops(ops, globals_: set[str], strings: list[str], max_strings: int) -> None:
+    """Simulate one pickle's stack and memo, keeping only strings (every other value is ``None``).
+
+    Enough of the VM to resolve ``STACK_GLOBAL``'s module and name when they were memoised and re-fetched
+    (``MEMOIZE`` / ``*PUT`` then ``*GET``, as every protocol >= 2 pickler does for repeated strings).
+    The stack effect of each opcode comes from ``pickletools``' own opcode table; nothing is imported.
+    """
+    stack: list[Any] = []
+    memo: dict[int, Any] = {}
+    for op, arg, _pos in ops:
+        name = op.name
+        if name == "MEMOIZE" or name in _MEMO_PUT_OPS:  # stores the top, leaves the stack as it is
+            top = stack[-1] if stack and stack[-1] is not _MARK else None
+            memo[len(memo) if name == "MEMOIZE" else arg] = top
+            continue
+        before, after = op.stack_before, op.stack_after
+        if pickletools.markobject in before:  # pop up to and including the topmost MARK, then what lies below it
+            while stack and stack[-1] is not _MARK:
+                stack.pop()
+            if stack:
+                stack.pop()
+            npop = before.index(pickletools.markobject)
+        elif name == "POP" and stack and stack[-1] is _MARK:  # POP on a MARK discards the mark
+            npop = 1
+        else:
+            npop = len(before)
+        popped = stack[max(0, len(stack) - npop):] if npop else []
+        if npop:
+            del stack[-npop:]
+        if name in _STRING_OPS:
+            stack.append(arg)
+            if len(strings) < max_strings:
+                strings.append(arg)
+        elif name in _MEMO_GET_OPS:
+            stack.append(memo.get(arg))
+        elif name == "DUP":
+            stack.extend(popped * 2)
+        elif name in ("GLOBAL", "INST"):  # module and name are the opcode's own argument: "module name"
+            globals_.add(str(arg).replace(" ", "."))
+            stack.append(None)
+        elif name == "STACK_GLOBAL":
+            mod, qual = popped if len(popped) == 2 else (None, None)
+            if isinstance(mod, str) and isinstance(qual, str):
+                globals_.add(f"{mod}.{qual}")
+            else:
+                globals_.add(UNRESOLVED_GLOBAL)
+            stack.append(None)
+        elif pickletools.markobject in after:  # MARK
+            stack.append(_MARK)
+        else:
+            stack.extend([None] * len(after))
+
+
 def scan_pickle(path: Path, max_strings: int = 200_000) -> PickleScan:
     """Classes and strings a torch pickle references, read without executing it."""
     raw: bytes
@@ -107,16 +171,7 @@ def scan_pickle(path: Path, max_strings: int = 200_000) -> PickleScan:
     try:
         # legacy torch format: magic number, protocol, sys info, then the object pickle
         for _ in range(1 if zip_format else 4):
-            recent: list[str] = []
-            for op, arg, _pos in pickletools.genops(stream):
-                if op.name in ("GLOBAL", "INST"):
-                    globals_.add(str(arg).replace(" ", "."))
-                elif op.name == "STACK_GLOBAL" and len(recent) >= 2:
-                    globals_.add(f"{recent[-2]}.{recent[-1]}")
-                elif isinstance(arg, str):
-                    recent.append(arg)
-                    if len(strings) < max_strings:
-                        strings.append(arg)
+            _scan_ops(pickletools.genops(stream), globals_, strings, max_strings)
             if stream.tell() >= len(raw):
                 break
     except Exception as e:  # truncated / not a pickle
@@ -236,29 +291,66 @@ def detect_format(path: str | Path, _depth: int = 0) -> FormatInfo:
 # --------------------------------------------------------------------------- loading
 
 
-def _pickle_refusal(path: Path, kind: str) -> PickleNotAllowed:
+def _pickle_refusal(path: Path, kind: str, detail: str = "") -> PickleNotAllowed:
     return PickleNotAllowed(
-        f"{path} is a {kind.replace('_', ' ')}: reading it needs a full unpickle, which can execute arbitrary "
-        "code hidden in the file. Re-run with allow_pickle=true only if you trust the file (you made it, or it "
-        "comes from someone you trust); better, convert it once to a prunelab checkpoint (safetensors).")
+        f"{path} is a {kind.replace('_', ' ')}{detail}: reading it needs a full unpickle, which can execute "
+        "arbitrary code hidden in the file. Re-run with allow_pickle=true only if you trust the file (you made it, "
+        "or it comes from someone you trust); better, convert it once to a prunelab checkpoint (safetensors).")
+
+
+class _SafeLoadRefused(Exception):
+    """torch's weights-only unpickler refused the file; ``what`` and ``detail`` say why, for the refusal."""
+
+    def __init__(self, what: str, detail: str = ""):
+        super().__init__(what + detail)
+        self.what, self.detail = what, detail
+
+    @classmethod
+    def from_torch(cls, msg: str) -> "_SafeLoadRefused":
+        m = re.search(r"GLOBAL ([\w.]+)", msg)
+        if m:  # a class/function beyond tensors
+            return cls("pickle that is not a plain state dict", f" (it references {m.group(1)})")
+        m = re.search(r"Unsupported operand (\d+)", msg)
+        if m:  # an opcode the weights-only unpickler lacks (it reads pickle protocol 2 only)
+            op = pickletools.code2op.get(chr(int(m.group(1))))
+            how = f"opcode {op.name}, pickle protocol {op.proto}" if op else f"opcode {m.group(1)}"
+            return cls("pickle that torch's tensors-only loader cannot read", f" ({how})")
+        return cls("pickle that torch's tensors-only loader refuses")
+
+
+def _as_state_dict(obj: Any) -> Optional[dict[str, torch.Tensor]]:
+    """``obj`` as a state dict (a dict of tensors, or ``{'state_dict': {...}, ...}``), else None."""
+    if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
+        obj = obj["state_dict"]
+    if isinstance(obj, dict) and all(isinstance(v, torch.Tensor) for v in obj.values()):
+        return obj
+    return None
 
 
 def _safe_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """A state dict read with torch's weights-only unpickler; ``_SafeLoadRefused`` when it refuses the file."""
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
+        with warnings.catch_warnings():  # "Detected pickle protocol 4 ...": a refusal below says it our way
+            warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
+            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
     except Exception as e:  # pickle.UnpicklingError, RuntimeError from a corrupt zip
-        if "weights_only" in str(e) or "Unsupported global" in str(e):
-            raise _pickle_refusal(path, "pickle that is not a plain state dict") from None
-        raise LoadError(f"{path} is not a readable torch state dict: {type(e).__name__}: {str(e)[:200]}") from None
-    if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
-        obj = obj["state_dict"]
-    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        msg = str(e)
+        if "weights_only" in msg or "Weights only" in msg or "Unsupported global" in msg:
+            raise _SafeLoadRefused.from_torch(msg) from None
+        raise LoadError(f"{path} is not a readable torch state dict: {type(e).__name__}: {msg[:200]}") from None
+    sd = _as_state_dict(obj)
+    if sd is None:
         raise LoadError(f"{path}: expected a dict of tensors, got {type(obj).__name__}")
-    return obj
+    return sd
 
 
 def load_legacy(path: str | Path, allow_pickle: bool = False, fmt: Optional[FormatInfo] = None) -> LegacyModel:
-    """Read a legacy file (or dir holding one). State dicts are read safely; full pickles need ``allow_pickle``."""
+    """Read a legacy file (or dir holding one). State dicts are read safely; full pickles need ``allow_pickle``.
+
+    A file detected as a state dict that torch's weights-only unpickler still refuses (it references a class
+    the scan let through, or it was written with pickle protocol > 2) is refused without ``allow_pickle``,
+    and fully unpickled with it.
+    """
     path = Path(path)
     fmt = fmt or detect_format(path)
     if fmt.kind in ("unknown", "eval_only") or fmt.weights_path is None:
@@ -268,11 +360,23 @@ def load_legacy(path: str | Path, allow_pickle: bool = False, fmt: Optional[Form
     if fmt.config_path is not None:
         config = _read_json(fmt.config_path)
     if fmt.kind in ("state_dict_pt", "slicegpt") or (fmt.kind == "hf" and wp.suffix == ".bin"):
-        return LegacyModel(fmt.kind, state_dict=_safe_state_dict(wp), config=config)
+        try:
+            return LegacyModel(fmt.kind, state_dict=_safe_state_dict(wp), config=config)
+        except _SafeLoadRefused as e:
+            if not allow_pickle:
+                raise _pickle_refusal(wp, e.what, e.detail) from None
+            log.info("%s: detected as %s, but it is a %s%s; falling back to a full unpickle",
+                     wp, fmt.kind, e.what, e.detail)
+        return _full_unpickle(wp, config, state_dict_kind=fmt.kind)
     if fmt.kind not in ("pickle_bundle", "whole_model_pt"):
         raise LoadError(f"{path} is a {fmt.kind} model: read it with core.models.load_model, not core.legacy")
     if not allow_pickle:
         raise _pickle_refusal(wp, fmt.kind)
+    return _full_unpickle(wp, config)
+
+
+def _full_unpickle(wp: Path, config: Optional[dict], state_dict_kind: str = "state_dict_pt") -> LegacyModel:
+    """``torch.load(weights_only=False)``: runs whatever the file holds; call only with ``allow_pickle``."""
     log.warning("unpickling %s (allow_pickle=true): this runs whatever code the file contains", wp)
     try:
         obj = torch.load(wp, map_location="cpu", weights_only=False)
@@ -285,8 +389,9 @@ def load_legacy(path: str | Path, allow_pickle: bool = False, fmt: Optional[Form
                 and isinstance(v, (str, int, float, bool, dict, list, type(None)))}
         return LegacyModel("pickle_bundle", model=obj["model"], tokenizer=obj.get("tokenizer"),
                            config=_module_config(obj["model"]) or config, meta=meta)
-    if isinstance(obj, dict) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
-        return LegacyModel("state_dict_pt", state_dict=obj, config=config)
+    sd = _as_state_dict(obj)
+    if sd is not None:
+        return LegacyModel(state_dict_kind, state_dict=sd, config=config)
     raise LoadError(f"{wp}: unpickled a {type(obj).__name__}, expected an nn.Module, a {{'model', 'tokenizer'}} "
                     "dict or a state dict")
 
