@@ -15,7 +15,9 @@ from __future__ import annotations
 import importlib
 import logging
 import os
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any, Optional
@@ -32,11 +34,27 @@ import hydra  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
 from core.config import register_configs, validate  # noqa: E402
-from core.errors import ConfigError, UserError  # noqa: E402
+from core.errors import ConfigError, RunDirError, UserError  # noqa: E402
 from recipes import task_names  # noqa: E402
+from recipes._callbacks import claim_dir  # noqa: E402
 
 log = logging.getLogger("prunelab")
 register_configs()
+# The default run/sweep dirs (conf/hydra/default.yaml) are claimed with an exclusive mkdir; the cache keeps one
+# answer per config, and Hydra copies it into every job's config (joblib, submitit) so all agree on the dir.
+OmegaConf.register_new_resolver("unique_dir", claim_dir, use_cache=True, replace=True)
+
+
+class Terminated(BaseException):
+    """SIGTERM (SLURM's timeout and preemption signal, `kill`): the run is recorded as killed."""
+
+    def __init__(self, signum: int):
+        super().__init__(f"terminated by signal {signal.Signals(signum).name}")
+        self.signum = signum
+
+
+def _raise_terminated(signum: int, _frame: Any) -> None:
+    raise Terminated(signum)
 
 
 def rewrite_model_args(argv: list[str], conf_dir: Path = ROOT / "conf") -> list[str]:
@@ -109,11 +127,14 @@ def run(cfg: DictConfig) -> Optional[float]:
     multirun = HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
     ctx = None
     startup = _startup_seconds()
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGTERM, _raise_terminated)
     try:
         t0 = time.perf_counter()
-        recipe = check(cfg)
         if (run_dir / "metrics.json").exists():
-            raise UserError(f"{run_dir} already holds a run; runs never overwrite each other")
+            raise RunDirError(f"{run_dir} already holds a run; runs never overwrite each other")
+        recipe = check(cfg)
         from core.models import set_mmap_threshold, set_threads
 
         set_threads(cfg.runtime.threads)
@@ -136,18 +157,38 @@ def run(cfg: DictConfig) -> Optional[float]:
         log.info("run dir: %s", run_dir.resolve())
         return None if value is None else float(value)
     except BaseException as e:  # noqa: BLE001 - every failure is recorded in metrics.json
+        status, code = "failed", 1
+        if isinstance(e, Terminated):
+            status, code = "killed", 128 + e.signum
+        elif isinstance(e, KeyboardInterrupt):
+            status, code = "interrupted", 130
+        _record_end(ctx, run_dir, task, status, e)
+        if isinstance(e, (UserError, Terminated, KeyboardInterrupt)):
+            log.error("%s", e if str(e) else type(e).__name__)
+        else:
+            log.exception("run failed: %s: %s", type(e).__name__, e)  # a bug: its traceback, printed once
+        if multirun and status == "failed":
+            return None  # one bad job must not kill the sweep (the sweep's exit code reports it)
+        raise SystemExit(code) from None
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _record_end(ctx: Any, run_dir: Path, task: str, status: str, error: BaseException) -> None:
+    """Write the final status; never over another run's record, and never a second traceback if the disk is
+    full (then the record keeps ``running`` with a pid that is gone, which readers report as ``dead``)."""
+    from core.record import RunContext
+
+    try:
         if ctx is None:
+            if (run_dir / "metrics.json").exists():
+                return  # someone else's record: leave it as it is
             ctx = RunContext(run_dir, task=task, logger="none", heartbeat_s=None)
-        ctx.finish("failed", e)
-        if isinstance(e, UserError):
-            log.error("%s", e)
-            if multirun:
-                return None  # one bad job must not kill the sweep
-            raise SystemExit(1) from None
-        log.exception("run failed")
-        if multirun:
-            return None
-        raise
+        ctx.finish(status, error)
+    except (OSError, UserError) as e2:
+        print(f"error: the run's end ({status}) could not be recorded in {run_dir / 'metrics.json'}: {e2}",
+              file=sys.stderr, flush=True)
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")

@@ -31,6 +31,21 @@ MODELING_FILE = Path(__file__).parent / "modeling" / "pruned_llama.py"  # copied
 DEFAULT_SHARD_BYTES = 5 * 1024**3
 
 
+def check_free_space(out_dir: str | Path, nbytes: int) -> None:
+    """RunDirError unless the filesystem of ``out_dir`` has room for a checkpoint of ``nbytes`` (+5%)."""
+    from core.errors import RunDirError
+
+    need = int(nbytes * 1.05) + 16 * 2**20  # + tokenizer, config, headers
+    probe = Path(out_dir)
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    free = shutil.disk_usage(probe).free
+    if free < need:
+        raise RunDirError(f"not enough free space for the checkpoint in {out_dir}: about {need / 2**30:.2f} GiB "
+                          f"needed, {free / 2**30:.2f} GiB free (free some space, use save_dtype=float16, "
+                          "or save_model=false)")
+
+
 def git_commit() -> Optional[str]:
     try:
         return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,

@@ -1,7 +1,13 @@
-"""Atomic file and directory writes: a crash never leaves a half-written result that looks complete."""
+"""Atomic file and directory writes: a crash never leaves a half-written result that looks complete.
+
+Files are written under a temporary name, fsynced, and renamed; directories are filled under a hidden
+``.<name>.partial-<pid>-*`` name, every file and the directory fsynced, renamed, and the parent fsynced.
+A full disk is a :class:`~core.errors.RunDirError` with one line, and the partial output is removed.
+"""
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
@@ -10,6 +16,8 @@ import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
+
+from core.errors import RunDirError
 
 
 def _json_default(obj: Any) -> Any:
@@ -41,7 +49,28 @@ def _umask() -> int:
     return mask
 
 
-def atomic_write_text(path: str | Path, text: str) -> Path:
+def _no_space(e: OSError, what: Path) -> Exception:
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return RunDirError(f"no space left on the device while writing {what} ({e.strerror}); free some space "
+                           "or point paths.outputs_root / hydra.run.dir at a bigger disk")
+    return e
+
+
+def fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass  # some filesystems cannot fsync a directory
+    finally:
+        os.close(fd)
+
+
+def atomic_write_text(path: str | Path, text: str, *, exclusive: bool = False) -> Path:
+    """Write ``text`` to ``path`` atomically; ``exclusive``: fail with FileExistsError if ``path`` exists."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -51,15 +80,23 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
             f.flush()
             os.fsync(f.fileno())
         os.chmod(tmp, 0o644 & ~_umask())  # mkstemp creates 0600; results are meant to be shared
-        os.replace(tmp, path)
+        if exclusive:
+            os.link(tmp, path)  # atomic, and fails if the name exists: never replaces another run's file
+            os.unlink(tmp)
+        else:
+            os.replace(tmp, path)
+    except OSError as e:
+        Path(tmp).unlink(missing_ok=True)
+        raise _no_space(e, path) from None
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
 
 
-def atomic_write_json(path: str | Path, obj: Any) -> Path:
-    return atomic_write_text(path, json.dumps(_clean_floats(obj), indent=2, default=_json_default) + "\n")
+def atomic_write_json(path: str | Path, obj: Any, *, exclusive: bool = False) -> Path:
+    text = json.dumps(_clean_floats(obj), indent=2, default=_json_default) + "\n"
+    return atomic_write_text(path, text, exclusive=exclusive)
 
 
 @contextmanager
@@ -72,14 +109,21 @@ def atomic_dir(target: str | Path) -> Iterator[Path]:
     if target.exists():
         raise FileExistsError(f"{target} already exists; refusing to overwrite it")
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-{os.getpid()}-", dir=target.parent))
     try:
         yield tmp
         os.chmod(tmp, 0o755 & ~_umask())
         for f in tmp.rglob("*"):
             if f.is_file():
                 os.chmod(f, 0o644 & ~_umask())
+                with open(f, "rb") as fh:
+                    os.fsync(fh.fileno())
+        fsync_dir(tmp)
         os.replace(tmp, target)
+        fsync_dir(target.parent)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise _no_space(e, target) from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -85,6 +85,19 @@ class Geometry:
         return 3 * self.hidden + (2 if self.mlp_bias else 0)
 
 
+def params_from_config(cfg: Mapping[str, Any]) -> int:
+    """Parameter count of a Llama-style model from its config dict (per-layer widths honoured), no weights."""
+    g = Geometry.from_config(cfg)
+    vocab, h = int(cfg["vocab_size"]), g.hidden
+    total = vocab * h * (1 if cfg.get("tie_word_embeddings", False) else 2) + h  # embeddings, LM head, final norm
+    for heads, kv, width in zip(g.heads, g.kv_heads, g.widths):
+        q, k = heads * g.head_dim, kv * g.head_dim
+        total += 2 * h * q + 2 * h * k + 3 * h * width + 2 * h  # q, o, k, v, gate/up/down, two norms
+        total += (q + 2 * k + h) if g.attn_bias else 0
+        total += (2 * width + h) if g.mlp_bias else 0
+    return total
+
+
 def layer_configs(model: nn.Module) -> list[dict]:
     """Per-layer widths as stored in a prunelab checkpoint's ``config.json``."""
     g = Geometry.of(model)

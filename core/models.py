@@ -190,6 +190,21 @@ def read_config_json(path: str | Path) -> dict:
         raise LoadError(f"{cfg_file} is unreadable: {e}") from None
 
 
+def model_config(ref: ModelRef, cache_dir: str | Path) -> Optional[dict]:
+    """The model's ``config.json`` as a dict, read without weights (None when only loading can tell)."""
+    if ref.kind == "tiny":
+        return tiny_config(**dataclasses.asdict(ref.tiny))
+    if ref.kind == "gguf":
+        path = Path(cache_dir) / "models" / ref.name
+    else:
+        path = _check_path(ref)
+    if not (path.is_dir() and (path / "config.json").is_file()):
+        return None
+    cfg = read_config_json(path)
+    _depth(cfg, path)  # a LoadError naming what prunelab reads, for a config that is not a Llama-style decoder
+    return cfg
+
+
 def model_depth(ref: ModelRef, cache_dir: str | Path) -> Optional[int]:
     """Number of decoder layers, read from config files only (None if unknown before loading)."""
     if ref.kind == "tiny":
@@ -276,8 +291,27 @@ def load_hf_dir(path: Path, *, dtype: str = "float32", device: str = "cpu", devi
     return model, tok
 
 
+def check_device(device: str) -> None:
+    """A LoadError before any weight is read when ``device`` does not exist on this machine."""
+    import torch
+
+    kind = device.split(":")[0]
+    if kind == "cuda":
+        if not torch.cuda.is_available():
+            raise LoadError(f"model.device={device}: this machine has no CUDA device (torch {torch.__version__}, "
+                            f"cuda available: no); use model.device=cpu")
+        index = int(device.split(":")[1]) if ":" in device else 0
+        if index >= torch.cuda.device_count():
+            raise LoadError(f"model.device={device}: only {torch.cuda.device_count()} CUDA device(s) here")
+    elif kind == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise LoadError(f"model.device={device}: MPS is not available on this machine; use model.device=cpu")
+
+
 def load_model(ref: ModelRef, *, cache_dir: str | Path, allow_pickle: bool = False):
     """``(model, tokenizer)`` for ``ref``; any failure is one :class:`LoadError` line naming the model."""
+    check_device(ref.device)
+    if ref.device_map and ref.device_map not in ("auto", "balanced", "balanced_low_0", "sequential"):
+        check_device(ref.device_map)
     try:
         return _load(ref, Path(cache_dir), allow_pickle)
     except UserError:

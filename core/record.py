@@ -27,6 +27,7 @@ import traceback
 from pathlib import Path
 from typing import Any, Optional
 
+from core.errors import RunDirError
 from core.io import atomic_write_json
 
 log = logging.getLogger(__name__)
@@ -108,7 +109,10 @@ class RunContext:
         }
         self._lock = threading.Lock()
         self._wandb = None
-        self._write()
+        try:  # the first write is exclusive: a record is never created over another run's
+            atomic_write_json(self.path, self.metrics, exclusive=True)
+        except FileExistsError:
+            raise RunDirError(f"{self.run_dir} already holds a run; runs never overwrite each other") from None
         if logger == "wandb" and wandb_mode != "disabled":
             import wandb
 

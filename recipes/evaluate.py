@@ -99,7 +99,15 @@ def run(cfg: DictConfig, ctx: Any) -> dict:
 
     from analysis.lm_eval_tasks import results_frame
 
+    from core.errors import ConfigError
+    from core.models import model_config
+
     eval_cfg, ref, cache_dir = plain(cfg.eval), model_ref(cfg.model), cfg.paths.cache_dir
+    config = model_config(ref, cache_dir) or {}
+    context = config.get("max_position_embeddings")
+    if context and eval_cfg["ppl"]["enabled"] and eval_cfg["ppl"]["seq_len"] > context:
+        raise ConfigError(f"eval.ppl.seq_len={eval_cfg['ppl']['seq_len']} is longer than the model's context of "
+                          f"{context} tokens")
     info = checkpoint_info(ref)
     calib_cfg = (info.get("config") or {}).get("data")
     calib = TextSpec(calib_cfg["source"], calib_cfg.get("path"), calib_cfg.get("text_field", "text")) \

@@ -36,6 +36,23 @@ def validate(cfg: DictConfig) -> list[str]:
     return errors
 
 
+def check_model_config(config: dict, cfg: DictConfig) -> None:
+    """Settings that must fit the model: calibration and evaluation windows within its context."""
+    from core.errors import ConfigError
+
+    context = config.get("max_position_embeddings")
+    if context and cfg.data.seq_len > context:
+        raise ConfigError(f"data.seq_len={cfg.data.seq_len} is longer than the model's context of {context} tokens")
+    if context and cfg.eval.ppl.enabled and cfg.eval.ppl.seq_len > context:
+        raise ConfigError(f"eval.ppl.seq_len={cfg.eval.ppl.seq_len} is longer than the model's context of "
+                          f"{context} tokens")
+
+
+def _bytes_per_param(dtype: str, config: dict) -> int:
+    name = dtype if dtype != "auto" else str(config.get("dtype") or config.get("torch_dtype") or "float32")
+    return 2 if name in ("float16", "bfloat16") else 4
+
+
 def _headline(result: dict) -> dict:
     """The numbers of one evaluate_model result that a sweeper can optimise."""
     out = {"ppl": (result.get("ppl") or {}).get("value"), "avg_acc": result.get("task_average"),
@@ -54,10 +71,10 @@ def run(cfg: DictConfig, ctx) -> dict:
 
     from analysis.evaluate import evaluate_model
     from analysis.structure import structure_of
-    from core.checkpoint import save_checkpoint
+    from core.checkpoint import check_free_space, save_checkpoint
     from core.data import calibration_and_eval_sources, calibration_batch, eval_tokens
-    from core.llama import count_params
-    from core.models import cached_gguf_dir, load_model, model_depth, torch_dtype
+    from core.llama import count_params, params_from_config
+    from core.models import cached_gguf_dir, load_model, model_config, torch_dtype
 
     t_start = time.perf_counter()
     torch.manual_seed(cfg.seed)
@@ -66,10 +83,13 @@ def run(cfg: DictConfig, ctx) -> dict:
     cache_dir, run_dir = cfg.paths.cache_dir, Path(cfg.paths.output_dir)
     eval_cfg = plain(cfg.eval)
 
-    # 1. Everything that can be checked without weights: depth and ranges, text sources.
-    depth = model_depth(ref, cache_dir)
-    if depth is not None:
-        pruner.check(depth)
+    # 1. Everything that can be checked without weights: depth and ranges, context length, disk space, text.
+    config = model_config(ref, cache_dir)
+    if config is not None:
+        check_model_config(config, cfg)
+        pruner.check(int(config["num_hidden_layers"]))
+        if cfg.save_model:
+            check_free_space(run_dir, params_from_config(config) * _bytes_per_param(cfg.save_dtype or ref.dtype, config))
     calib_src, eval_src = calibration_and_eval_sources(text_spec(cfg.data), text_spec(cfg.eval.ppl), cache_dir,
                                                        calibration=pruner.needs_calibration,
                                                        evaluation=cfg.eval.ppl.enabled)
@@ -80,6 +100,9 @@ def run(cfg: DictConfig, ctx) -> dict:
     t_load = time.perf_counter() - t0
     peak = {"load": _peak_mib()}
     pruner.check(len(model.model.layers))
+    if cfg.save_model:  # known exactly now (a GGUF's first conversion, a legacy file): still before pruning
+        check_free_space(run_dir, sum(p.numel() for p in model.parameters())
+                         * (torch_dtype(cfg.save_dtype).itemsize if cfg.save_dtype else next(model.parameters()).element_size()))
     batch = (calibration_batch(tok, calib_src, cfg.data.num_samples, cfg.data.seq_len, cfg.data.seed)
              if pruner.needs_calibration else None)
     ppl_tokens = eval_tokens(tok, eval_src, cfg.eval.ppl.max_tokens) if cfg.eval.ppl.enabled else None
