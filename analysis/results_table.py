@@ -20,6 +20,8 @@ import json
 import logging
 import os
 import shutil
+import socket
+import time
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Optional
 
@@ -35,6 +37,7 @@ TASK_LABELS = {"boolq": "BoolQ", "piqa": "PIQA", "hellaswag": "HellaSwag", "wino
 INCOMPLETE_HEADING = "## Runs that did not complete"
 # statuses whose process has ended without finishing: nothing will ever complete their partial dirs
 ENDED_STATUSES = ("dead", "killed", "interrupted", "failed")
+ORPHAN_GRACE_S = 3600.0  # another host's run: partial dirs removed only once its heartbeat is this old
 PARTIAL_GLOB = ".*.partial-*"  # core.io.atomic_dir's temp dirs, beside their target in the run dir
 
 
@@ -186,11 +189,17 @@ def remove_orphans(run_dir: str | Path, status: Optional[str] = None) -> list[st
     ``kill -9`` during a save leaves one behind and nothing will ever finish it. A live (``running``), completed
     or unreadable run is never touched. Returns the removed paths, each one logged as a warning."""
     run_dir = Path(run_dir)
+    m = read_record(run_dir / "metrics.json")
     if status is None:
-        m = read_record(run_dir / "metrics.json")
         status = run_status(m) if m is not None else None
     if status not in ENDED_STATUSES:
         return []
+    if status == "dead" and m is not None and m.get("host") != socket.gethostname():
+        # Judged dead by a stopped heartbeat alone (another host): a stalled but live run would lose its save,
+        # so wait until the heartbeat is an hour old.
+        beat = m.get("heartbeat_unix")
+        if not isinstance(beat, (int, float)) or time.time() - beat < ORPHAN_GRACE_S:
+            return []
     removed = []
     for p in sorted(run_dir.glob(PARTIAL_GLOB)):
         if p.is_symlink() or not p.is_dir():  # atomic_dir makes real dirs only

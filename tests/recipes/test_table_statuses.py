@@ -200,3 +200,22 @@ def test_run_status_edge_cases():
     for final in ("completed", "failed", "killed", "interrupted"):
         assert run_status({"status": final, "pid": _dead_pid(), "host": here}) == final
     assert run_status({}) == "unknown"
+
+
+def test_orphans_of_another_hosts_run_wait_for_an_old_heartbeat(tmp_path):
+    """A run on another host is judged dead by its heartbeat alone: its partial dir is only removed once that
+    heartbeat is an hour old (a stalled but live run must not lose its save)."""
+    import json
+    import time
+
+    from analysis.results_table import remove_orphans
+    from core.record import run_status
+
+    for age, removed in ((300, False), (7200, True)):
+        run_dir = tmp_path / f"age{age}"
+        (run_dir / ".model.partial-1-x").mkdir(parents=True)
+        m = {"status": "running", "pid": 1, "host": "another-host", "heartbeat_unix": time.time() - age}
+        (run_dir / "metrics.json").write_text(json.dumps(m))
+        assert run_status(m) == "dead"
+        assert bool(remove_orphans(run_dir)) is removed
+        assert (run_dir / ".model.partial-1-x").exists() is not removed
