@@ -114,7 +114,3 @@ def count_params(model: nn.Module) -> int:
             seen.add(id(p))
             total += p.numel()
     return total
-
-
-def first_device(model: nn.Module) -> torch.device:
-    return next(model.parameters()).device

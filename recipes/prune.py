@@ -74,7 +74,7 @@ def run(cfg: DictConfig, ctx) -> dict:
     from core.checkpoint import check_free_space, save_checkpoint
     from core.data import calibration_and_eval_sources, calibration_batch, eval_tokens
     from core.llama import count_params, params_from_config
-    from core.models import cached_gguf_dir, load_model, model_config, torch_dtype
+    from core.models import cached_gguf_dir, load_model, model_config, model_depth, torch_dtype
 
     t_start = time.perf_counter()
     torch.manual_seed(cfg.seed)
@@ -85,9 +85,11 @@ def run(cfg: DictConfig, ctx) -> dict:
 
     # 1. Everything that can be checked without weights: depth and ranges, context length, disk space, text.
     config = model_config(ref, cache_dir)
+    depth = int(config["num_hidden_layers"]) if config is not None else model_depth(ref, cache_dir)
+    if depth is not None:  # (a GGUF not yet converted: its metadata)
+        pruner.check(depth)
     if config is not None:
         check_model_config(config, cfg)
-        pruner.check(int(config["num_hidden_layers"]))
         if cfg.save_model:
             check_free_space(run_dir, params_from_config(config) * _bytes_per_param(cfg.save_dtype or ref.dtype, config))
     calib_src, eval_src = calibration_and_eval_sources(text_spec(cfg.data), text_spec(cfg.eval.ppl), cache_dir,
