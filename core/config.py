@@ -143,6 +143,8 @@ class PrunelabConfig:
     data: DataConfig = field(default_factory=DataConfig)
     pruner: Any = None  # conf/pruner/<name>.yaml: its `_target_` class's fields, bound by the prune recipe
     layers: LayersConfig = field(default_factory=LayersConfig)
+    replacement: Any = None  # conf/replacement/*.yaml: replacement.spec.ReplacementSpec's fields
+    search: Any = None  # conf/search/*.yaml: replacement.spec.SearchSpec's fields
     eval: EvalConfig = field(default_factory=EvalConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)

@@ -49,6 +49,18 @@ def resolve_model(name_or_path: str) -> ModelRef:
     return ModelRef.at(path)
 
 
+def donor_dir(ref: ModelRef, cache_dir: str) -> Path:
+    """The safetensors checkpoint dir of a model reference (the embedded GGUF: its cached conversion)."""
+    from core.models import cached_gguf_dir
+
+    if ref.kind == "gguf":
+        return cached_gguf_dir(ref, cache_dir)
+    if ref.kind != "hf" or not ref.path or not Path(ref.path).is_dir():
+        raise ConfigError(f"donor {ref.name}: layers are read from a checkpoint directory; give a path or a model "
+                          "name whose weights are on disk")
+    return Path(ref.path)
+
+
 def build(node: Any, group: str) -> Any:
     """Instantiate an option's ``_target_`` with its keys; a bad key or value is one ConfigError line."""
     from hydra.errors import InstantiationException

@@ -1,4 +1,9 @@
-"""Layer replacement (hybrid models from a base and a donor, GA search over layer lists).
+"""Layer replacement: hybrids of a base model and a donor model, and a search over which layers to swap.
 
-Reserved by the design for the layer-replacement issue; nothing here yet.
+- ``hybrid.py``: donor decoder layers read lazily from safetensors; swap them into a base model by reference.
+- ``fitness.py``: how good a hybrid is, measured on calibration tokens (KL to the donor, perplexity), with the
+  base's hidden states cached so a candidate only runs the layers from its first swapped one.
+- ``search.py``: the generic search engine (spaces, strategies, cache, resume); fitness is passed in.
+
+Plain arguments only; imports ``core``, never a sibling package.
 """

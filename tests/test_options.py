@@ -10,7 +10,7 @@ import torch
 
 from conftest import ROOT, compose, run_task
 
-GROUPS = ("model", "data", "pruner", "layers", "eval", "logger", "experiment", "paths")
+GROUPS = ("model", "data", "pruner", "layers", "eval", "logger", "experiment", "paths", "replacement", "search")
 PRUNERS = sorted(p.stem for p in (ROOT / "conf" / "pruner").glob("*.yaml"))
 
 

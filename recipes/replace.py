@@ -1,0 +1,118 @@
+"""task=replace: the base model with the donor's decoder layers at ``replacement.layers``; evaluated and saved.
+
+    python run.py task=replace replacement.base=outputs/.../model replacement.donor=smollm2 \\
+        replacement.layers=[11,13,17,21] replacement.description="GA's 4-layer set"
+    python run.py -m task=replace replacement.base=... replacement.layers='[17],[13,17],[13,16,17]'
+
+The checkpoint (``<run dir>/model``) loads in plain transformers with trust_remote_code; ``checkpoint_info.json``
+has the seed's fields (replaced_layers, score with its metric, description, creation_time, base, donor) and
+``README.txt`` says how to load and test it.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig
+
+from recipes._common import build, donor_dir, plain, resolve_model
+
+log = logging.getLogger(__name__)
+
+METRICS = {"ppl": "minimize", "avg_acc": "maximize", "mmlu": "maximize"}
+
+README = """Hybrid model made by prunelab (task=replace)
+
+base:  {base}
+donor: {donor}
+replaced layers (taken from the donor): {layers}
+{description}
+Load it anywhere (torch + transformers only, no prunelab):
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    model = AutoModelForCausalLM.from_pretrained("{path}", trust_remote_code=True)
+    tok = AutoTokenizer.from_pretrained("{path}", trust_remote_code=True)
+
+Test it (generation check + a limited MMLU) with prunelab:
+
+    python run.py task=evaluate model={path} eval=mmlu eval.limit=50
+
+checkpoint_info.json holds the layers, the scores measured by the run, the base, the donor and the full config.
+"""
+
+
+def validate(cfg: DictConfig) -> list[str]:
+    from core.errors import UserError
+
+    try:
+        spec = build(cfg.replacement, "replacement")
+    except UserError as e:
+        return [str(e)]
+    return [] if spec.layers else ["task=replace needs replacement.layers=[...] (the donor's layers to take)"]
+
+
+def run(cfg: DictConfig, ctx: Any) -> dict:
+    from analysis.evaluate import evaluate_model
+    from core.checkpoint import save_checkpoint
+    from core.data import TextSpec, eval_tokens, load_documents
+    from core.io import atomic_write_text
+    from core.models import load_model, model_config, torch_dtype
+    from replacement.hybrid import DonorLayers, assemble, check_compatible, check_layers
+
+    spec = build(cfg.replacement, "replacement")
+    base_ref, donor_ref = resolve_model(spec.base), resolve_model(spec.donor)
+    cache_dir, run_dir = cfg.paths.cache_dir, Path(cfg.paths.output_dir)
+
+    # 1. Without weights: both configs, the layer list, the donor's files.
+    base_cfg = model_config(base_ref, cache_dir) or {}
+    donor_path = donor_dir(donor_ref, cache_dir)
+    donor = DonorLayers.open(donor_path, device=spec.donor_device or base_ref.device)
+    check_compatible(base_cfg, donor.config, spec.base, spec.donor)
+    layers = check_layers(list(spec.layers), donor.depth)
+
+    # 2. Base model, donor layers swapped in (only those layers are read from the donor's files).
+    t0 = time.perf_counter()
+    model, tok = load_model(base_ref, cache_dir=cache_dir, allow_pickle=cfg.allow_pickle)
+    if len(model.model.layers) != donor.depth:
+        check_compatible({"num_hidden_layers": len(model.model.layers)}, donor.config, spec.base, spec.donor)
+    if base_ref.dtype != "auto":
+        donor.dtype = torch_dtype(base_ref.dtype)
+    assemble(model, donor, layers)
+    t_build = time.perf_counter() - t0
+    log.info("hybrid: %s with layers %s from %s (%.1f s)", spec.base, layers, spec.donor, t_build)
+    ctx.log("method", "replace")
+    ctx.log("replacement", {"base": spec.base, "donor": spec.donor, "replaced_layers": layers,
+                            "description": spec.description, "seconds": t_build})
+    ctx.log("compression", {"unit": "replaced_layers", "amount": len(layers), "layers": layers})
+
+    # 3. Evaluate (same protocol as any other run).
+    eval_cfg = plain(cfg.eval)
+    ppl_tokens, source = None, ""
+    if cfg.eval.ppl.enabled:
+        src = load_documents(TextSpec(cfg.eval.ppl.source, cfg.eval.ppl.path, cfg.eval.ppl.text_field), cache_dir)
+        ppl_tokens, source = eval_tokens(tok, src, cfg.eval.ppl.max_tokens), src.name
+    result = evaluate_model(model, tok, eval_cfg, cache_dir=cache_dir, ppl_tokens=ppl_tokens, ppl_source=source)
+    ctx.log("eval", {"model": result})
+    metrics = {k: v for k, v in {"ppl": (result.get("ppl") or {}).get("value"), "avg_acc": result.get("task_average"),
+                                 "mmlu": (result.get("mmlu") or {}).get("average")}.items() if v is not None}
+
+    # 4. Checkpoint + README.txt.
+    if cfg.save_model:
+        score = ({"metric": spec.score_metric, "value": spec.score, "source": "given"} if spec.score is not None
+                 else next(({"metric": k, "value": v, "source": "this run"} for k, v in metrics.items()), None))
+        info = {"method": "replace", "replaced_layers": layers, "score": score, "scores": metrics,
+                "description": spec.description, "base_model": base_ref.to_dict(), "donor_model": donor_ref.to_dict(),
+                "base": spec.base, "donor": spec.donor, "config": plain(cfg)}
+        if spec.score_metric == "mmlu" and spec.score is not None:
+            info["mmlu_score"] = spec.score  # the seed's field name
+        out = save_checkpoint(model, tok, run_dir / "model", info,
+                              save_dtype=torch_dtype(cfg.save_dtype) if cfg.save_dtype else None)
+        atomic_write_text(out / "README.txt", README.format(
+            base=spec.base, donor=spec.donor, layers=layers, path=out.resolve(),
+            description=f"description: {spec.description}\n" if spec.description else ""))
+        ctx.log("checkpoint", {"path": str(out), "bytes": sum(f.stat().st_size for f in out.iterdir())})
+        log.info("checkpoint: %s", out)
+    return metrics
