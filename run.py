@@ -95,15 +95,28 @@ def check(cfg: DictConfig) -> Any:
     except ConfigError as e:
         raise ConfigError("invalid configuration:\n  - " + "\n  - ".join([str(e), *errors])) from None
     errors += recipe.validate(cfg)
-    name, direction = cfg.optimized_metric.name, cfg.optimized_metric.direction
-    if recipe.METRICS and name not in recipe.METRICS:
-        errors.append(f"optimized_metric.name={name!r}: task={cfg.task} reports {', '.join(recipe.METRICS)}")
-    elif recipe.METRICS and recipe.METRICS[name] != direction:
-        errors.append(f"optimized_metric: {name} is to {recipe.METRICS[name]}, not {direction} "
-                      f"(set optimized_metric.direction={recipe.METRICS[name]})")
+    try:
+        optimized_metric(cfg, recipe)
+    except ConfigError as e:
+        errors.append(str(e))
     if errors:
         raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(errors))
     return recipe
+
+
+def optimized_metric(cfg: DictConfig, recipe: Any) -> Optional[tuple[str, str]]:
+    """(name, direction) of the number returned to a sweeper: ``optimized_metric`` or the task's first metric,
+    in the direction the recipe declares for it (a contradicting direction is an error); None if none."""
+    name, direction = cfg.optimized_metric.name, cfg.optimized_metric.direction
+    if not recipe.METRICS:
+        return None
+    name = name or next(iter(recipe.METRICS))
+    if name not in recipe.METRICS:
+        raise ConfigError(f"optimized_metric.name={name!r}: task={cfg.task} reports {', '.join(recipe.METRICS)}")
+    if direction is not None and recipe.METRICS[name] != direction:
+        raise ConfigError(f"optimized_metric: {name} is to {recipe.METRICS[name]}, not {direction} "
+                          f"(set optimized_metric.direction={recipe.METRICS[name]})")
+    return name, recipe.METRICS[name]
 
 
 def _startup_seconds() -> Optional[float]:
@@ -146,13 +159,12 @@ def run(cfg: DictConfig) -> Optional[float]:
         ctx.log("config", container)
         ctx.log("timings", {"startup_s": startup, "validate_s": time.perf_counter() - t0})
         metrics = recipe.run(cfg, ctx) or {}
-        value = metrics.get(cfg.optimized_metric.name) if recipe.METRICS else None
+        target = optimized_metric(cfg, recipe)
+        value = metrics.get(target[0]) if target else None
         ctx.log("metrics", metrics)
-        ctx.log("optimized_metric", {"name": cfg.optimized_metric.name, "direction": cfg.optimized_metric.direction,
-                                     "value": value} if recipe.METRICS else None)
-        if recipe.METRICS and value is None:
-            log.warning("optimized_metric %s was not measured by this run (returned None to the sweeper)",
-                        cfg.optimized_metric.name)
+        ctx.log("optimized_metric", {"name": target[0], "direction": target[1], "value": value} if target else None)
+        if target and value is None:
+            log.warning("optimized_metric %s was not measured by this run (returned None to the sweeper)", target[0])
         ctx.finish("completed")
         log.info("run dir: %s", run_dir.resolve())
         return None if value is None else float(value)

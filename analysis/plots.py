@@ -1,4 +1,4 @@
-"""Plots of a comparison: per-layer sparsity bars with the target line, per-module sparsity heatmap."""
+"""Plots: per-layer sparsity bars with the target line, per-module sparsity heatmap, search convergence."""
 
 from __future__ import annotations
 
@@ -76,6 +76,28 @@ def module_heatmap(comparison: dict, path: str | Path) -> Path:
     ax.set_xlabel("layer")
     ax.set_title("per-module sparsity")
     fig.colorbar(im, ax=ax, label="sparsity")
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def convergence(curves: dict[str, list[tuple[float, float]]], path: str | Path, *, title: str = "",
+                ylabel: str = "best fitness (lower is better)", xlabel: str = "fitness evaluations") -> Path:
+    """Best-so-far against cost, one line per label (``{label: [(cost, best), ...]}``), as a step plot."""
+    fig, ax = plt.subplots(figsize=(6.4, 4.0))
+    for label, points in sorted(curves.items()):
+        if points:
+            xs, ys = zip(*points)
+            ax.step(xs, ys, where="post", label=label)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    if title:
+        ax.set_title(title)
+    ax.grid(alpha=0.3)
+    if curves:
+        ax.legend(fontsize=8)
     fig.tight_layout()
     path = Path(path)
     fig.savefig(path, dpi=120)

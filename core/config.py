@@ -121,8 +121,8 @@ class RuntimeConfig:
 class OptimizedMetric:
     """The number ``run.py`` returns to a sweeper: a metric the task's recipe reports, and which way is better."""
 
-    name: str = "ppl"
-    direction: str = "minimize"  # minimize | maximize
+    name: Optional[str] = None  # null: the task's first metric (recipes/<task>.py METRICS)
+    direction: Optional[str] = None  # minimize | maximize; null: the metric's own direction
 
 
 @dataclass
@@ -163,7 +163,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "eval.ppl.source": TEXT_SOURCES,
     "logger.name": ("wandb", "none"),
     "logger.mode": ("offline", "online", "disabled"),
-    "optimized_metric.direction": DIRECTIONS,
+    "optimized_metric.direction": (*DIRECTIONS, None),
     "save_dtype": ("float32", "float16", "bfloat16", None),
 }
 

@@ -1,0 +1,190 @@
+"""task=search: for each k in ``search.k``, which k of the base's layers to take from the donor.
+
+    python run.py task=search replacement.base=outputs/.../model replacement.donor=smollm2 \\
+        search.k=[1,2,3,4] search.strategies=[evolve,random] search.budget=64
+    python run.py task=search ... search.resume=latest      # continue a killed search to the same answer
+
+The fitness (``search.fitness``; lower is better) is measured on calibration tokens from ``data`` (disjoint from
+the evaluation text): ``kl`` = KL(donor || hybrid) per token (default: the donor's log-probabilities are
+computed once), ``ppl``, or ``lm_eval`` = 1 - accuracy on ``search.task``. The engine (replacement/search.py)
+caches every (candidate, fidelity) and saves its state in ``search/state/`` after every generation.
+Outputs: ``search/results.json``, ``search/convergence_k<k>.png``, ``search/best_k<k>/`` with ``save_best``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+from omegaconf import DictConfig
+
+from recipes._common import build, donor_dir, plain, resolve_model, text_spec
+
+log = logging.getLogger(__name__)
+
+METRICS = {"fitness": "minimize"}  # the best fitness found at the largest k
+
+
+def validate(cfg: DictConfig) -> list[str]:
+    from core.errors import UserError
+
+    errors = []
+    for group in ("replacement", "search"):
+        try:
+            build(getattr(cfg, group), group)
+        except UserError as e:
+            errors.append(str(e))
+    return errors
+
+
+def _resume_dir(resume: str, outputs_root: str, here: Path) -> Path:
+    """The killed search to continue: ``latest`` = the newest unfinished search run under outputs_root."""
+    from core.errors import ConfigError
+    from core.record import run_status
+
+    if resume != "latest":
+        path = Path(resume).expanduser()
+        if not (path / "search" / "state").is_dir():
+            raise ConfigError(f"search.resume={resume}: no search state there (search/state/ is missing)")
+        return path
+    found = []
+    for f in Path(outputs_root).rglob("metrics.json"):
+        if f.parent.resolve() == here.resolve() or not (f.parent / "search" / "state").is_dir():
+            continue
+        try:
+            m = json.loads(f.read_text())
+        except (OSError, ValueError):
+            continue
+        if m.get("task") == "search" and run_status(m) != "completed":
+            found.append((m.get("started") or "", f.parent))
+    if not found:
+        raise ConfigError(f"search.resume=latest: no unfinished search run under {outputs_root}")
+    return max(found)[1]
+
+
+def run(cfg: DictConfig, ctx: Any) -> dict:
+    import torch
+
+    from analysis.plots import convergence
+    from core.checkpoint import save_checkpoint
+    from core.data import calibration_and_eval_sources, calibration_batch
+    from core.errors import ConfigError
+    from core.io import atomic_write_json
+    from core.models import load_model, model_config, torch_dtype
+    from replacement.fitness import HybridFitness, donor_logprobs
+    from replacement.hybrid import DonorLayers, check_compatible, swapped
+    from replacement.search import Subsets, search
+
+    rspec, sspec = build(cfg.replacement, "replacement"), build(cfg.search, "search")
+    base_ref, donor_ref = resolve_model(rspec.base), resolve_model(rspec.donor)
+    cache_dir, run_dir = cfg.paths.cache_dir, Path(cfg.paths.output_dir)
+    out_dir = run_dir / "search"
+
+    # 1. Without weights: both configs, k against the depth, the state to resume.
+    donor = DonorLayers.open(donor_dir(donor_ref, cache_dir), device=rspec.donor_device or base_ref.device)
+    check_compatible(model_config(base_ref, cache_dir) or {}, donor.config, rspec.base, rspec.donor)
+    n = donor.depth
+    too_big = [k for k in sspec.k if k > n]
+    if too_big:
+        raise ConfigError(f"search.k={list(sspec.k)}: {too_big} larger than the model's {n} layers")
+    (out_dir / "state").mkdir(parents=True, exist_ok=True)
+    if sspec.resume:
+        source = _resume_dir(sspec.resume, cfg.paths.outputs_root, run_dir)
+        for f in sorted((source / "search" / "state").glob("*.json")):
+            shutil.copy2(f, out_dir / "state" / f.name)  # the earlier run is never modified
+        log.info("resuming the search of %s", source)
+        ctx.log("search", {"resumed_from": str(source)})
+
+    # 2. Base model, calibration tokens, the donor's targets.
+    model, tok = load_model(base_ref, cache_dir=cache_dir, allow_pickle=cfg.allow_pickle)
+    if base_ref.dtype != "auto":
+        donor.dtype = torch_dtype(base_ref.dtype)
+    calib_src, _ = calibration_and_eval_sources(text_spec(cfg.data), text_spec(cfg.eval.ppl), cache_dir,
+                                                evaluation=False)
+    rows = math.ceil(sspec.tokens / cfg.data.seq_len)
+    tokens = calibration_batch(tok, calib_src, rows, cfg.data.seq_len, cfg.data.seed)
+    ctx.log("data", {"calibration": {"source": calib_src.name, "description": calib_src.description,
+                                     "rows": rows, "seq_len": cfg.data.seq_len, "seed": cfg.data.seed}})
+    targets = None
+    t0 = time.perf_counter()
+    if sspec.fitness == "kl":
+        donor_model, _ = load_model(donor_ref, cache_dir=cache_dir)
+        targets = donor_logprobs(donor_model, tokens)
+        del donor_model
+    if sspec.fitness == "lm_eval":
+        fitness = _lm_eval_fitness(model, tok, donor, sspec)
+    else:
+        fitness = HybridFitness(model, donor, tokens, metric=sspec.fitness, targets=targets,
+                                prefix_cache=sspec.prefix_cache)
+    t_setup = time.perf_counter() - t0
+    full = sspec.tokens
+    reference = {"base": fitness((), full), "donor": fitness(tuple(range(n)), full)}
+    log.info("fitness (%s) of the base %.4f, of the donor %.4f", sspec.fitness, reference["base"], reference["donor"])
+
+    # 3. The search, per k and strategy (each resumable from its own state file).
+    fingerprint = {"base": rspec.base, "donor": rspec.donor, "fitness": sspec.fitness, "tokens": sspec.tokens,
+                   "task": sspec.task, "limit": sspec.limit, "data": plain(cfg.data)}
+    results: dict[str, Any] = {"fitness": sspec.fitness, "direction": "minimize", "reference": reference,
+                               "setup_s": t_setup, "layers": n, "k": {}}
+    best_overall: dict[int, tuple[float, tuple[int, ...]]] = {}
+    for k in sspec.k:
+        curves = {}
+        for strategy in sspec.strategies:
+            levels = sspec.levels() if strategy == "evolve" else [full]
+            res = search(Subsets(n, k), fitness, strategy=strategy, budget=sspec.budget, seed=sspec.seed,
+                         fidelities=levels, state_path=out_dir / "state" / f"k{k}_{strategy}.json",
+                         fingerprint=fingerprint)
+            entry = res.to_json()
+            damage = reference["base"] - reference["donor"]
+            entry["recovered"] = (reference["base"] - res.best_fitness) / damage if damage else None
+            results["k"].setdefault(str(k), {})[strategy] = entry
+            curves[strategy] = [(h["cost"], h["best"]) for h in entry["history"] if h.get("best") is not None]
+            log.info("k=%d %-10s best %s fitness %.4f (%.0f%% of the damage recovered), %s evaluations, %s cache hits",
+                     k, strategy, list(res.best), res.best_fitness, 100 * (entry["recovered"] or 0),
+                     entry["evaluations"], entry["cache_hits"])
+            if k not in best_overall or res.best_fitness < best_overall[k][0]:
+                best_overall[k] = (res.best_fitness, tuple(res.best))
+        plot = convergence(curves, out_dir / f"convergence_k{k}.png", title=f"k = {k} of {n} layers ({sspec.fitness})",
+                           xlabel="fitness evaluations (full-fidelity equivalents)")
+        ctx.log_image(f"search/convergence_k{k}", plot)
+    results["best"] = {str(k): {"layers": list(c), "fitness": f} for k, (f, c) in best_overall.items()}
+    atomic_write_json(out_dir / "results.json", results)
+    ctx.log("search", {"best": results["best"], "reference": reference, "results": str(out_dir / "results.json")})
+
+    # 4. Each k's best hybrid as a checkpoint.
+    if sspec.save_best:
+        for k, (f, layers) in best_overall.items():
+            sources = ["donor" if i in layers else "base" for i in range(n)]
+            with swapped(model, {i: donor[i] for i in layers}):
+                model.config.layer_sources = sources
+                out = save_checkpoint(model, tok, out_dir / f"best_k{k}", {
+                    "method": "replace", "replaced_layers": list(layers), "score": {"metric": sspec.fitness, "value": f},
+                    "description": f"best {k}-layer set of task=search ({', '.join(sspec.strategies)})",
+                    "base": rspec.base, "donor": rspec.donor, "base_model": base_ref.to_dict(),
+                    "donor_model": donor_ref.to_dict(), "config": plain(cfg)})
+            model.config.layer_sources = None
+            log.info("k=%d best hybrid saved: %s", k, out)
+    return {"fitness": best_overall[max(best_overall)][0]}
+
+
+def _lm_eval_fitness(model: Any, tok: Any, donor: Any, sspec: Any):
+    """1 - accuracy of the hybrid on ``search.task`` (one fidelity: the task with ``search.limit`` examples)."""
+    from analysis.lm_eval_tasks import run_lm_eval
+    from replacement.hybrid import swapped
+
+    def fitness(candidate: tuple[int, ...], fidelity: Optional[int] = None) -> float:
+        with swapped(model, {i: donor[i] for i in candidate}):
+            out = run_lm_eval(model, tok, [sspec.task], limit=sspec.limit, progress=False)
+        acc = out.get("task_average")
+        if acc is None:
+            acc = (out.get("mmlu") or {}).get("average")
+        if acc is None:
+            task = (out.get("tasks") or {}).get(sspec.task) or {}
+            acc = task.get("acc")
+        return 1.0 - float(acc)
+    return fitness

@@ -1,0 +1,147 @@
+"""task=replace and task=search end to end on tiny models saved on disk (a pruned base, its original as donor)."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import CACHE_DIR, ROOT, run_task
+
+FAST = ["logger=none", "eval=none", "data.seq_len=16"]
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory) -> tuple[Path, Path]:
+    """(base checkpoint, donor dir): tiny Llama pruned by half, and the original saved as a plain HF dir."""
+    from core.models import build_tiny
+
+    root = tmp_path_factory.mktemp("pair")
+    donor, tok = build_tiny(num_layers=4, seed=0)
+    donor.save_pretrained(root / "donor")
+    tok.save_pretrained(root / "donor")
+    run_task(["model=tiny", "layers=all", "ratio=0.5", "logger=none", "eval=none"], root / "prune")
+    return root / "prune" / "model", root / "donor"
+
+
+def test_replace_writes_a_loadable_hybrid_with_info_and_readme(pair, tmp_path):
+    base, donor = pair
+    value, m = run_task(["task=replace", f"replacement.base={base}", f"replacement.donor={donor}",
+                         "replacement.layers=[1,3]", "replacement.description=two restored", "replacement.score=0.57",
+                         "replacement.score_metric=mmlu", "logger=none", "eval.ppl.max_tokens=256",
+                         "eval.generation.max_new_tokens=4"], tmp_path / "run")
+    assert m["status"] == "completed" and value == m["eval"]["model"]["ppl"]["value"]
+    out = tmp_path / "run" / "model"
+    info = json.loads((out / "checkpoint_info.json").read_text())
+    assert info["replaced_layers"] == [1, 3] and info["description"] == "two restored"
+    assert info["score"] == {"metric": "mmlu", "value": 0.57, "source": "given"} and info["mmlu_score"] == 0.57
+    assert "creation_time" in info and info["base"] == str(base) and info["donor"] == str(donor)
+    assert "task=evaluate model=" in (out / "README.txt").read_text()
+    cfg = json.loads((out / "config.json").read_text())
+    assert [l["intermediate_size"] for l in cfg["layer_configs"]] == [64, 128, 64, 128]
+    # the checkpoint test of the seed: generation check + limited evaluation, one command
+    _, ev = run_task(["task=evaluate", f"model={out}", "logger=none", "eval=quick", "eval.ppl.max_tokens=256",
+                      "eval.generation.max_new_tokens=4"], tmp_path / "eval")
+    assert ev["status"] == "completed" and ev["eval"]["model"]["generation"]["new_tokens"] == 4
+
+
+@pytest.mark.parametrize("layers,match", [("[1,9]", "[9] out of range: the model has 4 layers"),
+                                          ("[2,2]", "layer(s) [2] given more than once"),
+                                          ("[]", "task=replace needs replacement.layers")])
+def test_replace_bad_layers(pair, tmp_path, layers, match):
+    base, donor = pair
+    with pytest.raises(SystemExit):
+        run_task(["task=replace", f"replacement.base={base}", f"replacement.donor={donor}",
+                  f"replacement.layers={layers}", *FAST], tmp_path)
+    m = json.loads((tmp_path / "metrics.json").read_text())
+    assert m["status"] == "failed" and match in m["error"]["message"] and not (tmp_path / "model").exists()
+
+
+def test_replace_refuses_a_donor_of_another_width(pair, tmp_path):
+    from core.models import build_tiny
+
+    base, _ = pair
+    other, tok = build_tiny(num_layers=4, hidden_size=32, num_heads=4, num_kv_heads=2, intermediate_size=64)
+    other.save_pretrained(tmp_path / "other")
+    with pytest.raises(SystemExit):
+        run_task(["task=replace", f"replacement.base={base}", f"replacement.donor={tmp_path / 'other'}",
+                  "replacement.layers=[1]", *FAST], tmp_path / "run")
+    m = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert "differ in hidden width (64 vs 32)" in m["error"]["message"]
+
+
+SEARCH = ["task=search", "search.k=[1,2]", "search.tokens=64", "search.budget=6", *FAST]
+
+
+def test_search_finds_the_exhaustive_optimum_and_saves_the_best(pair, tmp_path):
+    base, donor = pair
+    value, m = run_task([*SEARCH, f"replacement.base={base}", f"replacement.donor={donor}",
+                         "search.strategies=[exhaustive,evolve,score_topk,random]", "search.save_best=true"],
+                        tmp_path / "run")
+    assert m["status"] == "completed"
+    res = json.loads((tmp_path / "run" / "search" / "results.json").read_text())
+    ref = res["reference"]
+    assert ref["base"] > ref["donor"] >= 0  # restoring every layer removes the damage
+    for k in ("1", "2"):
+        exhaustive = res["k"][k]["exhaustive"]
+        assert res["best"][k]["fitness"] == pytest.approx(exhaustive["best_fitness"])
+        assert exhaustive["evaluations"] == (4 if k == "1" else 6)
+        assert 0 < exhaustive["recovered"] <= 1
+    assert value == pytest.approx(res["best"]["2"]["fitness"])
+    assert m["optimized_metric"]["name"] == "fitness"
+    for k in (1, 2):
+        info = json.loads((tmp_path / "run" / "search" / f"best_k{k}" / "checkpoint_info.json").read_text())
+        assert info["replaced_layers"] == res["best"][str(k)]["layers"]
+        assert (tmp_path / "run" / "search" / f"convergence_k{k}.png").is_file()
+
+
+@pytest.mark.parametrize("args,match", [(["search.k=[5]"], "search.k=[5]: [5] larger than the model's 4 layers"),
+                                        (["search.k=[0]"], "each k must be a positive number"),
+                                        (["search.strategies=[annealing]"], "search.strategies: ['annealing']")])
+def test_search_bad_input(pair, tmp_path, args, match):
+    base, donor = pair
+    with pytest.raises(SystemExit):
+        run_task([*SEARCH, f"replacement.base={base}", f"replacement.donor={donor}", *args], tmp_path)
+    assert match in json.loads((tmp_path / "metrics.json").read_text())["error"]["message"]
+
+
+def test_killed_search_resumes_to_the_same_answer(pair, tmp_path):
+    base, donor = pair
+    common = [sys.executable, str(ROOT / "run.py"), "task=search", *FAST, "search.k=[2]", "search.strategies=[evolve]",
+              "search.budget=5", f"replacement.base={base}", f"replacement.donor={donor}",
+              f"paths.cache_dir={CACHE_DIR}", f"paths.outputs_root={tmp_path / 'outputs'}"]
+    args = [*common, "search.tokens=512"]
+    whole = subprocess.run([*args, f"hydra.run.dir={tmp_path / 'whole'}"], capture_output=True, text=True,
+                           timeout=600)
+    assert whole.returncode == 0, whole.stderr[-2000:]
+    killed = subprocess.Popen([*args, f"hydra.run.dir={tmp_path / 'outputs' / 'killed'}"], stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)
+    state = tmp_path / "outputs" / "killed" / "search" / "state" / "k2_evolve.json"
+    t0 = time.time()
+
+    def saved() -> int:  # evaluations in the state file so far
+        try:
+            return len(json.loads(state.read_text()).get("history", []))
+        except (OSError, ValueError):
+            return 0
+    while saved() < 3:
+        assert killed.poll() is None and time.time() - t0 < 300, "the search ended before it saved 3 evaluations"
+        time.sleep(0.05)
+    killed.send_signal(signal.SIGKILL)
+    killed.wait()
+    resumed = subprocess.run([*args, "search.resume=latest", f"hydra.run.dir={tmp_path / 'resumed'}"],
+                             capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    a = json.loads((tmp_path / "whole" / "search" / "results.json").read_text())["k"]["2"]["evolve"]
+    b = json.loads((tmp_path / "resumed" / "search" / "results.json").read_text())["k"]["2"]["evolve"]
+    for key in ("best", "best_fitness", "evaluations", "cache_hits"):
+        assert a[key] == b[key], key
+    # a state from another configuration is refused with the reason
+    other = subprocess.run([*common, "search.tokens=256", "search.resume=latest", f"hydra.run.dir={tmp_path / 'other'}"],
+                           capture_output=True, text=True, timeout=600)
+    assert other.returncode == 1 and "tokens" in other.stderr and "Traceback" not in other.stderr
