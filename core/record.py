@@ -178,6 +178,12 @@ class RunContext:
 
         self._wandb.log({name: wandb.Table(dataframe=frame.reset_index(drop=True))})
 
+    def log_series(self, name: str, values: dict[str, Any]) -> None:
+        """One point of a curve (W&B only: e.g. a search's best fitness after each evaluation)."""
+        if self._wandb is None:
+            return
+        self._wandb.log({f"{name}/{k}": v for k, v in values.items() if v is not None})
+
     def log_image(self, name: str, path: str | Path) -> None:
         if self._wandb is None:
             return

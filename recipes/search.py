@@ -138,7 +138,9 @@ def run(cfg: DictConfig, ctx: Any) -> dict:
             levels = sspec.levels() if strategy == "evolve" else [full]
             res = search(Subsets(n, k), fitness, strategy=strategy, budget=sspec.budget, seed=sspec.seed,
                          fidelities=levels, state_path=out_dir / "state" / f"k{k}_{strategy}.json",
-                         fingerprint=fingerprint)
+                         fingerprint=fingerprint,
+                         on_eval=lambda e, tag=f"search/k{k}/{strategy}": ctx.log_series(
+                             tag, {"cost": e.cost, "fitness": e.fitness, "best": e.best}))
             entry = res.to_json()
             damage = reference["base"] - reference["donor"]
             entry["recovered"] = (reference["base"] - res.best_fitness) / damage if damage else None
@@ -153,10 +155,31 @@ def run(cfg: DictConfig, ctx: Any) -> dict:
                            xlabel="fitness evaluations (full-fidelity equivalents)")
         ctx.log_image(f"search/convergence_k{k}", plot)
     results["best"] = {str(k): {"layers": list(c), "fitness": f} for k, (f, c) in best_overall.items()}
+
+    # 4. Held-out perplexity of the base, each k's best hybrid and the donor: how much damage each k recovers.
+    if cfg.eval.ppl.enabled:
+        from analysis.perplexity import perplexity
+        from core.data import eval_tokens
+
+        _, src = calibration_and_eval_sources(text_spec(cfg.data), text_spec(cfg.eval.ppl), cache_dir,
+                                              calibration=False)  # never overlaps the calibration text
+        held_out = eval_tokens(tok, src, cfg.eval.ppl.max_tokens)
+        sets = {"base": (), **{f"k{k}": c for k, (_, c) in best_overall.items()}, "donor": tuple(range(n))}
+        ppl = {}
+        for label, layers in sets.items():
+            with swapped(model, {i: donor[i] for i in layers}):
+                ppl[label] = perplexity(model, held_out, cfg.eval.ppl.seq_len, cfg.eval.ppl.batch_size,
+                                        progress=False, source=src.name)["value"]
+        damage = ppl["base"] - ppl["donor"]
+        results["eval_ppl"] = {"source": src.name, "seq_len": cfg.eval.ppl.seq_len, "tokens": int(held_out.shape[1]),
+                               "ppl": ppl, "recovered": {k: (ppl["base"] - v) / damage if damage else None
+                                                         for k, v in ppl.items() if k.startswith("k")}}
+        log.info("held-out perplexity (%s): %s", src.name, ", ".join(f"{k} {v:.2f}" for k, v in ppl.items()))
+        ctx.log("eval", {"ppl": results["eval_ppl"]})
     atomic_write_json(out_dir / "results.json", results)
     ctx.log("search", {"best": results["best"], "reference": reference, "results": str(out_dir / "results.json")})
 
-    # 4. Each k's best hybrid as a checkpoint.
+    # 5. Each k's best hybrid as a checkpoint.
     if sspec.save_best:
         for k, (f, layers) in best_overall.items():
             sources = ["donor" if i in layers else "base" for i in range(n)]

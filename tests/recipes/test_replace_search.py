@@ -81,8 +81,8 @@ SEARCH = ["task=search", "search.k=[1,2]", "search.tokens=64", "search.budget=6"
 def test_search_finds_the_exhaustive_optimum_and_saves_the_best(pair, tmp_path):
     base, donor = pair
     value, m = run_task([*SEARCH, f"replacement.base={base}", f"replacement.donor={donor}",
-                         "search.strategies=[exhaustive,evolve,score_topk,random]", "search.save_best=true"],
-                        tmp_path / "run")
+                         "search.strategies=[exhaustive,evolve,score_topk,random]", "search.save_best=true",
+                         "eval=quick", "eval.ppl.max_tokens=256"], tmp_path / "run")
     assert m["status"] == "completed"
     res = json.loads((tmp_path / "run" / "search" / "results.json").read_text())
     ref = res["reference"]
@@ -93,6 +93,9 @@ def test_search_finds_the_exhaustive_optimum_and_saves_the_best(pair, tmp_path):
         assert exhaustive["evaluations"] == (4 if k == "1" else 6)
         assert 0 < exhaustive["recovered"] <= 1
     assert value == pytest.approx(res["best"]["2"]["fitness"])
+    ppl = res["eval_ppl"]["ppl"]  # held-out text (random tiny weights: no ordering is promised here)
+    assert set(ppl) == {"base", "k1", "k2", "donor"} and res["eval_ppl"]["source"] == "boolq"
+    assert all(v > 1 for v in ppl.values()) and set(res["eval_ppl"]["recovered"]) == {"k1", "k2"}
     assert m["optimized_metric"]["name"] == "fitness"
     for k in (1, 2):
         info = json.loads((tmp_path / "run" / "search" / f"best_k{k}" / "checkpoint_info.json").read_text())
