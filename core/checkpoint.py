@@ -7,6 +7,11 @@
       generation_config.json, tokenizer files
       checkpoint_info.json         method, ratio, ranges, base model, scores, time, git commit, config
 
+A model with any Llamba (mamba2) decoder layer is written as a hybrid instead: config.json has model_type
+prunelab_hybrid, `layer_types` ("attention" | "mamba2" per layer), `layer_configs` (heads 0 for mamba2
+layers), `ssm_cfg` and an auto_map to modeling_prunelab_hybrid.py (a copy of core/modeling/hybrid.py:
+HybridConfig / HybridForCausalLM), which replaces modeling_prunelab.py; everything else is the same.
+
 ``AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True)`` loads it without prunelab.
 The whole directory is written under a temporary name and renamed at the end, so a crash never
 leaves a checkpoint that looks complete.
@@ -25,9 +30,10 @@ import torch
 from safetensors.torch import save_file
 
 from core.io import atomic_dir, atomic_write_json
-from core.llama import head_dim, layer_configs
+from core.llama import head_dim, layer_configs, layer_types_of
 
 MODELING_FILE = Path(__file__).parent / "modeling" / "pruned_llama.py"  # copied in as modeling_prunelab.py
+HYBRID_MODELING_FILE = Path(__file__).parent / "modeling" / "hybrid.py"  # copied in as modeling_prunelab_hybrid.py
 DEFAULT_SHARD_BYTES = 5 * 1024**3
 
 
@@ -98,15 +104,23 @@ def save_checkpoint(model: torch.nn.Module, tokenizer: Any, out_dir: str | Path,
     out_dir = Path(out_dir)
     base_cfg = model.config.to_dict()
     for key in ("architectures", "auto_map", "model_type", "layer_configs", "transformers_version",
-                "_name_or_path", "quantization_config"):
+                "_name_or_path", "quantization_config", "layer_types", "ssm_cfg"):
         base_cfg.pop(key, None)
     base_cfg["head_dim"] = head_dim(model.config)
     dtype = save_dtype or next(model.parameters()).dtype
     base_cfg["dtype"] = str(dtype).removeprefix("torch.")
-    cfg = PrunedLlamaConfig(layer_configs=layer_configs(model), **base_cfg)
-    cfg.architectures = ["PrunedLlamaForCausalLM"]
-    cfg.auto_map = {"AutoConfig": "modeling_prunelab.PrunedLlamaConfig",
-                    "AutoModelForCausalLM": "modeling_prunelab.PrunedLlamaForCausalLM"}
+    types = layer_types_of(model)
+    if "mamba2" in types:
+        cfg = _hybrid_config(model, types, base_cfg)
+        modeling_file, modeling_name = HYBRID_MODELING_FILE, "modeling_prunelab_hybrid.py"
+    else:
+        if getattr(model.config, "layer_types", None) is not None:  # transformers' own per-layer attention kinds
+            base_cfg["layer_types"] = model.config.layer_types
+        cfg = PrunedLlamaConfig(layer_configs=layer_configs(model), **base_cfg)
+        cfg.architectures = ["PrunedLlamaForCausalLM"]
+        cfg.auto_map = {"AutoConfig": "modeling_prunelab.PrunedLlamaConfig",
+                        "AutoModelForCausalLM": "modeling_prunelab.PrunedLlamaForCausalLM"}
+        modeling_file, modeling_name = MODELING_FILE, "modeling_prunelab.py"
     with atomic_dir(out_dir) as tmp:
         _write_weights(_state_dict(model, save_dtype), tmp, shard_bytes)
         cfg.to_json_file(tmp / "config.json")
@@ -114,8 +128,28 @@ def save_checkpoint(model: torch.nn.Module, tokenizer: Any, out_dir: str | Path,
             model.generation_config.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        shutil.copyfile(MODELING_FILE, tmp / "modeling_prunelab.py")
+        shutil.copyfile(modeling_file, tmp / modeling_name)
         full_info = {"format": "prunelab-checkpoint/1", "creation_time": time.strftime("%Y-%m-%dT%H:%M:%S"),
                      "git_commit": git_commit(), **info}
         atomic_write_json(tmp / "checkpoint_info.json", full_info)
     return out_dir
+
+
+def _hybrid_config(model: torch.nn.Module, types: list[str], base_cfg: dict):
+    """The HybridConfig of a model with Llamba (mamba2) layers: kinds and widths read off its modules."""
+    from core.modeling.hybrid import HybridConfig
+
+    ssm_cfgs = []
+    for layer, kind in zip(model.model.layers, types):
+        if kind == "mamba2":
+            ssm = dict(layer.mixer.ssm_cfg)
+            ssm["layer_norm_eps"] = layer.input_layernorm.variance_epsilon
+            if ssm not in ssm_cfgs:
+                ssm_cfgs.append(ssm)
+    if len(ssm_cfgs) != 1:
+        raise ValueError(f"the mamba2 layers differ in their mixer settings ({ssm_cfgs}): one ssm_cfg per checkpoint")
+    cfg = HybridConfig(layer_types=types, layer_configs=layer_configs(model), ssm_cfg=ssm_cfgs[0], **base_cfg)
+    cfg.architectures = ["HybridForCausalLM"]
+    cfg.auto_map = {"AutoConfig": "modeling_prunelab_hybrid.HybridConfig",
+                    "AutoModelForCausalLM": "modeling_prunelab_hybrid.HybridForCausalLM"}
+    return cfg

@@ -27,13 +27,28 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
     return model.model.layers
 
 
+def layer_type(layer: nn.Module) -> str:
+    """"mamba2" for a Llamba decoder layer (``core.modeling.hybrid.LlambaDecoderLayer``, also as loaded from a
+    checkpoint's own modeling file), "attention" for a Llama-style one (``self_attn``)."""
+    if type(layer).__name__ == "LlambaDecoderLayer":
+        return "mamba2"
+    if hasattr(layer, "self_attn"):
+        return "attention"
+    raise TypeError(f"unknown decoder layer type {type(layer).__name__}")
+
+
+def layer_types_of(model: nn.Module) -> list[str]:
+    """Per decoder layer, "attention" or "mamba2" (by module type, whatever the config says)."""
+    return [layer_type(layer) for layer in decoder_layers(model)]
+
+
 @dataclass(frozen=True)
 class Geometry:
     """Per-layer attention and MLP widths of a Llama-style model."""
 
     hidden: int
     head_dim: int
-    heads: tuple[int, ...]  # query heads, per layer
+    heads: tuple[int, ...]  # query heads, per layer (0 for a mamba2 layer: no attention)
     kv_heads: tuple[int, ...]
     widths: tuple[int, ...]  # MLP intermediate size, per layer
     attn_bias: bool
@@ -47,12 +62,15 @@ class Geometry:
     def of(model: nn.Module) -> "Geometry":
         hd = head_dim(model.config)
         layers = decoder_layers(model)
+        attn = [l.self_attn if layer_type(l) == "attention" else None for l in layers]
+        first = next((a for a in attn if a is not None), None)
         return Geometry(
             hidden=model.config.hidden_size, head_dim=hd,
-            heads=tuple(l.self_attn.q_proj.out_features // hd for l in layers),
-            kv_heads=tuple(l.self_attn.k_proj.out_features // hd for l in layers),
+            heads=tuple(a.q_proj.out_features // hd if a is not None else 0 for a in attn),
+            kv_heads=tuple(a.k_proj.out_features // hd if a is not None else 0 for a in attn),
             widths=tuple(l.mlp.gate_proj.out_features for l in layers),
-            attn_bias=layers[0].self_attn.q_proj.bias is not None,
+            attn_bias=first.q_proj.bias is not None if first is not None else bool(
+                getattr(model.config, "attention_bias", False)),
             mlp_bias=layers[0].mlp.gate_proj.bias is not None,
         )
 
@@ -64,16 +82,19 @@ class Geometry:
         kv = int(cfg.get("num_key_value_heads") or heads)
         width = int(cfg["intermediate_size"])
         lcs = cfg.get("layer_configs") or [{}] * n
+        mamba = [t == "mamba2" for t in (cfg.get("layer_types") or [None] * n)]  # a prunelab hybrid's mixer layers
         return Geometry(
             hidden=int(cfg["hidden_size"]), head_dim=head_dim(cfg),
-            heads=tuple(int(lc.get("num_attention_heads", heads)) for lc in lcs),
-            kv_heads=tuple(int(lc.get("num_key_value_heads", kv)) for lc in lcs),
+            heads=tuple(0 if m else int(lc.get("num_attention_heads", heads)) for lc, m in zip(lcs, mamba)),
+            kv_heads=tuple(0 if m else int(lc.get("num_key_value_heads", kv)) for lc, m in zip(lcs, mamba)),
             widths=tuple(int(lc.get("intermediate_size", width)) for lc in lcs),
             attn_bias=bool(cfg.get("attention_bias", False)), mlp_bias=bool(cfg.get("mlp_bias", False)),
         )
 
     def group_params(self, layer: int) -> int:
-        """Parameters in one KV group of ``layer`` (q, k, v rows + o columns, + biases)."""
+        """Parameters in one KV group of ``layer`` (q, k, v rows + o columns, + biases); 0 for a mamba2 layer."""
+        if not self.kv_heads[layer]:
+            return 0
         n_rep = self.heads[layer] // self.kv_heads[layer]
         q = n_rep * self.head_dim * self.hidden
         kv = 2 * self.head_dim * self.hidden
@@ -90,16 +111,33 @@ def params_from_config(cfg: Mapping[str, Any]) -> int:
     g = Geometry.from_config(cfg)
     vocab, h = int(cfg["vocab_size"]), g.hidden
     total = vocab * h * (1 if cfg.get("tie_word_embeddings", False) else 2) + h  # embeddings, LM head, final norm
-    for heads, kv, width in zip(g.heads, g.kv_heads, g.widths):
+    types = cfg.get("layer_types") or ["attention"] * g.depth
+    for heads, kv, width, kind in zip(g.heads, g.kv_heads, g.widths, types):
         q, k = heads * g.head_dim, kv * g.head_dim
-        total += 2 * h * q + 2 * h * k + 3 * h * width + 2 * h  # q, o, k, v, gate/up/down, two norms
-        total += (q + 2 * k + h) if g.attn_bias else 0
+        total += 3 * h * width + 2 * h  # gate/up/down, two norms
         total += (2 * width + h) if g.mlp_bias else 0
+        if kind == "mamba2":
+            total += mamba2_mixer_params(h, cfg.get("ssm_cfg") or {})
+            continue
+        total += 2 * h * q + 2 * h * k  # q, o, k, v
+        total += (q + 2 * k + h) if g.attn_bias else 0
     return total
 
 
+def mamba2_mixer_params(hidden: int, ssm_cfg: Mapping[str, Any]) -> int:
+    """Parameters of one DiscreteMamba2 mixer (``core.modeling.hybrid``) with Cartesia's defaults for missing keys."""
+    get = lambda k, d: ssm_cfg.get(k, d)  # noqa: E731
+    inner, heads = int(get("expand", 1)) * hidden, int(get("n_v_heads", 32))
+    qk_state, bias = int(get("n_qk_heads", 32)) * int(get("d_state", 64)), bool(get("bias", False))
+    conv_dim = inner + 2 * qk_state
+    in_proj = hidden * (conv_dim + inner + heads) + ((conv_dim + inner + heads) if bias else 0)
+    conv = conv_dim * int(get("d_conv", 4)) + (conv_dim if get("conv_bias", True) else 0)
+    out_proj = inner * hidden + (hidden if bias else 0)
+    return in_proj + (0 if bias else inner) + conv + heads + out_proj  # + z_bias, + D
+
+
 def layer_configs(model: nn.Module) -> list[dict]:
-    """Per-layer widths as stored in a prunelab checkpoint's ``config.json``."""
+    """Per-layer widths as stored in a prunelab checkpoint's ``config.json`` (heads 0 for a mamba2 layer)."""
     g = Geometry.of(model)
     return [{"num_attention_heads": h, "num_key_value_heads": kv, "intermediate_size": w}
             for h, kv, w in zip(g.heads, g.kv_heads, g.widths)]

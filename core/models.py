@@ -4,8 +4,9 @@
 - ``kind=gguf``: a GGUF file inside an installed package (the embedded SmolLM2-135M-Instruct),
   dequantised once by transformers and cached as a safetensors HF dir under
   ``<cache_dir>/models/<name>`` (the GGUF load takes ~25 s, the cached dir ~1 s);
-- ``kind=hf``: a local HF dir, a prunelab checkpoint (its own config class, no remote code
-  needed), or a legacy file/dir (``core.legacy``; pickles only with ``allow_pickle``);
+- ``kind=hf``: a local HF dir, a prunelab checkpoint (pruned Llama or hybrid: its own config class, no
+  remote code needed), a Cartesia Llamba dir (``core.llamba``: read as a hybrid whose layers are all
+  mamba2), or a legacy file/dir (``core.legacy``; pickles only with ``allow_pickle``);
 - ``kind=tiny``: a random-weight GQA Llama with an in-memory byte-level tokenizer, for tests.
 
 ``model_depth(ref)`` reads the number of layers without loading weights, so layer ranges are
@@ -190,8 +191,20 @@ def read_config_json(path: str | Path) -> dict:
         raise LoadError(f"{cfg_file} is unreadable: {e}") from None
 
 
+def _as_llama_fields(cfg: dict) -> dict:
+    """A Llamba ``config.json`` as the HybridConfig fields prunelab reads (num_hidden_layers, hidden_size, ...);
+    any other config unchanged."""
+    from core import llamba
+
+    if llamba.is_llamba_config(cfg):
+        return {**llamba.hybrid_config_from_llamba(cfg), "model_type": "llamba"}
+    return cfg
+
+
 def model_config(ref: ModelRef, cache_dir: str | Path) -> Optional[dict]:
-    """The model's ``config.json`` as a dict, read without weights (None when only loading can tell)."""
+    """The model's ``config.json`` as a dict, read without weights (None when only loading can tell).
+
+    A Llamba config comes back with the Llama-style fields of its hybrid (``core.llamba``), model_type llamba."""
     if ref.kind == "tiny":
         return tiny_config(**dataclasses.asdict(ref.tiny))
     if ref.kind == "gguf":
@@ -200,7 +213,7 @@ def model_config(ref: ModelRef, cache_dir: str | Path) -> Optional[dict]:
         path = _check_path(ref)
     if not (path.is_dir() and (path / "config.json").is_file()):
         return None
-    cfg = read_config_json(path)
+    cfg = _as_llama_fields(read_config_json(path))
     _depth(cfg, path)  # a LoadError naming what prunelab reads, for a config that is not a Llama-style decoder
     return cfg
 
@@ -212,7 +225,7 @@ def model_depth(ref: ModelRef, cache_dir: str | Path) -> Optional[int]:
     if ref.kind == "gguf":
         cached = Path(cache_dir) / "models" / ref.name
         if (cached / "config.json").is_file():
-            return _depth(read_config_json(cached), cached)
+            return _depth(_as_llama_fields(read_config_json(cached)), cached)
         from gguf import GGUFReader
 
         reader = GGUFReader(str(gguf_path(ref.gguf_package, ref.gguf_file)))
@@ -222,7 +235,7 @@ def model_depth(ref: ModelRef, cache_dir: str | Path) -> Optional[int]:
         return None
     path = _check_path(ref)
     if path.is_dir() and (path / "config.json").is_file():
-        return _depth(read_config_json(path), path)
+        return _depth(_as_llama_fields(read_config_json(path)), path)
     return None
 
 
@@ -231,7 +244,8 @@ def _depth(cfg: dict, path: Path) -> int:
         return int(cfg["num_hidden_layers"])
     except (KeyError, TypeError, ValueError):
         raise LoadError(f"{path}/config.json has no num_hidden_layers (model_type {cfg.get('model_type')!r}): "
-                        "prunelab reads Llama-style decoders (llama, mistral, qwen2, prunelab_llama)") from None
+                        "prunelab reads Llama-style decoders (llama, mistral, qwen2, prunelab_llama, "
+                        "prunelab_hybrid, llamba)") from None
 
 
 def _check_path(ref: ModelRef) -> Path:
@@ -274,12 +288,20 @@ def load_hf_dir(path: Path, *, dtype: str = "float32", device: str = "cpu", devi
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     cfg = read_config_json(path)
+    from core import llamba
+
+    if llamba.is_llamba_config(cfg):  # Cartesia's layout and key names: read as a hybrid
+        return llamba.load_llamba(path, dtype=dtype, device=device, device_map=device_map)
     kwargs: dict[str, Any] = {"dtype": torch_dtype(dtype), "output_loading_info": True}
     # Weights go straight to their device (an 8B model is never staged in host RAM first);
     # device_map="auto" spreads a model too large for one GPU.
     if device_map or device != "cpu":
         kwargs["device_map"] = device_map or device
-    if _is_prunelab(cfg):
+    if cfg.get("model_type") == "prunelab_hybrid":
+        from core.modeling.hybrid import HybridForCausalLM
+
+        model, info = HybridForCausalLM.from_pretrained(path, **kwargs)
+    elif _is_prunelab(cfg):
         from core.modeling.pruned_llama import PrunedLlamaForCausalLM
 
         model, info = PrunedLlamaForCausalLM.from_pretrained(path, **kwargs)
