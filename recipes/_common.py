@@ -61,6 +61,19 @@ def donor_dir(ref: ModelRef, cache_dir: str) -> Path:
     return Path(ref.path)
 
 
+def tokenizer_or_donors(tok: Any, donor_path: Path) -> Any:
+    """A base without tokenizer files (Cartesia's Llamba ships none) uses the donor's (Llama-3's, for Llamba)."""
+    if tok is not None:
+        return tok
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(donor_path)
+    except Exception as e:  # noqa: BLE001 - one line
+        raise ConfigError(f"the base has no tokenizer and the donor's cannot be read ({donor_path}): "
+                          f"{type(e).__name__}") from None
+
+
 def build(node: Any, group: str) -> Any:
     """Instantiate an option's ``_target_`` with its keys; a bad key or value is one ConfigError line."""
     from hydra.errors import InstantiationException

@@ -18,7 +18,7 @@ from typing import Any
 
 from omegaconf import DictConfig
 
-from recipes._common import build, donor_dir, plain, resolve_model
+from recipes._common import build, donor_dir, plain, resolve_model, tokenizer_or_donors
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +76,7 @@ def run(cfg: DictConfig, ctx: Any) -> dict:
     # 2. Base model, donor layers swapped in (only those layers are read from the donor's files).
     t0 = time.perf_counter()
     model, tok = load_model(base_ref, cache_dir=cache_dir, allow_pickle=cfg.allow_pickle)
+    tok = tokenizer_or_donors(tok, donor.path)
     if len(model.model.layers) != donor.depth:
         check_compatible({"num_hidden_layers": len(model.model.layers)}, donor.config, spec.base, spec.donor)
     if base_ref.dtype != "auto":

@@ -23,7 +23,7 @@ from typing import Any, Optional
 
 from omegaconf import DictConfig
 
-from recipes._common import build, donor_dir, plain, resolve_model, text_spec
+from recipes._common import build, donor_dir, plain, resolve_model, tokenizer_or_donors, text_spec
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +77,7 @@ def run(cfg: DictConfig, ctx: Any) -> dict:
     from core.io import atomic_write_json
     from core.models import load_model, model_config, torch_dtype
     from replacement.fitness import HybridFitness, donor_logprobs
-    from replacement.hybrid import DonorLayers, check_compatible, swapped
+    from replacement.hybrid import DonorLayers, adopt_attention, check_compatible, swapped
     from replacement.search import Subsets, search
 
     rspec, sspec = build(cfg.replacement, "replacement"), build(cfg.search, "search")
@@ -102,6 +102,8 @@ def run(cfg: DictConfig, ctx: Any) -> dict:
 
     # 2. Base model, calibration tokens, the donor's targets.
     model, tok = load_model(base_ref, cache_dir=cache_dir, allow_pickle=cfg.allow_pickle)
+    tok = tokenizer_or_donors(tok, donor.path)
+    adopt_attention(model, donor)  # a Llamba base takes the donor Llama's heads and RoPE
     if base_ref.dtype != "auto":
         donor.dtype = torch_dtype(base_ref.dtype)
     calib_src, _ = calibration_and_eval_sources(text_spec(cfg.data), text_spec(cfg.eval.ppl), cache_dir,

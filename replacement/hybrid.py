@@ -100,10 +100,20 @@ class DonorLayers:
         key_map: Callable[[str], str] = lambda k: k  # noqa: E731
         with torch.device("meta"):
             skeleton, key_map = _skeleton(path, config)
+        from core.llamba import hybrid_config_from_llamba, is_llamba_config
+
+        if is_llamba_config(config):  # compare and adopt in Llama terms (padded vocabulary, depth, width)
+            config = hybrid_config_from_llamba(config)
         return DonorLayers(path, config, skeleton, key_map, device=device, dtype=dtype)
 
     def __len__(self) -> int:
         return self.depth
+
+    def layer_types(self) -> list[str]:
+        """"attention" | "mamba2" per donor layer, from its config (no weights read)."""
+        from core.llama import layer_types_of
+
+        return layer_types_of(self._skeleton)
 
     def __getitem__(self, i: int) -> "nn.Module":
         if i not in self._cache:
@@ -160,11 +170,9 @@ def _skeleton(path: Path, config: dict) -> tuple["nn.Module", Callable[[str], st
 
         cfg = {k: v for k, v in config.items() if k not in ("model_type", "auto_map", "architectures")}
         return HybridForCausalLM(HybridConfig(**cfg)), lambda k: k
-    try:
-        from core import llamba
-    except ImportError:  # pragma: no cover - before Llamba support
-        llamba = None  # type: ignore[assignment]
-    if llamba is not None and llamba.is_llamba_config(config):
+    from core import llamba
+
+    if llamba.is_llamba_config(config):
         from core.modeling.hybrid import HybridConfig, HybridForCausalLM
 
         return HybridForCausalLM(HybridConfig(**llamba.hybrid_config_from_llamba(config))), llamba.llamba_key_to_hybrid
@@ -180,14 +188,21 @@ def swapped(model: "nn.Module", layers: Mapping[int, "nn.Module"]) -> Iterator["
     """``model`` with ``layers[i]`` at decoder index i while the block runs (references, no copies)."""
     stack = model.model.layers
     saved = {i: stack[i] for i in layers}
+    kinds = getattr(model.config, "layer_types", None)
     try:
         for i, layer in layers.items():
             _place(layer, i)
             stack[i] = layer
+        if kinds is not None and getattr(model.config, "model_type", None) == "prunelab_hybrid":
+            from core.llama import layer_types_of
+
+            model.config.layer_types = layer_types_of(model)
         yield model
     finally:
         for i, layer in saved.items():
             stack[i] = layer
+        if kinds is not None:
+            model.config.layer_types = kinds
 
 
 def _place(layer: "nn.Module", i: int) -> None:
@@ -197,16 +212,49 @@ def _place(layer: "nn.Module", i: int) -> None:
             m.layer_idx = i
 
 
+def adopt_attention(model: "nn.Module", donor: DonorLayers) -> bool:
+    """Give a base without attention layers (a Llamba) the donor's attention settings, so that the donor's
+    attention layers see the positions, RoPE and heads they were trained with. Returns whether it changed."""
+    from core.llama import layer_types_of
+    from core.llamba import ATTENTION_KEYS
+
+    if "attention" in layer_types_of(model) or "attention" not in donor.layer_types():
+        return False
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+    base_eps, donor_eps = getattr(model.config, "rms_norm_eps", None), donor.config.get("rms_norm_eps")
+    if base_eps is not None and donor_eps is not None and float(base_eps) != float(donor_eps):
+        # A hybrid config has one eps for its attention layers and final norm: it could not reproduce both.
+        raise ConfigError(f"base and donor {donor.path} use different RMSNorm eps ({base_eps} vs {donor_eps}); "
+                          "their layers cannot share one hybrid checkpoint")
+    for key in ATTENTION_KEYS:
+        if donor.config.get(key) is not None:
+            setattr(model.config, key, donor.config[key])
+    device = next(model.parameters()).device
+    model.model.rotary_emb = LlamaRotaryEmbedding(config=model.config).to(device)
+    return True
+
+
+def _sync_config(model: "nn.Module", layers: list[int], source: str) -> None:
+    """The config follows the modules: layer kinds (the cache is built from them) and where each came from."""
+    from core.llama import layer_types_of
+
+    if getattr(model.config, "model_type", None) == "prunelab_hybrid":
+        model.config.layer_types = layer_types_of(model)
+    sources = list(getattr(model.config, "layer_sources", None) or ["base"] * len(model.model.layers))
+    for i in layers:
+        sources[i] = source
+    model.config.layer_sources = sources
+
+
 def assemble(model: "nn.Module", donor: DonorLayers, layers: list[int]) -> "nn.Module":
     """Swap ``donor[i]`` into ``model`` for every i in ``layers``, in place, and return the model."""
     layers = check_layers(list(layers), len(model.model.layers))
+    adopt_attention(model, donor)
     stack = model.model.layers
     for i in layers:
         layer = donor[i]
         _place(layer, i)
         stack[i] = layer
-    sources = list(getattr(model.config, "layer_sources", None) or ["base"] * len(stack))
-    for i in layers:
-        sources[i] = "donor"
-    model.config.layer_sources = sources
+    _sync_config(model, layers, "donor")
     return model

@@ -133,3 +133,35 @@ def test_fitness_kl_prefix_cache_and_ppl(pair):
     assert ppl((0, 1, 2, 3)) == pytest.approx(
         torch.exp(torch.nn.functional.cross_entropy(_logits(donor, tokens)[:, :-1].reshape(-1, 259),
                                                     tokens[:, 1:].reshape(-1))).item(), rel=1e-5)
+
+
+def test_llamba_base_with_llama_layers(tmp_path):
+    """The seed's workflow in miniature: a Cartesia-layout Llamba with two layers back from a Llama donor."""
+    from core.llama import layer_types_of
+    from llamba_helpers import write_llamba_dir
+
+    base_dir, _ = write_llamba_dir(tmp_path / "llamba")
+    donor, tok = build_tiny(num_layers=3, hidden_size=32, intermediate_size=48, num_heads=4, num_kv_heads=2,
+                            vocab_size=264, seed=1)
+    donor.config.rms_norm_eps = 1e-5  # Llama-3's, and Llamba's (another eps is refused: one line)
+    donor.save_pretrained(tmp_path / "llama")
+    layers = DonorLayers.open(tmp_path / "llama")
+    assert layers.layer_types() == ["attention"] * 3
+    base, _ = load_model(ModelRef.at(base_dir), cache_dir=tmp_path)
+    from core.models import model_config
+
+    check_compatible(model_config(ModelRef.at(base_dir), tmp_path), layers.config, "llamba", "llama")
+    assemble(base, layers, [0, 2])
+    assert layer_types_of(base) == ["attention", "mamba2", "attention"] == base.config.layer_types
+    assert base.config.num_attention_heads == 4 and base.config.head_dim == 8  # the donor's attention settings
+    x = torch.randint(0, 259, (1, 6))
+    with torch.no_grad():
+        cached = base.generate(x, max_new_tokens=6, do_sample=False, use_cache=True)
+        plain = base.generate(x, max_new_tokens=6, do_sample=False, use_cache=False)
+    assert torch.equal(cached, plain)
+    out = save_checkpoint(base, tok, tmp_path / "hybrid", {"method": "replace", "replaced_layers": [0, 2]})
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["model_type"] == "prunelab_hybrid" and cfg["layer_types"] == ["attention", "mamba2", "attention"]
+    assert cfg["layer_sources"] == ["donor", "llamba", "donor"]
+    loaded, _ = load_model(ModelRef.at(out), cache_dir=tmp_path)
+    torch.testing.assert_close(_logits(loaded, x), _logits(base, x), rtol=0, atol=0)
