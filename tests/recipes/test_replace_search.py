@@ -148,3 +148,15 @@ def test_killed_search_resumes_to_the_same_answer(pair, tmp_path):
     other = subprocess.run([*common, "search.tokens=256", "search.resume=latest", f"hydra.run.dir={tmp_path / 'other'}"],
                            capture_output=True, text=True, timeout=600)
     assert other.returncode == 1 and "tokens" in other.stderr and "Traceback" not in other.stderr
+
+
+def test_search_with_an_lm_eval_fitness(pair, tmp_path):
+    """The seed's fitness: 1 - accuracy of an lm-eval task on the hybrid (a few items: the wiring, not a score)."""
+    base, donor = pair
+    _, m = run_task(["task=search", *FAST, f"replacement.base={base}", f"replacement.donor={donor}",
+                     "search.fitness=lm_eval", "search.task=piqa", "search.limit=4", "search.k=[1]",
+                     "search.strategies=[score_topk]", "search.budget=5", "search.tokens=64"], tmp_path)
+    res = json.loads((tmp_path / "search" / "results.json").read_text())
+    entry = res["k"]["1"]["score_topk"]
+    assert m["status"] == "completed" and entry["evaluations"] == 4
+    assert all(0.0 <= h["fitness"] <= 1.0 and h["fitness"] * 4 == round(h["fitness"] * 4) for h in entry["history"])
