@@ -189,8 +189,13 @@ def swapped(model: "nn.Module", layers: Mapping[int, "nn.Module"]) -> Iterator["
     stack = model.model.layers
     saved = {i: stack[i] for i in layers}
     kinds = getattr(model.config, "layer_types", None)
+    homes = {}  # donor layers kept elsewhere (replacement.donor_device=cpu) visit the model's device
     try:
         for i, layer in layers.items():
+            here, home = _device(stack[i]), _device(layer)
+            if here is not None and home is not None and here != home:
+                homes[i] = home
+                layer.to(here)
             _place(layer, i)
             stack[i] = layer
         if kinds is not None and getattr(model.config, "model_type", None) == "prunelab_hybrid":
@@ -199,10 +204,17 @@ def swapped(model: "nn.Module", layers: Mapping[int, "nn.Module"]) -> Iterator["
             model.config.layer_types = layer_types_of(model)
         yield model
     finally:
+        for i, home in homes.items():
+            layers[i].to(home)
         for i, layer in saved.items():
             stack[i] = layer
         if kinds is not None:
             model.config.layer_types = kinds
+
+
+def _device(module: "nn.Module") -> Optional["torch.device"]:
+    p = next(module.parameters(), None)
+    return p.device if p is not None else None
 
 
 def _place(layer: "nn.Module", i: int) -> None:
