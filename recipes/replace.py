@@ -38,7 +38,7 @@ Load it anywhere (torch + transformers only, no prunelab):
 
 Test it (generation check + a limited MMLU) with prunelab:
 
-    python run.py task=evaluate model={path} eval=mmlu eval.limit=50
+    python run.py task=evaluate model={path} eval=mmlu eval.limit=50 eval.generation.enabled=true
 
 checkpoint_info.json holds the layers, the scores measured by the run, the base, the donor and the full config.
 """
