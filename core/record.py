@@ -107,7 +107,7 @@ class RunContext:
             "heartbeat_unix": time.time(),
             "run_dir": str(self.run_dir.resolve()),
         }
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()  # the heartbeat thread and the run both write the record
         self._wandb = None
         try:  # the first write is exclusive: a record is never created over another run's
             atomic_write_json(self.path, self.metrics, exclusive=True)
@@ -147,20 +147,24 @@ class RunContext:
 
     def _heartbeat(self, every: float) -> None:
         while not self._stop.wait(every):
-            self.metrics["heartbeat"] = _now()
-            self.metrics["heartbeat_unix"] = time.time()
             try:
-                self._write()
-            except OSError as e:  # a full disk must not kill the run from a side thread
+                with self._lock:
+                    if self.metrics.get("status") != "running":
+                        return
+                    self.metrics["heartbeat"] = _now()
+                    self.metrics["heartbeat_unix"] = time.time()
+                    self._write()
+            except Exception as e:  # noqa: BLE001 - a full disk must not kill the run from a side thread
                 log.warning("heartbeat not written: %s", e)
 
     def log(self, section: str, values: Any) -> None:
         """Store ``values`` under ``metrics[section]`` (dicts merge) and mirror scalars to W&B."""
-        if isinstance(values, dict) and isinstance(self.metrics.get(section), dict):
-            self.metrics[section].update(values)
-        else:
-            self.metrics[section] = values
-        self._write()
+        with self._lock:
+            if isinstance(values, dict) and isinstance(self.metrics.get(section), dict):
+                self.metrics[section].update(values)
+            else:
+                self.metrics[section] = values
+            self._write()
         if self._wandb is not None:
             flat = _flatten({section: values}) if isinstance(values, dict) else {section: values}
             scalars = {k: v for k, v in flat.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
@@ -201,18 +205,19 @@ class RunContext:
     def finish(self, status: str = "completed", error: Optional[BaseException] = None) -> None:
         """Write the final status (once; a later call is ignored) and close W&B."""
         self._stop.set()
-        if self.metrics.get("status") in FINAL_STATUSES:
-            return
-        self.metrics["status"] = status
-        self.metrics["finished"] = _now()
-        if error is not None:
-            self.metrics["error"] = {
-                "type": type(error).__name__,
-                "message": str(error),
-                "traceback": "".join(traceback.format_exception(error))[-4000:],
-            }
         try:
-            self._write()
+            with self._lock:
+                if self.metrics.get("status") in FINAL_STATUSES:
+                    return
+                self.metrics["status"] = status
+                self.metrics["finished"] = _now()
+                if error is not None:
+                    self.metrics["error"] = {
+                        "type": type(error).__name__,
+                        "message": str(error),
+                        "traceback": "".join(traceback.format_exception(error))[-4000:],
+                    }
+                self._write()
         finally:
             if self._wandb is not None:
                 wb, self._wandb = self._wandb, None
