@@ -27,7 +27,7 @@ from typing import Any, Iterable, Mapping, Optional
 
 import pandas as pd
 
-from analysis.lm_eval_tasks import HEADLINE_METRIC, ZEROSHOT_TASKS
+from analysis.lm_eval_tasks import HEADLINE_METRIC
 from core.record import run_status
 
 log = logging.getLogger(__name__)

@@ -16,7 +16,6 @@ from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
 
-from core.errors import ConfigError  # noqa: F401  (re-exported: the error validate()'s callers raise)
 from core.models import DTYPE_NAMES, KINDS, ModelRef
 
 TEXT_SOURCES = ("austen", "boolq", "text_file")

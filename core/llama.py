@@ -12,7 +12,6 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Mapping
 
 if TYPE_CHECKING:  # annotations only: reading a config's geometry needs no torch
-    import torch
     from torch import nn
 
 

@@ -33,6 +33,13 @@ def text_spec(node: Any) -> TextSpec:
     return TextSpec(d["source"], d.get("path"), d.get("text_field", "text"))
 
 
+def headline_metrics(result: dict) -> dict:
+    """The numbers of one ``analysis.evaluate.evaluate_model`` result a sweeper can optimise (those measured)."""
+    out = {"ppl": (result.get("ppl") or {}).get("value"), "avg_acc": result.get("task_average"),
+           "mmlu": (result.get("mmlu") or {}).get("average")}
+    return {k: v for k, v in out.items() if v is not None}
+
+
 def model_names() -> list[str]:
     return sorted(p.stem for p in (CONF_DIR / "model").glob("*.yaml"))
 

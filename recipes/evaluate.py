@@ -15,7 +15,7 @@ from omegaconf import DictConfig
 
 from core.data import TextSpec
 from core.models import ModelRef
-from recipes._common import checkpoint_info, model_ref, plain
+from recipes._common import checkpoint_info, headline_metrics, model_ref, plain
 
 log = logging.getLogger(__name__)
 
@@ -86,13 +86,6 @@ def _log_results(label: str, result: dict) -> None:
                  eff.get("decode_latency_ms", float("nan")))
 
 
-def _headline(result: dict) -> dict:
-    """The numbers a sweeper can optimise: perplexity, the zero-shot average, MMLU (those measured)."""
-    out = {"ppl": (result.get("ppl") or {}).get("value"), "avg_acc": result.get("task_average"),
-           "mmlu": (result.get("mmlu") or {}).get("average")}
-    return {k: v for k, v in out.items() if v is not None}
-
-
 def run(cfg: DictConfig, ctx: Any) -> dict:
     """Evaluate ``cfg.model`` (and its base model when ``eval.compare_base``) into ``ctx.run_dir``."""
     import pandas as pd
@@ -149,4 +142,4 @@ def run(cfg: DictConfig, ctx: Any) -> dict:
 
         atomic_write_text(Path(ctx.run_dir) / "eval_results.csv", table.to_csv(index=False))
         ctx.log_table("eval/results", table)
-    return _headline(result)
+    return headline_metrics(result)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from recipes._common import build, model_ref, plain, text_spec
+from recipes._common import build, headline_metrics, model_ref, plain, text_spec
 
 log = logging.getLogger(__name__)
 
@@ -51,13 +51,6 @@ def check_model_config(config: dict, cfg: DictConfig) -> None:
 def _bytes_per_param(dtype: str, config: dict) -> int:
     name = dtype if dtype != "auto" else str(config.get("dtype") or config.get("torch_dtype") or "float32")
     return 2 if name in ("float16", "bfloat16") else 4
-
-
-def _headline(result: dict) -> dict:
-    """The numbers of one evaluate_model result that a sweeper can optimise."""
-    out = {"ppl": (result.get("ppl") or {}).get("value"), "avg_acc": result.get("task_average"),
-           "mmlu": (result.get("mmlu") or {}).get("average")}
-    return {k: v for k, v in out.items() if v is not None}
 
 
 def _peak_mib() -> float:
@@ -186,7 +179,7 @@ def run(cfg: DictConfig, ctx) -> dict:
     ctx.log("memory", {f"peak_rss_mib_after_{k}": round(v, 1) for k, v in peak.items()})
     ctx.log("timings", {"load_s": t_load, "eval_s": t_eval, "prune_s": t_prune, "save_s": t_save,
                         "analysis_s": time.perf_counter() - t0, "recipe_s": time.perf_counter() - t_start})
-    metrics = _headline(results["pruned"])
+    metrics = headline_metrics(results["pruned"])
     if "base" in results and (results["base"].get("ppl") or {}).get("value") is not None:
         metrics["ppl_base"] = results["base"]["ppl"]["value"]
     metrics["params_kept_pct"] = 100.0 * result.params_after / params_base

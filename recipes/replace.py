@@ -18,7 +18,7 @@ from typing import Any
 
 from omegaconf import DictConfig
 
-from recipes._common import build, donor_dir, plain, resolve_model, tokenizer_or_donors
+from recipes._common import build, donor_dir, headline_metrics, plain, resolve_model, tokenizer_or_donors
 
 log = logging.getLogger(__name__)
 
@@ -97,8 +97,7 @@ def run(cfg: DictConfig, ctx: Any) -> dict:
         ppl_tokens, source = eval_tokens(tok, src, cfg.eval.ppl.max_tokens), src.name
     result = evaluate_model(model, tok, eval_cfg, cache_dir=cache_dir, ppl_tokens=ppl_tokens, ppl_source=source)
     ctx.log("eval", {"model": result})
-    metrics = {k: v for k, v in {"ppl": (result.get("ppl") or {}).get("value"), "avg_acc": result.get("task_average"),
-                                 "mmlu": (result.get("mmlu") or {}).get("average")}.items() if v is not None}
+    metrics = headline_metrics(result)
 
     # 4. Checkpoint + README.txt.
     if cfg.save_model:

@@ -68,8 +68,6 @@ def _resume_dir(resume: str, outputs_root: str, here: Path) -> Path:
 
 
 def run(cfg: DictConfig, ctx: Any) -> dict:
-    import torch
-
     from analysis.plots import convergence
     from core.checkpoint import save_checkpoint
     from core.data import calibration_and_eval_sources, calibration_batch
