@@ -7,6 +7,10 @@
       generation_config.json, tokenizer files
       checkpoint_info.json         method, ratio, ranges, base model, scores, time, git commit, config
 
+A model whose decoder layers all have the config's own widths and no added bias (unstructured / N:M sparsity,
+ShortGPT's whole-layer removal, a dense model) is written as a stock Llama instead: model_type llama, no
+auto_map and no modeling file, so it loads without ``trust_remote_code``.
+
 A model with any Llamba (mamba2) decoder layer is written as a hybrid instead: config.json has model_type
 prunelab_hybrid, `layer_types` ("attention" | "mamba2" per layer), `layer_configs` (heads 0 for mamba2
 layers), `ssm_cfg` and an auto_map to modeling_prunelab_hybrid.py (a copy of core/modeling/hybrid.py:
@@ -30,7 +34,7 @@ import torch
 from safetensors.torch import save_file
 
 from core.io import atomic_dir, atomic_write_json
-from core.llama import head_dim, layer_configs, layer_types_of
+from core.llama import head_dim, is_uniform, layer_configs, layer_types_of
 
 MODELING_FILE = Path(__file__).parent / "modeling" / "pruned_llama.py"  # copied in as modeling_prunelab.py
 HYBRID_MODELING_FILE = Path(__file__).parent / "modeling" / "hybrid.py"  # copied in as modeling_prunelab_hybrid.py
@@ -107,12 +111,22 @@ def save_checkpoint(model: torch.nn.Module, tokenizer: Any, out_dir: str | Path,
                 "_name_or_path", "quantization_config", "layer_types", "ssm_cfg"):
         base_cfg.pop(key, None)
     base_cfg["head_dim"] = head_dim(model.config)
+    base_cfg["num_hidden_layers"] = len(model.model.layers)
     dtype = save_dtype or next(model.parameters()).dtype
     base_cfg["dtype"] = str(dtype).removeprefix("torch.")
     types = layer_types_of(model)
+    modeling_file: Optional[Path]
     if "mamba2" in types:
         cfg = _hybrid_config(model, types, base_cfg)
         modeling_file, modeling_name = HYBRID_MODELING_FILE, "modeling_prunelab_hybrid.py"
+    elif is_uniform(model):
+        from transformers import LlamaConfig
+
+        if getattr(model.config, "layer_types", None) is not None:
+            base_cfg["layer_types"] = model.config.layer_types
+        cfg = LlamaConfig(**base_cfg)
+        cfg.architectures = ["LlamaForCausalLM"]
+        modeling_file, modeling_name = None, ""
     else:
         if getattr(model.config, "layer_types", None) is not None:  # transformers' own per-layer attention kinds
             base_cfg["layer_types"] = model.config.layer_types
@@ -128,7 +142,8 @@ def save_checkpoint(model: torch.nn.Module, tokenizer: Any, out_dir: str | Path,
             model.generation_config.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        shutil.copyfile(modeling_file, tmp / modeling_name)
+        if modeling_file is not None:
+            shutil.copyfile(modeling_file, tmp / modeling_name)
         full_info = {"format": "prunelab-checkpoint/1", "creation_time": time.strftime("%Y-%m-%dT%H:%M:%S"),
                      "git_commit": git_commit(), **info}
         atomic_write_json(tmp / "checkpoint_info.json", full_info)

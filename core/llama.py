@@ -61,16 +61,21 @@ class Geometry:
     def of(model: nn.Module) -> "Geometry":
         hd = head_dim(model.config)
         layers = decoder_layers(model)
-        attn = [l.self_attn if layer_type(l) == "attention" else None for l in layers]
+        # (a removed sub-block, core.modeling.pruned_llama.RemovedAttention / RemovedMLP, has no projections)
+        attn = [l.self_attn if layer_type(l) == "attention" and hasattr(l.self_attn, "q_proj") else None
+                for l in layers]
         first = next((a for a in attn if a is not None), None)
+        mlps = [l.mlp if hasattr(l.mlp, "gate_proj") else None for l in layers]
+        first_mlp = next((m for m in mlps if m is not None), None)
         return Geometry(
             hidden=model.config.hidden_size, head_dim=hd,
             heads=tuple(a.q_proj.out_features // hd if a is not None else 0 for a in attn),
             kv_heads=tuple(a.k_proj.out_features // hd if a is not None else 0 for a in attn),
-            widths=tuple(l.mlp.gate_proj.out_features for l in layers),
+            widths=tuple(m.gate_proj.out_features if m is not None else 0 for m in mlps),
             attn_bias=first.q_proj.bias is not None if first is not None else bool(
                 getattr(model.config, "attention_bias", False)),
-            mlp_bias=layers[0].mlp.gate_proj.bias is not None,
+            mlp_bias=first_mlp.gate_proj.bias is not None if first_mlp is not None else bool(
+                getattr(model.config, "mlp_bias", False)),
         )
 
     @staticmethod
@@ -111,15 +116,18 @@ def params_from_config(cfg: Mapping[str, Any]) -> int:
     vocab, h = int(cfg["vocab_size"]), g.hidden
     total = vocab * h * (1 if cfg.get("tie_word_embeddings", False) else 2) + h  # embeddings, LM head, final norm
     types = cfg.get("layer_types") or ["attention"] * g.depth
-    for heads, kv, width, kind in zip(g.heads, g.kv_heads, g.widths, types):
+    lcs = cfg.get("layer_configs") or [{}] * g.depth
+    for heads, kv, width, kind, lc in zip(g.heads, g.kv_heads, g.widths, types, lcs):
         q, k = heads * g.head_dim, kv * g.head_dim
         total += 3 * h * width + 2 * h  # gate/up/down, two norms
-        total += (2 * width + h) if g.mlp_bias else 0
+        total += (2 * width + h) if g.mlp_bias and width else 0
+        total += h if lc.get("down_proj_bias") and not g.mlp_bias and width else 0
         if kind == "mamba2":
             total += mamba2_mixer_params(h, cfg.get("ssm_cfg") or {})
             continue
         total += 2 * h * q + 2 * h * k  # q, o, k, v
-        total += (q + 2 * k + h) if g.attn_bias else 0
+        total += (q + 2 * k + h) if g.attn_bias and heads else 0
+        total += h if lc.get("o_proj_bias") and not g.attn_bias and heads else 0
     return total
 
 
@@ -136,10 +144,30 @@ def mamba2_mixer_params(hidden: int, ssm_cfg: Mapping[str, Any]) -> int:
 
 
 def layer_configs(model: nn.Module) -> list[dict]:
-    """Per-layer widths as stored in a prunelab checkpoint's ``config.json`` (heads 0 for a mamba2 layer)."""
+    """Per-layer widths as stored in a prunelab checkpoint's ``config.json`` (heads 0 for a mamba2 layer or a
+    removed attention sub-block, intermediate_size 0 for a removed MLP; ``o_proj_bias`` / ``down_proj_bias``
+    where a method added an output bias the config's ``attention_bias`` / ``mlp_bias`` does not give)."""
     g = Geometry.of(model)
-    return [{"num_attention_heads": h, "num_key_value_heads": kv, "intermediate_size": w}
-            for h, kv, w in zip(g.heads, g.kv_heads, g.widths)]
+    out = []
+    for layer, h, kv, w in zip(decoder_layers(model), g.heads, g.kv_heads, g.widths):
+        lc = {"num_attention_heads": h, "num_key_value_heads": kv, "intermediate_size": w}
+        o = getattr(getattr(layer, "self_attn", None), "o_proj", None)
+        if o is not None and o.bias is not None and not g.attn_bias:
+            lc["o_proj_bias"] = True
+        d = getattr(getattr(layer, "mlp", None), "down_proj", None)
+        if d is not None and d.bias is not None and not g.mlp_bias:
+            lc["down_proj_bias"] = True
+        out.append(lc)
+    return out
+
+
+def is_uniform(model: nn.Module) -> bool:
+    """True when every decoder layer has the config's own widths and no added bias: a stock Llama."""
+    cfg = model.config
+    kv = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+    want = {"num_attention_heads": cfg.num_attention_heads, "num_key_value_heads": kv,
+            "intermediate_size": cfg.intermediate_size}
+    return "mamba2" not in layer_types_of(model) and all(lc == want for lc in layer_configs(model))
 
 
 def count_params(model: nn.Module) -> int:

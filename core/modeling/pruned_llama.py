@@ -7,8 +7,14 @@
 # query heads, KV heads and MLP width (head_dim is unchanged). The stock modules
 # reshape with -1 heads and keep `num_key_value_groups = heads // kv_heads`, which
 # GQA-consistent pruning preserves, so resizing the Linear layers is all it takes.
+#
+# Optional per-layer keys: `o_proj_bias` / `down_proj_bias` true where a method added an
+# output bias (FLAP's compensation); 0 heads (attention) or intermediate_size 0 (MLP)
+# where a whole sub-block was removed (ShortGPT's block variant): the sub-block then
+# adds nothing to the residual stream.
 from __future__ import annotations
 
+import torch
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -25,6 +31,32 @@ def _linear(in_features: int, out_features: int, bias: bool, like: nn.Linear) ->
     return nn.Linear(in_features, out_features, bias=bias, device=like.weight.device, dtype=like.weight.dtype)
 
 
+class RemovedAttention(nn.Module):
+    """A removed attention sub-block: adds nothing to the residual stream.
+
+    It still records the step in the KV cache (zero heads), so the cache's sequence length, which generation
+    reads from layer 0, stays right when layer 0's attention is the one removed.
+    """
+
+    def __init__(self, layer_idx: int, head_dim: int):
+        super().__init__()
+        self.layer_idx, self.head_dim = layer_idx, head_dim
+
+    def forward(self, hidden_states, position_embeddings=None, attention_mask=None, past_key_values=None, **kwargs):
+        if past_key_values is not None:
+            b, t = hidden_states.shape[:2]
+            empty = hidden_states.new_zeros(b, 0, t, self.head_dim)
+            past_key_values.update(empty, empty, self.layer_idx)
+        return torch.zeros_like(hidden_states), None
+
+
+class RemovedMLP(nn.Module):
+    """A removed MLP sub-block: adds nothing to the residual stream."""
+
+    def forward(self, x):
+        return torch.zeros_like(x)
+
+
 def apply_layer_configs(model: LlamaForCausalLM, layer_configs: list[dict] | None) -> None:
     """Resize each decoder layer's projections to the widths in ``layer_configs``."""
     if not layer_configs:
@@ -38,23 +70,35 @@ def apply_layer_configs(model: LlamaForCausalLM, layer_configs: list[dict] | Non
     for layer, lc in zip(layers, layer_configs):
         attn, mlp = layer.self_attn, layer.mlp
         heads, kv = int(lc["num_attention_heads"]), int(lc["num_key_value_heads"])
-        if heads <= 0 or kv <= 0 or heads % kv:
+        if heads == 0 and kv == 0:
+            if not isinstance(attn, RemovedAttention):
+                layer.self_attn = RemovedAttention(attn.layer_idx, head_dim)
+        elif heads < 0 or kv <= 0 or heads % kv:
             raise ValueError(f"invalid head layout {heads} heads / {kv} KV heads")
-        if attn.q_proj.out_features != heads * head_dim or attn.k_proj.out_features != kv * head_dim:
+        else:
             ab = cfg.attention_bias
-            attn.q_proj = _linear(hidden, heads * head_dim, ab, attn.q_proj)
-            attn.k_proj = _linear(hidden, kv * head_dim, ab, attn.k_proj)
-            attn.v_proj = _linear(hidden, kv * head_dim, ab, attn.v_proj)
-            attn.o_proj = _linear(heads * head_dim, hidden, ab, attn.o_proj)
-        attn.num_key_value_groups = heads // kv
+            if attn.q_proj.out_features != heads * head_dim or attn.k_proj.out_features != kv * head_dim:
+                attn.q_proj = _linear(hidden, heads * head_dim, ab, attn.q_proj)
+                attn.k_proj = _linear(hidden, kv * head_dim, ab, attn.k_proj)
+                attn.v_proj = _linear(hidden, kv * head_dim, ab, attn.v_proj)
+                attn.o_proj = _linear(heads * head_dim, hidden, ab, attn.o_proj)
+            if lc.get("o_proj_bias") and attn.o_proj.bias is None:
+                attn.o_proj = _linear(heads * head_dim, hidden, True, attn.o_proj)
+            attn.num_key_value_groups = heads // kv
         width = int(lc["intermediate_size"])
-        if width <= 0:
-            raise ValueError("intermediate_size must be positive")
+        if width < 0:
+            raise ValueError("intermediate_size must not be negative")
+        if width == 0:
+            if not isinstance(mlp, RemovedMLP):
+                layer.mlp = RemovedMLP()
+            continue
+        mb = cfg.mlp_bias
         if mlp.gate_proj.out_features != width:
-            mb = cfg.mlp_bias
             mlp.gate_proj = _linear(hidden, width, mb, mlp.gate_proj)
             mlp.up_proj = _linear(hidden, width, mb, mlp.up_proj)
             mlp.down_proj = _linear(width, hidden, mb, mlp.down_proj)
+        if lc.get("down_proj_bias") and mlp.down_proj.bias is None:
+            mlp.down_proj = _linear(width, hidden, True, mlp.down_proj)
         mlp.intermediate_size = width
 
 

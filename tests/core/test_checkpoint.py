@@ -170,3 +170,79 @@ def test_save_dtype_halves_the_checkpoint(saved, tmp_path, dtype):
     assert next(loaded.parameters()).dtype == dtype
     x = torch.randint(0, 256, (2, 12))
     torch.testing.assert_close(loaded(x).logits.float(), model(x).logits, rtol=0.05, atol=0.05)
+
+
+def _plain_transformers_logits(out: Path, x: torch.Tensor, tmp_path: Path, remote: bool) -> torch.Tensor:
+    torch.save(x, tmp_path / "x.pt")
+    script = f"""
+import sys
+for name in ("core", "pruning", "analysis", "replacement"):
+    sys.modules[name] = None  # prunelab is not importable here
+import torch
+from transformers import AutoModelForCausalLM
+m = AutoModelForCausalLM.from_pretrained({str(out)!r}, trust_remote_code={remote})
+x = torch.load({str(tmp_path / 'x.pt')!r}, weights_only=True)
+torch.save(m(x).logits.detach(), {str(tmp_path / 'got.pt')!r})
+g = m.generate(x[:1, :4], max_new_tokens=6, do_sample=False)
+print("GEN", g.shape[1], type(m).__name__)
+"""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    proc = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "GEN 10" in proc.stdout
+    return torch.load(tmp_path / "got.pt", weights_only=True), proc.stdout
+
+
+def test_added_biases_and_removed_sub_blocks_round_trip(tiny, tmp_path):
+    """FLAP's output biases and ShortGPT's removed sub-blocks (layer 0's attention included: the KV cache's length
+    is read from layer 0) load in plain transformers with the same logits, and generation works."""
+    from torch import nn
+
+    from core.llama import layer_configs, params_from_config
+    from core.modeling.pruned_llama import RemovedAttention, RemovedMLP
+
+    model, tok = tiny
+    layers = model.model.layers
+    o = layers[1].self_attn.o_proj
+    layers[1].self_attn.o_proj = nn.Linear(o.in_features, o.out_features, bias=True)
+    layers[1].self_attn.o_proj.weight.data.copy_(o.weight.data)
+    nn.init.normal_(layers[1].self_attn.o_proj.bias)
+    d = layers[2].mlp.down_proj
+    layers[2].mlp.down_proj = nn.Linear(d.in_features, d.out_features, bias=True)
+    layers[2].mlp.down_proj.weight.data.copy_(d.weight.data)
+    nn.init.normal_(layers[2].mlp.down_proj.bias)
+    layers[0].self_attn = RemovedAttention(0, 8)
+    layers[3].mlp = RemovedMLP()
+    lcs = layer_configs(model)
+    assert lcs[0]["num_attention_heads"] == 0 and lcs[3]["intermediate_size"] == 0
+    assert lcs[1]["o_proj_bias"] and lcs[2]["down_proj_bias"] and "o_proj_bias" not in lcs[2]
+    x = torch.randint(0, 256, (2, 12))
+    with torch.no_grad():
+        ref = model(x).logits
+    out = save_checkpoint(model, tok, tmp_path / "model", {"method": "test"})
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["model_type"] == "prunelab_llama"
+    assert params_from_config(cfg) == count_params(model)
+    got, stdout = _plain_transformers_logits(out, x, tmp_path, remote=True)
+    assert "PrunedLlamaForCausalLM" in stdout
+    torch.testing.assert_close(got, ref, rtol=0, atol=1e-5)
+
+
+def test_uniform_model_saves_as_stock_llama(tiny, tmp_path):
+    """Fewer layers of full width (ShortGPT) or zeros in dense shapes: no remote code needed."""
+    model, tok = tiny
+    del model.model.layers[1]
+    for i, layer in enumerate(model.model.layers):
+        layer.self_attn.layer_idx = i
+    model.config.num_hidden_layers = len(model.model.layers)
+    x = torch.randint(0, 256, (2, 12))
+    with torch.no_grad():
+        ref = model(x).logits
+    out = save_checkpoint(model, tok, tmp_path / "model", {"method": "test"})
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["model_type"] == "llama" and "auto_map" not in cfg and cfg["num_hidden_layers"] == 3
+    assert not list(out.glob("modeling_*.py"))
+    got, stdout = _plain_transformers_logits(out, x, tmp_path, remote=False)
+    assert "LlamaForCausalLM" in stdout
+    torch.testing.assert_close(got, ref, rtol=0, atol=1e-5)
