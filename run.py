@@ -36,13 +36,14 @@ from omegaconf import DictConfig, OmegaConf  # noqa: E402
 from core.config import register_configs, validate  # noqa: E402
 from core.errors import ConfigError, RunDirError, UserError  # noqa: E402
 from recipes import task_names  # noqa: E402
-from recipes._callbacks import claim_dir  # noqa: E402
+from recipes._callbacks import claim_dir, ratio_tag  # noqa: E402
 
 log = logging.getLogger("prunelab")
 register_configs()
 # The default run/sweep dirs (conf/hydra/default.yaml) are claimed with an exclusive mkdir; the cache keeps one
 # answer per config, and Hydra copies it into every job's config (joblib, submitit) so all agree on the dir.
 OmegaConf.register_new_resolver("unique_dir", claim_dir, use_cache=True, replace=True)
+OmegaConf.register_new_resolver("ratio_tag", ratio_tag, replace=True)  # 0.2 -> "2000" (the seed's folder names)
 
 
 class Terminated(BaseException):

@@ -129,6 +129,8 @@ def rows_from_metrics(m: dict, source: str) -> list[dict]:
         base_params = params.get("base") or _get(ev, "base", "efficiency", "params")
         rows.append({**common, "model": model_name, "method": "base", "is_base": True,
                      "params": base_params, "params_kept_pct": 100.0 if base_params else None,
+                     "nonzero_params": params.get("nonzero_base"),
+                     "sparsity_pct": 0.0 if params.get("nonzero_base") else None,
                      **_eval_columns(ev["base"])})
     side = "pruned" if "pruned" in ev else "model" if "model" in ev else None
     if side:
@@ -145,7 +147,8 @@ def rows_from_metrics(m: dict, source: str) -> list[dict]:
             "unit": _get(m, "compression", "unit"),
             "attn_layers": _range(m, cfg, "attention"), "mlp_layers": _range(m, cfg, "mlp"),
             "params": params.get("pruned") or params.get("model") or _get(ev, side, "efficiency", "params"),
-            "params_kept_pct": kept, **_eval_columns(ev[side]),
+            "params_kept_pct": kept, "nonzero_params": params.get("nonzero"),
+            "sparsity_pct": params.get("sparsity_pct"), **_eval_columns(ev[side]),
         })
     return rows
 
@@ -244,7 +247,8 @@ def collect(paths: Iterable[str | Path], notes: Optional[Mapping[str, str]] = No
     if not parts:
         return pd.DataFrame()
     out = pd.concat(parts, ignore_index=True) if len(parts) > 1 else parts[0].reset_index(drop=True)
-    ordered = ["model", "method", "ratio", "unit", "attn_layers", "mlp_layers", "params", "params_kept_pct", "ppl",
+    ordered = ["model", "method", "ratio", "unit", "attn_layers", "mlp_layers", "params", "params_kept_pct",
+               "nonzero_params", "sparsity_pct", "ppl",
                "ppl_protocol", *TASK_LABELS.values(), "avg", "MMLU", "mmlu_shots", "prefill_tok_s",
                "decode_tok_s", "decode_ms_per_tok", "limit", "task", "status", "error", "note", "run"]
     cols = [c for c in ordered if c in out.columns] + [c for c in out.columns if c not in ordered]
@@ -259,7 +263,7 @@ def split_completed(df: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
     return df[done], df[~done]
 
 
-_INT_COLUMNS = ("params", "mmlu_shots", "limit")
+_INT_COLUMNS = ("params", "nonzero_params", "mmlu_shots", "limit")
 _MERGE_FREE = ("run", "status", "limit")
 
 

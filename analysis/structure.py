@@ -10,8 +10,9 @@ and streamed one tensor at a time.
 Llama naming (other decoder-only models with ``layers.N.`` / ``h.N.`` / ``blocks.N.`` work too):
 ``model.embed_tokens.weight``, ``model.layers.{i}.self_attn.{q,k,v,o}_proj.weight``,
 ``model.layers.{i}.mlp.{gate,up,down}_proj.weight``, ``model.layers.{i}.*layernorm.weight``,
-``model.norm.weight``, ``lm_head.weight`` (absent when tied). Unknown per-layer tensors (SliceGPT's
-``attn_shortcut_Q``) land in the layer's ``extra`` group.
+``model.norm.weight``, ``lm_head.weight`` (absent when tied). Unknown per-layer tensors land in the layer's
+``extra`` group: SliceGPT's residual rotations ``attn_shortcut_Q`` / ``mlp_shortcut_Q`` (a SliceGPT output, a sliced
+prunelab checkpoint) thus count in their layer's parameters, and give its sliced hidden widths.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ ST_DTYPES = {
 ATTN_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP_MODULES = ("gate_proj", "up_proj", "down_proj")
 _LAYER_RE = re.compile(r"^(?P<prefix>.*?)(?:^|\.)(?:layers|h|blocks)\.(?P<idx>\d+)\.(?P<rest>.+)$")
+SHORTCUTS = ("attn_shortcut_Q", "mlp_shortcut_Q")  # SliceGPT's [width in, width out] residual rotations
 _CONFIG_KEYS = ("model_type", "architectures", "hidden_size", "intermediate_size", "num_hidden_layers",
                 "num_attention_heads", "num_key_value_heads", "head_dim", "vocab_size", "tie_word_embeddings",
                 "torch_dtype", "dtype", "layer_configs", "removed_layers")
@@ -194,6 +196,10 @@ class ModelStructure:
         }
         if extra:
             out["extra"] = {k: {"params": m.params, "shape": m.shape} for k, m in extra.items()}
+        a, m = extra.get(SHORTCUTS[0]), extra.get(SHORTCUTS[1])
+        if a is not None and m is not None and a.shape and m.shape:  # a sliced layer's residual widths
+            out["hidden_dims"] = {"attention_input": a.shape[0], "attention_output": a.shape[1],
+                                  "mlp_output": m.shape[1]}
         if layer.nonzero() is not None:
             out["nonzero"] = {"total": layer.nonzero(), "attention": layer.nonzero("attention"),
                               "mlp": layer.nonzero("mlp"),
@@ -315,7 +321,24 @@ def build_structure(tensors: Mapping[str, TensorInfo], config: Optional[dict] = 
         s.class_names = {"attention": f"{stem}Attention", "mlp": f"{stem}MLP"}
     if s.head_dim is None and any(layer.modules for layer in s.layers):
         s.notes.append("no config with head_dim / hidden_size: heads per layer unknown")
+    note = _slicing_note(s)
+    if note:
+        s.notes.append(note)
     return s
+
+
+def _slicing_note(s: ModelStructure) -> Optional[str]:
+    """What a SliceGPT-sliced model's shapes say: the widths of its residual stream, what its shortcuts cost."""
+    found = [e for e in (layer.group("extra") for layer in s.layers) if any(k in e for k in SHORTCUTS)]
+    if not found:
+        return None
+    params = sum(m.params for e in found for k, m in e.items() if k in SHORTCUTS)
+    widths = sorted({d for e in found for k, m in e.items() if k in SHORTCUTS and m.shape for d in m.shape})
+    emb = s.tensors[s.embedding[0]].shape[-1] if s.embedding else "?"
+    head = s.tensors[s.lm_head[0]].shape[-1] if s.lm_head else "?"
+    return (f"SliceGPT-sliced: hidden size {s.config.get('hidden_size', '?')} -> embedding {emb}, residual widths "
+            f"{', '.join(map(str, widths))}, LM head input {head}; the shortcut rotations "
+            f"({', '.join(SHORTCUTS)}, {params:,} parameters) count in their layers' params")
 
 
 def _derive_widths(layer: LayerStructure, head_dim: Optional[int], lc: dict) -> None:
@@ -553,7 +576,10 @@ def _structure_of_path(path: Path, *, config: Optional[dict], name: str, count_n
     if fmt.kind in ("unknown", "eval_only") or fmt.weights_path is None:
         raise LoadError(f"{path} is not a model: {fmt.reason}")
     cfg = config
-    if cfg is None and fmt.config_path is not None:
+    if cfg is None and fmt.kind == "slicegpt":  # its *.json is a slicing config; the model's is config.json beside it
+        beside = (fmt.model_dir or path) / "config.json"
+        cfg = _read_json(beside) if beside.is_file() else None
+    elif cfg is None and fmt.config_path is not None:
         cfg = _read_json(fmt.config_path)
     meta: dict = {}
     info_file = (fmt.model_dir or path) / "checkpoint_info.json"

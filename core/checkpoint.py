@@ -16,6 +16,10 @@ prunelab_hybrid, `layer_types` ("attention" | "mamba2" per layer), `layer_config
 layers), `ssm_cfg` and an auto_map to modeling_prunelab_hybrid.py (a copy of core/modeling/hybrid.py:
 HybridConfig / HybridForCausalLM), which replaces modeling_prunelab.py; everything else is the same.
 
+A SliceGPT-sliced model (``config.slicing``: per-layer hidden widths) is written with model_type
+prunelab_sliced_llama, `slicing`, no norm weights (fused), SliceGPT's `model.layers.N.{attn,mlp}_shortcut_Q`
+matrices and an auto_map to modeling_prunelab_sliced.py (a copy of core/modeling/sliced_llama.py).
+
 ``AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True)`` loads it without prunelab.
 The whole directory is written under a temporary name and renamed at the end, so a crash never
 leaves a checkpoint that looks complete.
@@ -38,6 +42,7 @@ from core.llama import head_dim, is_uniform, layer_configs, layer_types_of
 
 MODELING_FILE = Path(__file__).parent / "modeling" / "pruned_llama.py"  # copied in as modeling_prunelab.py
 HYBRID_MODELING_FILE = Path(__file__).parent / "modeling" / "hybrid.py"  # copied in as modeling_prunelab_hybrid.py
+SLICED_MODELING_FILE = Path(__file__).parent / "modeling" / "sliced_llama.py"  # as modeling_prunelab_sliced.py
 DEFAULT_SHARD_BYTES = 5 * 1024**3
 
 
@@ -110,6 +115,7 @@ def save_checkpoint(model: torch.nn.Module, tokenizer: Any, out_dir: str | Path,
     for key in ("architectures", "auto_map", "model_type", "layer_configs", "transformers_version",
                 "_name_or_path", "quantization_config", "layer_types", "ssm_cfg"):
         base_cfg.pop(key, None)
+    slicing = base_cfg.pop("slicing", None)  # set by pruning.slicegpt / core.slicegpt
     base_cfg["head_dim"] = head_dim(model.config)
     base_cfg["num_hidden_layers"] = len(model.model.layers)
     dtype = save_dtype or next(model.parameters()).dtype
@@ -119,6 +125,9 @@ def save_checkpoint(model: torch.nn.Module, tokenizer: Any, out_dir: str | Path,
     if "mamba2" in types:
         cfg = _hybrid_config(model, types, base_cfg)
         modeling_file, modeling_name = HYBRID_MODELING_FILE, "modeling_prunelab_hybrid.py"
+    elif slicing is not None:
+        cfg = _sliced_config(model, slicing, base_cfg)
+        modeling_file, modeling_name = SLICED_MODELING_FILE, "modeling_prunelab_sliced.py"
     elif is_uniform(model):
         from transformers import LlamaConfig
 
@@ -167,4 +176,18 @@ def _hybrid_config(model: torch.nn.Module, types: list[str], base_cfg: dict):
     cfg.architectures = ["HybridForCausalLM"]
     cfg.auto_map = {"AutoConfig": "modeling_prunelab_hybrid.HybridConfig",
                     "AutoModelForCausalLM": "modeling_prunelab_hybrid.HybridForCausalLM"}
+    return cfg
+
+
+def _sliced_config(model: torch.nn.Module, slicing: dict, base_cfg: dict):
+    """The SlicedLlamaConfig of a SliceGPT-sliced model (hidden widths per layer in ``slicing``)."""
+    from core.modeling.sliced_llama import SlicedLlamaConfig
+
+    if not is_uniform(model):
+        raise ValueError("a sliced model with per-layer head or MLP widths has no checkpoint format (slice the dense "
+                         "model, or prune heads / channels before slicing is not supported)")
+    cfg = SlicedLlamaConfig(slicing=slicing, **base_cfg)
+    cfg.architectures = ["SlicedLlamaForCausalLM"]
+    cfg.auto_map = {"AutoConfig": "modeling_prunelab_sliced.SlicedLlamaConfig",
+                    "AutoModelForCausalLM": "modeling_prunelab_sliced.SlicedLlamaForCausalLM"}
     return cfg

@@ -132,7 +132,7 @@ class PrunelabConfig:
     seed: int = 42
     save_model: bool = True
     save_dtype: Optional[str] = None  # float16 | bfloat16: half-size checkpoint; null = the model's own dtype
-    base: Optional[str] = None  # analyze / batch_analyze: the reference model (name or path)
+    base: Optional[str] = None  # analyze / batch_analyze: the reference model; convert: SliceGPT's base (name or path)
     models_dir: Optional[str] = None  # batch_analyze: folder of models
     runs: list[str] = field(default_factory=list)  # table: run dirs or folders of runs
     allow_pickle: bool = False  # legacy torch pickles: opt-in, they can run arbitrary code
@@ -149,6 +149,7 @@ class PrunelabConfig:
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
     optimized_metric: OptimizedMetric = field(default_factory=OptimizedMetric)
     experiment: Optional[str] = None
+    run_name: Optional[str] = None  # a preset's label (e.g. Wanda_2000): its run dir / sweep subdir name
 
 
 def register_configs() -> None:

@@ -217,9 +217,8 @@ def _detect_file(path: Path) -> FormatInfo:
     except LoadError as e:  # corrupt file: reported, never raised, so a batch scan goes on
         return FormatInfo("unknown", path, f"unreadable: {e}", None, parent)
     cfg: Optional[Path] = None
-    if kind == "slicegpt":
-        jsons = [p for p in parent.glob("*.json") if p.name != "config.json"]
-        cfg = jsons[0] if jsons else None
+    if kind == "slicegpt":  # run_slicegpt.py writes <model>_<sparsity>.pt and its slicing config <...>.json
+        cfg = path.with_suffix(".json") if path.with_suffix(".json").is_file() else None
     elif (parent / "config.json").is_file():
         cfg = parent / "config.json"
     return FormatInfo(kind, path, reason, cfg, parent)
@@ -412,17 +411,19 @@ def load_as_model(path: str | Path, *, allow_pickle: bool = False, fmt: Optional
 
     A bare state dict becomes a model only with a config.json beside it (LlamaForCausalLM, or
     the prunelab class when widths differ per layer); its tokenizer is loaded from that dir when present.
+    A SliceGPT output becomes a ``SlicedLlamaForCausalLM`` (``core.slicegpt``), also with the base config.json.
     """
     path = Path(path)
     fmt = fmt or detect_format(path)
+    if fmt.kind == "slicegpt":  # rotations + sliced widths: core.slicegpt builds the sliced model
+        from core.slicegpt import load_slicegpt
+
+        model, tok, _ = load_slicegpt(path, dtype=dtype, device=device)
+        return model, tok
     lm = load_legacy(path, allow_pickle=allow_pickle, fmt=fmt)
     if lm.model is not None:
         model = lm.model.to(dtype=dtype, device=device).eval()
         return model, lm.tokenizer
-    if fmt.kind == "slicegpt":
-        raise LoadError(f"{path}: SliceGPT state dicts (rotations, fused norms) can be analysed "
-                        "(task=analyze) but not run without the slicegpt package; convert them with "
-                        "SliceGPT's loader and save a pickle bundle (allow_pickle=true) to evaluate")
     if lm.config is None:
         raise LoadError(f"{path}: a state dict without a config.json beside it cannot be built into a model; "
                         "put the base model's config.json next to it")

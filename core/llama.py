@@ -170,6 +170,19 @@ def is_uniform(model: nn.Module) -> bool:
     return "mamba2" not in layer_types_of(model) and all(lc == want for lc in layer_configs(model))
 
 
+def count_nonzero(model: nn.Module) -> int:
+    """Non-zero parameters counted once: what unstructured / N:M sparsity actually leaves."""
+    import torch
+
+    seen: set[int] = set()
+    total = 0
+    for p in model.parameters():
+        if id(p) not in seen:
+            seen.add(id(p))
+            total += int(torch.count_nonzero(p.detach()))
+    return total
+
+
 def count_params(model: nn.Module) -> int:
     """Parameters counted once (a tied embedding / LM head counts once)."""
     seen: set[int] = set()

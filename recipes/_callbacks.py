@@ -6,8 +6,11 @@
 - ``RunGuard.on_run_start`` / ``on_multirun_start``: before Hydra writes ``.hydra/`` or opens ``run.log``,
   refuse a dir that already holds a run, cannot be created or is not writable: one line on stderr, exit 1,
   nothing in that dir touched.
-- ``RunGuard.on_multirun_end``: one summary line of the jobs' statuses; exit 1 when any job did not complete
-  (the others still ran and are recorded).
+- ``RunGuard.on_multirun_end``: the sweep's results table (``results.{csv,md,tex}``: every job, failed ones
+  listed apart) and, when jobs saved models, their batch analysis against the base model
+  (``batch_analysis_results.json``, ``models_summary.json``, ``analysis/<job>/``), all in the sweep dir; then
+  one summary line of the jobs' statuses; exit 1 when any job did not complete (the others still ran and are
+  recorded).
 """
 
 from __future__ import annotations
@@ -41,6 +44,46 @@ def claim_dir(base: str) -> str:
     except OSError:
         pass  # unwritable: RunGuard reports it in one line
     return base
+
+
+def ratio_tag(ratio: float) -> str:
+    """The seed's folder-name form of a ratio (``0.2`` -> ``2000``, as in ``Wanda_2000``); the ``ratio_tag``
+    resolver of conf/experiment/baselines/*.yaml."""
+    return f"{round(float(ratio) * 10000):04d}"
+
+
+def sweep_summary(sweep: Path, jobs: list[Path]) -> list[str]:
+    """The results table of every job and the batch analysis of their saved models, written into ``sweep``.
+    Returns the files written. A summary that fails is logged, never fatal: the jobs' own records stand."""
+    import logging
+
+    log = logging.getLogger(__name__)
+    written: list[str] = []
+    try:
+        from analysis.results_table import collect, write_tables
+
+        df = collect([str(j) for j in jobs])
+        if not df.empty:
+            written += list(write_tables(df, sweep).values())
+    except Exception as e:  # noqa: BLE001  (a summary never hides the jobs' results)
+        log.error("sweep table failed: %s: %s", type(e).__name__, e)
+    models = [j for j in jobs if (j / "model").is_dir()]
+    if not models:
+        return written
+    try:
+        from analysis.batch import batch_analyze
+        from core.models import ModelRef
+        from recipes._common import structure_for_ref
+
+        m = json.loads((models[0] / "metrics.json").read_text())
+        model_cfg = (m.get("config") or {}).get("model") or {}
+        cache = ((m.get("config") or {}).get("paths") or {}).get("cache_dir") or ".cache"
+        base, base_dir = structure_for_ref(ModelRef.of(model_cfg), cache_dir=cache, count_nonzero=True)
+        batch_analyze(sweep, base, sweep, count_nonzero=True, base_model_dir=base_dir)
+        written += [str(sweep / "batch_analysis_results.json"), str(sweep / "models_summary.json")]
+    except Exception as e:  # noqa: BLE001
+        log.error("sweep batch analysis failed: %s: %s", type(e).__name__, e)
+    return written
 
 
 def _fail(message: str) -> None:
@@ -93,7 +136,11 @@ class RunGuard(Callback):
                 status, reason = "no record", ""
             if status != "completed":
                 bad.append(f"job {job.name} {status}" + (f" ({reason[:200]})" if reason else ""))
+        files = sweep_summary(sweep, jobs) if jobs else []
         summary = f"sweep {sweep}: {len(jobs) - len(bad)} of {len(jobs)} jobs completed"
+        summary += "".join(f"; {b}" for b in bad)
+        if str(sweep / "results.md") in files:
+            summary += f"; results table {sweep / 'results.md'}"
         if bad:
-            _fail(summary + "; " + "; ".join(bad))
+            _fail(summary)
         print(summary, file=sys.stderr, flush=True)

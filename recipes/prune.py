@@ -20,7 +20,11 @@ from recipes._common import build, headline_metrics, model_ref, plain, text_spec
 log = logging.getLogger(__name__)
 
 METRICS = {"ppl": "minimize", "ppl_base": "minimize", "avg_acc": "maximize", "mmlu": "maximize",
-           "params_kept_pct": "minimize"}
+           "params_kept_pct": "minimize", "nonzero_kept_pct": "minimize"}
+
+DENSE_ZEROS_NOTE = ("unstructured / N:M sparsity keeps dense shapes: these dense kernels gain no speed or memory "
+                    "from the zeros (2:4 needs semi-structured sparse kernels on an Ampere+ GPU, "
+                    "torch.sparse.to_sparse_semi_structured)")
 
 
 def validate(cfg: DictConfig) -> list[str]:
@@ -66,7 +70,7 @@ def run(cfg: DictConfig, ctx) -> dict:
     from analysis.structure import structure_of
     from core.checkpoint import check_free_space, save_checkpoint
     from core.data import calibration_and_eval_sources, calibration_batch, eval_tokens
-    from core.llama import count_params, params_from_config
+    from core.llama import count_nonzero, count_params, params_from_config
     from core.models import cached_gguf_dir, load_model, model_config, model_depth, torch_dtype
 
     t_start = time.perf_counter()
@@ -109,6 +113,7 @@ def run(cfg: DictConfig, ctx) -> dict:
                        "tokens": int(ppl_tokens.shape[1])} if eval_src else {"source": None, "tokens": 0},
     })
     params_base = count_params(model)
+    nonzero_base = count_nonzero(model)
 
     # 3. Base model, same protocol as the pruned one.
     t0 = time.perf_counter()
@@ -129,9 +134,13 @@ def run(cfg: DictConfig, ctx) -> dict:
              100 * result.removed_fraction, t_prune)
     ctx.log("method", pruner.name)
     ctx.log("compression", result.compression)
+    nonzero = count_nonzero(model)
     ctx.log("params", {"base": params_base, "pruned": result.params_after,
                        "kept_pct": 100.0 * result.params_after / params_base,
-                       "removed_pct": 100.0 * result.removed_fraction})
+                       "removed_pct": 100.0 * result.removed_fraction,
+                       # zeros kept in dense shapes (unstructured / N:M) count here, not above
+                       "nonzero_base": nonzero_base, "nonzero": nonzero,
+                       "sparsity_pct": 100.0 * (1.0 - nonzero / nonzero_base)})
     ctx.log("pruning", {**result.details, "notes": result.notes, "layers": result.layers, "seconds": t_prune,
                         **result.timings})
     del batch
@@ -141,6 +150,8 @@ def run(cfg: DictConfig, ctx) -> dict:
     t0 = time.perf_counter()
     results["pruned"] = evaluate_model(model, tok, eval_cfg, cache_dir=cache_dir, ppl_tokens=ppl_tokens,
                                        ppl_source=eval_src.name if eval_src else "")
+    if result.compression.get("unit") == "sparsity" and "efficiency" in results["pruned"]:
+        results["pruned"]["efficiency"]["note"] = DENSE_ZEROS_NOTE
     ctx.log("eval", {"pruned": results["pruned"]})
     t_eval += time.perf_counter() - t0
     for side in ("base", "pruned"):
@@ -172,7 +183,8 @@ def run(cfg: DictConfig, ctx) -> dict:
     summary = write_analysis(
         run_dir / "analysis", structure_of(model, config=model.config.to_dict(), name=f"{ref.name}-{pruner.name}"),
         base_structure, expected_ranges=result.ranges,
-        target_sparsity=float(cfg.ratio) if result.compression.get("unit") == "params" else result.removed_fraction,
+        target_sparsity=float(result.compression["amount"]) if result.compression.get("unit") in ("params", "sparsity")
+        else result.removed_fraction,
         model_dir=(run_dir / "model") if cfg.save_model else None, base_model_dir=base_dir, ctx=ctx)
     ctx.log("analysis", summary)
     peak["analysis"] = _peak_mib()
@@ -183,4 +195,5 @@ def run(cfg: DictConfig, ctx) -> dict:
     if "base" in results and (results["base"].get("ppl") or {}).get("value") is not None:
         metrics["ppl_base"] = results["base"]["ppl"]["value"]
     metrics["params_kept_pct"] = 100.0 * result.params_after / params_base
+    metrics["nonzero_kept_pct"] = 100.0 * nonzero / nonzero_base
     return metrics

@@ -35,7 +35,10 @@ def test_every_pruner_runs_and_round_trips(name, tiny, calib, tmp_path):
     model, tok = tiny
     pruner.check(len(model.model.layers))
     result = pruner(model, calib if pruner.needs_calibration else None)
-    assert isinstance(result, PruneResult) and result.params_after < result.params_before
+    assert isinstance(result, PruneResult)
+    # structured methods remove parameters; masks (unit "sparsity") zero them in dense shapes and remove none
+    assert result.params_after < result.params_before or (
+        result.compression["unit"] == "sparsity" and result.compression["amount"] > 0)
     assert {"unit", "amount"} <= set(result.compression)
     out = save_checkpoint(model, tok, tmp_path / "model", {"method": name})
     loaded, _ = load_model(ModelRef.at(out), cache_dir=tmp_path)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
@@ -12,6 +13,9 @@ from analysis.batch import batch_analyze
 from analysis.structure import structure_of
 from conftest import run_task
 from core.checkpoint import save_checkpoint
+from core.llama import count_params
+from core.slicegpt import save_slicegpt
+from pruning.slicegpt import SliceGPT
 
 
 @pytest.fixture(scope="module")
@@ -26,11 +30,9 @@ def folder(tmp_path_factory):
     (root / "Whole").mkdir()
     torch.save(pruned, root / "Whole" / "model.pt")
     torch.save(state_dict_copy(pruned), root / "loose_state_dict.pt")  # a file directly in the folder
-    (root / "SliceGPT_2000").mkdir()
-    sd = state_dict_copy(pruned)
-    sd["model.layers.0.attn_shortcut_Q"] = torch.zeros(64, 64)
-    torch.save(sd, root / "SliceGPT_2000" / "Llama_0.2.pt")
-    (root / "SliceGPT_2000" / "Llama_0.2.json").write_text(json.dumps(pruned.config.to_dict()))
+    sliced = copy.deepcopy(base)  # SliceGPT's own output (hidden 64 -> 48): .pt + slicing .json + config.json
+    SliceGPT(sparsity=0.2, progress=False)(sliced, torch.randint(0, 256, (4, 24), generator=torch.Generator()))
+    save_slicegpt(sliced, root / "SliceGPT_2000", "Llama", 0.2)
     (root / "Base_eval_only").mkdir()
     (root / "Base_eval_only" / "evaluation_results.json").write_text("{}")
     (root / "Broken").mkdir()
@@ -39,11 +41,11 @@ def folder(tmp_path_factory):
     # a model whose analysis/ cannot be created (a file is in the way): output goes to the run dir
     pruned.save_pretrained(root / "Blocked")
     (root / "Blocked" / "analysis").write_text("not a dir")
-    return root, base
+    return root, base, count_params(sliced)
 
 
 def test_batch_mixed_folder(folder, tmp_path):
-    root, base = folder
+    root, base, sliced_params = folder
     b = structure_of(base, name="tiny")
     run_dir = tmp_path / "run"
     res = batch_analyze(root, b, run_dir, allow_pickle=False, count_nonzero=True)
@@ -70,7 +72,9 @@ def test_batch_mixed_folder(folder, tmp_path):
     assert m["pruning"] == {"original_params": BASE_TOTAL, "pruned_params": PRUNED_TOTAL,
                             "reduction_ratio": pytest.approx((BASE_TOTAL - PRUNED_TOTAL) / BASE_TOTAL)}
     slice_cmp = json.loads((root / "SliceGPT_2000" / "analysis" / "model_comparison.json").read_text())
-    assert slice_cmp["layers"][0]["extra"]["attn_shortcut_Q"]["pruned_shape"] == [64, 64]
+    assert slice_cmp["layers"][0]["extra"]["attn_shortcut_Q"]["pruned_shape"] == [48, 48]
+    m = next(x for x in summary["models"] if x["name"] == "SliceGPT_2000")
+    assert m["format"] == "slicegpt" and m["total_params"] == sliced_params  # the shortcut matrices included
     batch = json.loads((run_dir / "batch_analysis_results.json").read_text())
     assert batch["counts"] == {"ok": 5, "failed": 3, "skipped": 1}
     # with the opt-in the pickles are read too
@@ -84,7 +88,7 @@ def test_batch_mixed_folder(folder, tmp_path):
 
 
 def test_tasks_through_run(folder, tmp_path):
-    root, _ = folder
+    root, _, _ = folder
     result, metrics = run_task(["task=analyze", f"model={root / 'Taylor_ckpt'}", "base=tiny", "logger=none"],
                                tmp_path / "a")
     assert metrics["status"] == "completed"

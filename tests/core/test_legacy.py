@@ -11,12 +11,27 @@ import zipfile
 import pytest
 import torch
 
-from analysis_helpers import PRUNED_TOTAL, Tok, base_and_pruned, state_dict_copy
+from analysis_helpers import PRUNED_TOTAL, Tok, base_and_pruned, state_dict_copy, tiny
 from analysis.structure import structure_of
 from core import legacy
 from core.checkpoint import save_checkpoint
 from core.legacy import PickleNotAllowed, detect_format, load_as_model, load_legacy, scan_pickle
 from core.errors import LoadError
+from core.llama import count_params
+from core.slicegpt import save_slicegpt
+from pruning.slicegpt import SliceGPT
+
+
+def sliced_tiny():
+    """The tiny base sliced by SliceGPT to 48 of 64 hidden dims (deterministic), with SliceGPT's RMSN eps 1e-5."""
+    model, _ = tiny()
+    model.config.rms_norm_eps = 1e-5
+    for m in model.modules():
+        if hasattr(m, "variance_epsilon"):
+            m.variance_epsilon = 1e-5
+    calib = torch.randint(0, 256, (4, 24), generator=torch.Generator().manual_seed(0))
+    SliceGPT(sparsity=0.25, progress=False)(model, calib)
+    return model
 
 
 @pytest.fixture(scope="module")
@@ -37,12 +52,7 @@ def files(tmp_path_factory):
     cfg["layer_configs"] = [{"num_attention_heads": h, "num_key_value_heads": k, "intermediate_size": i}
                             for h, k, i in ((8, 2, 128), (4, 1, 96), (8, 2, 96), (8, 2, 128))]
     (root / "sd_cfg" / "config.json").write_text(json.dumps(cfg))
-    (root / "slice").mkdir()
-    sd = state_dict_copy(pruned)
-    sd["model.layers.0.attn_shortcut_Q"] = torch.eye(64)[:, :48].contiguous()
-    sd["model.layers.0.mlp_shortcut_Q"] = torch.eye(48, 64).contiguous()
-    torch.save(sd, root / "slice" / "Llama_0.25.pt")
-    (root / "slice" / "Llama_0.25.json").write_text(json.dumps(pruned.config.to_dict()))
+    save_slicegpt(sliced_tiny(), root / "slice", "Llama", 0.25)  # + the base's config.json, as run_slicegpt.py
     (root / "evals").mkdir()
     (root / "evals" / "evaluation_results.json").write_text("{}")
     save_checkpoint(pruned, tok, root / "ckpt", {"method": "known"})
@@ -99,15 +109,23 @@ def test_state_dicts_are_safe_and_need_no_opt_in(files):
         load_as_model(root / "sd")
 
 
-def test_slicegpt_structure_has_rotations(files):
+def test_slicegpt_structure_has_rotations_and_loads(files, tmp_path):
     root, _ = files
     s = structure_of(root / "slice", name="slice")
-    assert s.format == "slicegpt"
-    extra = s.to_json()["layers"][0]["extra"]
-    assert extra["attn_shortcut_Q"] == {"params": 64 * 48, "shape": [64, 48]}
-    assert extra["mlp_shortcut_Q"]["shape"] == [48, 64]
-    with pytest.raises(LoadError, match="SliceGPT"):
-        load_as_model(root / "slice")
+    ref = sliced_tiny()
+    assert s.format == "slicegpt" and s.total_params == count_params(ref)
+    layers = s.to_json()["layers"]
+    assert layers[0]["extra"]["attn_shortcut_Q"] == {"params": 48 * 48, "shape": [48, 48]}
+    assert layers[3]["extra"]["mlp_shortcut_Q"]["shape"] == [48, 64] and layers[0]["attention"]["num_heads"] == 8
+    model, _ = load_as_model(root / "slice")  # no slicegpt package, no unpickling of code
+    ids = torch.tensor([[1, 2, 3, 4]])
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, ref(ids).logits)
+    (tmp_path / "slice").mkdir()
+    for name in ("Llama_0.25.pt", "Llama_0.25.json"):  # SliceGPT copies the base config only for a local model
+        (tmp_path / "slice" / name).write_bytes((root / "slice" / name).read_bytes())
+    with pytest.raises(LoadError, match="no config.json beside it.*base="):
+        load_as_model(tmp_path / "slice")
 
 
 def test_corrupt_pickle(tmp_path):
