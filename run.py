@@ -44,6 +44,9 @@ register_configs()
 # answer per config, and Hydra copies it into every job's config (joblib, submitit) so all agree on the dir.
 OmegaConf.register_new_resolver("unique_dir", claim_dir, use_cache=True, replace=True)
 OmegaConf.register_new_resolver("ratio_tag", ratio_tag, replace=True)  # 0.2 -> "2000" (the seed's folder names)
+# ${coalesce:${run_name},${hydra:job.num}}: the first value that is set (a sweep subdir named by its preset)
+OmegaConf.register_new_resolver("coalesce", lambda *values: next((v for v in values if v is not None), None),
+                                replace=True)
 
 
 class Terminated(BaseException):

@@ -148,7 +148,8 @@ def rows_from_metrics(m: dict, source: str) -> list[dict]:
             "attn_layers": _range(m, cfg, "attention"), "mlp_layers": _range(m, cfg, "mlp"),
             "params": params.get("pruned") or params.get("model") or _get(ev, side, "efficiency", "params"),
             "params_kept_pct": kept, "nonzero_params": params.get("nonzero"),
-            "sparsity_pct": params.get("sparsity_pct"), **_eval_columns(ev[side]),
+            "sparsity_pct": params.get("sparsity_pct", 0.0 if is_base and params.get("nonzero") else None),
+            "flops_kept_pct": _get(m, "flops", "kept_pct"), **_eval_columns(ev[side]),
         })
     return rows
 
@@ -248,7 +249,7 @@ def collect(paths: Iterable[str | Path], notes: Optional[Mapping[str, str]] = No
         return pd.DataFrame()
     out = pd.concat(parts, ignore_index=True) if len(parts) > 1 else parts[0].reset_index(drop=True)
     ordered = ["model", "method", "ratio", "unit", "attn_layers", "mlp_layers", "params", "params_kept_pct",
-               "nonzero_params", "sparsity_pct", "ppl",
+               "nonzero_params", "sparsity_pct", "flops_kept_pct", "ppl",
                "ppl_protocol", *TASK_LABELS.values(), "avg", "MMLU", "mmlu_shots", "prefill_tok_s",
                "decode_tok_s", "decode_ms_per_tok", "limit", "task", "status", "error", "note", "run"]
     cols = [c for c in ordered if c in out.columns] + [c for c in out.columns if c not in ordered]

@@ -170,6 +170,35 @@ def is_uniform(model: nn.Module) -> bool:
     return "mamba2" not in layer_types_of(model) and all(lc == want for lc in layer_configs(model))
 
 
+def flops_per_token(model: nn.Module, context: int) -> int:
+    """Forward FLOPs (2 per multiply-add) for one token attending to ``context`` tokens, as dense kernels do it.
+
+    Every ``nn.Linear`` (the LM head included, tied or not), every other 2-D weight outside an embedding
+    (SliceGPT's shortcut matrices), and per attention layer the scores and the mixing, 2 x 2 x context x
+    (query heads x head_dim). Zeros in dense shapes count: a dense kernel multiplies them all the same.
+    Embedding lookups, norms and activations are left out (they are not matmuls).
+    """
+    from torch import nn
+
+    total = 0
+    in_module: set[int] = set()
+    for m in model.modules():
+        if isinstance(m, nn.Linear):
+            total += 2 * m.in_features * m.out_features
+            in_module.add(id(m.weight))
+        elif isinstance(m, nn.Embedding):
+            in_module.add(id(m.weight))
+    for p in model.parameters():
+        if p.ndim == 2 and id(p) not in in_module:
+            total += 2 * p.numel()
+            in_module.add(id(p))
+    for layer in decoder_layers(model):
+        q = getattr(getattr(layer, "self_attn", None), "q_proj", None)
+        if q is not None:
+            total += 4 * int(context) * q.out_features
+    return total
+
+
 def count_nonzero(model: nn.Module) -> int:
     """Non-zero parameters counted once: what unstructured / N:M sparsity actually leaves."""
     import torch

@@ -136,7 +136,9 @@ class RunGuard(Callback):
                 status, reason = "no record", ""
             if status != "completed":
                 bad.append(f"job {job.name} {status}" + (f" ({reason[:200]})" if reason else ""))
-        files = sweep_summary(sweep, jobs) if jobs else []
+        if not jobs:
+            _fail(f"sweep {sweep}: no job ran (do the sweep's parameters name existing options?)")
+        files = sweep_summary(sweep, jobs)
         summary = f"sweep {sweep}: {len(jobs) - len(bad)} of {len(jobs)} jobs completed"
         summary += "".join(f"; {b}" for b in bad)
         if str(sweep / "results.md") in files:

@@ -49,10 +49,10 @@ def _ppl_tokens(tokenizer, eval_cfg: dict, calib: Optional[TextSpec], cache_dir:
 
 
 def _evaluate_one(ref: ModelRef, eval_cfg: dict, calib: Optional[TextSpec], cache_dir: str,
-                  allow_pickle: bool) -> tuple[dict, dict, int]:
+                  allow_pickle: bool) -> tuple[dict, dict, dict]:
     from analysis.efficiency import size_stats
     from analysis.evaluate import evaluate_model
-    from core.llama import count_params
+    from core.llama import count_nonzero, count_params
     from core.models import load_model
 
     model, tok = load_model(ref, cache_dir=cache_dir, allow_pickle=allow_pickle)
@@ -62,7 +62,7 @@ def _evaluate_one(ref: ModelRef, eval_cfg: dict, calib: Optional[TextSpec], cach
     if "efficiency" in result and ref.path and Path(ref.path).is_dir():
         disk = size_stats(model, ref.path)
         result["efficiency"].update({k: disk[k] for k in ("disk_bytes", "disk_weight_bytes")})
-    params = count_params(model)
+    params = {"params": count_params(model), "nonzero": count_nonzero(model)}  # zeros in dense shapes: not counted
     del model, tok
     gc.collect()
     return result, data, params
@@ -119,7 +119,7 @@ def run(cfg: DictConfig, ctx: Any) -> dict:
     ctx.log("eval", {"model": result})
     _log_results(ref.name or "model", result)
     frames = [results_frame(result, "model")]
-    params_entry: dict[str, Any] = {"model": params}
+    params_entry: dict[str, Any] = {"model": params["params"], "nonzero": params["nonzero"]}
 
     base_cfg = info.get("base_model")
     if eval_cfg.get("compare_base") and base_cfg:
@@ -132,7 +132,10 @@ def run(cfg: DictConfig, ctx: Any) -> dict:
             ctx.log("eval", {"base": base_result})
             _log_results(f"base {base_cfg.get('name')}", base_result)
             frames.append(results_frame(base_result, "base"))
-            params_entry.update({"base": base_params, "pruned": params, "kept_pct": 100.0 * params / base_params})
+            params_entry.update({"base": base_params["params"], "pruned": params["params"],
+                                 "kept_pct": 100.0 * params["params"] / base_params["params"],
+                                 "nonzero_base": base_params["nonzero"],
+                                 "sparsity_pct": 100.0 * (1 - params["nonzero"] / base_params["nonzero"])})
     elif eval_cfg.get("compare_base") and not base_cfg:
         ctx.log("eval", {"base_skipped": "no base_model in checkpoint_info.json (not a prunelab checkpoint)"})
     ctx.log("params", params_entry)

@@ -70,7 +70,7 @@ def run(cfg: DictConfig, ctx) -> dict:
     from analysis.structure import structure_of
     from core.checkpoint import check_free_space, save_checkpoint
     from core.data import calibration_and_eval_sources, calibration_batch, eval_tokens
-    from core.llama import count_nonzero, count_params, params_from_config
+    from core.llama import count_nonzero, count_params, flops_per_token, params_from_config
     from core.models import cached_gguf_dir, load_model, model_config, model_depth, torch_dtype
 
     t_start = time.perf_counter()
@@ -114,6 +114,8 @@ def run(cfg: DictConfig, ctx) -> dict:
     })
     params_base = count_params(model)
     nonzero_base = count_nonzero(model)
+    context = int(cfg.eval.ppl.seq_len)
+    flops_base = flops_per_token(model, context)
 
     # 3. Base model, same protocol as the pruned one.
     t0 = time.perf_counter()
@@ -141,6 +143,10 @@ def run(cfg: DictConfig, ctx) -> dict:
                        # zeros kept in dense shapes (unstructured / N:M) count here, not above
                        "nonzero_base": nonzero_base, "nonzero": nonzero,
                        "sparsity_pct": 100.0 * (1.0 - nonzero / nonzero_base)})
+    flops = flops_per_token(model, context)
+    ctx.log("flops", {"context": context, "per_token_base": flops_base, "per_token": flops,
+                      "kept_pct": 100.0 * flops / flops_base,
+                      "note": "dense-kernel FLOPs: zeros in dense shapes are multiplied all the same"})
     ctx.log("pruning", {**result.details, "notes": result.notes, "layers": result.layers, "seconds": t_prune,
                         **result.timings})
     del batch

@@ -246,3 +246,18 @@ def test_uniform_model_saves_as_stock_llama(tiny, tmp_path):
     got, stdout = _plain_transformers_logits(out, x, tmp_path, remote=False)
     assert "LlamaForCausalLM" in stdout
     torch.testing.assert_close(got, ref, rtol=0, atol=1e-5)
+
+
+def test_flops_per_token_counts_dense_matmuls(tiny):
+    """2 x every linear (LM head included) + attention over the context; zeros do not reduce dense FLOPs."""
+    from core.llama import flops_per_token
+
+    model, _ = tiny
+    linears = sum(m.in_features * m.out_features for m in model.modules() if isinstance(m, torch.nn.Linear))
+    attention = 4 * 128 * 64 * len(model.model.layers)  # 8 heads x head_dim 8 = 64 query channels per layer
+    assert flops_per_token(model, 128) == 2 * linears + attention
+    before = flops_per_token(model, 128)
+    model.model.layers[0].mlp.down_proj.weight.data.zero_()
+    assert flops_per_token(model, 128) == before
+    del model.model.layers[1]
+    assert flops_per_token(model, 128) < before

@@ -57,6 +57,103 @@ def test_orientation_does_not_change_a_sliced_model(tiny, calib):
     torch.testing.assert_close(logits(model), logits(other), rtol=0, atol=1e-4)
 
 
+def _reference_slicegpt(model, calib, width):
+    """A direct transcription of SliceGPT's ``layernorm_fusion.fuse_modules`` (without the embedding mean
+    subtraction, see pruning/slicegpt.py) and ``rotate.rotate_and_slice_sequential`` (pca orientation, head not
+    sliced), all in float64: each layer runs twice, once for the signal between its blocks (post-attention norm
+    input) and once, rotated and sliced up to its MLP, for its output."""
+    import types
+
+    model = copy.deepcopy(model).double().eval()
+    inner, hidden = model.model, model.config.hidden_size
+
+    class RMSN(torch.nn.Module):
+        def forward(self, x):
+            return x * torch.rsqrt(x.pow(2).sum(-1, keepdim=True) / hidden + model.config.rms_norm_eps)
+
+    def forward(self, h, **kw):
+        r = h
+        a, _ = self.self_attn(hidden_states=self.input_layernorm(h), **kw)
+        h = r @ self.attn_shortcut_Q + a
+        return h @ self.mlp_shortcut_Q + self.mlp(self.post_attention_layernorm(h))
+
+    def pca(xs):
+        cov = sum(torch.sum(x.mT @ x, dim=0) for x in xs)
+        cov.diagonal().add_(0.01 * cov.diagonal().mean())
+        values, vectors = torch.linalg.eigh(cov)
+        return vectors[:, torch.argsort(values, descending=True)]
+
+    with torch.no_grad():
+        model.lm_head.weight = torch.nn.Parameter(model.lm_head.weight.clone())
+        for layer in inner.layers:
+            for norm, lins in ((layer.input_layernorm, ("q_proj", "k_proj", "v_proj")),
+                               (layer.post_attention_layernorm, ("gate_proj", "up_proj"))):
+                for name in lins:
+                    lin = getattr(layer.self_attn if name in ("q_proj", "k_proj", "v_proj") else layer.mlp, name)
+                    lin.weight.data = lin.weight.data * norm.weight
+            layer.input_layernorm, layer.post_attention_layernorm = RMSN(), RMSN()
+            layer.forward = types.MethodType(forward, layer)
+        model.lm_head.weight.data = model.lm_head.weight.data * inner.norm.weight
+        inner.norm = RMSN()
+
+        class Catcher(torch.nn.Module):
+            def forward(self, *args, **kwargs):
+                self.kwargs = kwargs
+                self.x = args[0] if args else kwargs.pop("hidden_states")
+                raise ValueError
+
+        first, catcher = inner.layers[0], Catcher()
+        inner.layers[0] = catcher
+        with pytest.raises(ValueError):
+            model(input_ids=calib, use_cache=False)
+        inner.layers[0] = first
+        x, kw = catcher.x, catcher.kwargs
+        q = pca([x])
+        inner.embed_tokens.weight.data = (inner.embed_tokens.weight.data @ q)[:, :width]
+        for i, layer in enumerate(inner.layers):
+            attn, mlp = layer.self_attn, layer.mlp
+            layer.attn_shortcut_Q = q.T[:width]
+            for lin in (attn.q_proj, attn.k_proj, attn.v_proj):
+                lin.weight.data = (lin.weight.data @ q)[:, :width]
+            x = (x @ q)[..., :width]
+            layer.mlp_shortcut_Q = torch.eye(hidden, dtype=x.dtype)
+            signal = []
+            hook = layer.post_attention_layernorm.register_forward_hook(lambda m, a, o: signal.append(a[0]))
+            layer(x, **kw)
+            hook.remove()
+            q = pca(signal)
+            layer.attn_shortcut_Q = layer.attn_shortcut_Q @ q[:, :width]
+            attn.o_proj.weight.data = (q.T @ attn.o_proj.weight.data)[:width]
+            layer.mlp_shortcut_Q = q.T[:width]
+            for lin in (mlp.gate_proj, mlp.up_proj):
+                lin.weight.data = (lin.weight.data @ q)[:, :width]
+            x = layer(x, **kw)
+            q = pca([x])
+            out = hidden if i == len(inner.layers) - 1 else width
+            layer.mlp_shortcut_Q = (layer.mlp_shortcut_Q @ q)[:, :out]
+            mlp.down_proj.weight.data = (q.T @ mlp.down_proj.weight.data)[:out]
+        model.lm_head.weight.data = model.lm_head.weight.data @ q
+        return model(X).logits.float()
+
+
+def test_sliced_logits_match_a_transcription_of_slicegpt(tiny, calib):
+    """sparsity > 0 against an independent float64 transcription of SliceGPT's rotate_and_slice_sequential (norm
+    scales made non-trivial so their fusion counts): the PCA points, the eigenvector order, the shortcuts
+    ``Q_prev[:, :d]^T Q_next[:, :d]`` and the MLP-input PCA on the stream after the sliced attention all matter."""
+    model, _ = tiny
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.copy_(0.5 + torch.rand(p.shape, generator=g))
+    dense = logits(model)
+    expected = _reference_slicegpt(model, calib, 48)
+    SliceGPT(sparsity=0.25, final_orientation="random", progress=False)(model, calib)
+    got = logits(model)
+    assert (got - dense).abs().max() > 100 * (got - expected).abs().max()  # slicing changed the model
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-4)
+
+
 @pytest.fixture
 def sliced(tiny, calib, tmp_path):
     model, tok = tiny
