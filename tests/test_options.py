@@ -14,12 +14,25 @@ GROUPS = ("model", "data", "pruner", "layers", "eval", "logger", "experiment", "
 PRUNERS = sorted(p.stem for p in (ROOT / "conf" / "pruner").glob("*.yaml"))
 
 
-@pytest.mark.parametrize("group,name", [(g, p.stem) for g in GROUPS for p in sorted((ROOT / "conf" / g).glob("*.yaml"))])
+@pytest.mark.parametrize("group,name", [(g, p.relative_to(ROOT / "conf" / g).with_suffix("").as_posix())
+                                        for g in GROUPS for p in sorted((ROOT / "conf" / g).rglob("*.yaml"))])
 def test_every_option_composes(group, name, tmp_path):
     cfg = compose([f"{group}={name}"], tmp_path)
     from omegaconf import OmegaConf
 
     OmegaConf.to_container(cfg, resolve=True)  # every interpolation resolves
+
+
+def test_presets_win_over_the_defaults(tmp_path):
+    """An experiment's top-level keys override config.yaml's (it comes after _self_): task, ratio, run_name."""
+    cfg = compose(["experiment=baselines/base"], tmp_path)
+    assert cfg.task == "evaluate" and cfg.run_name == "base"
+    cfg = compose(["experiment=baselines/wanda"], tmp_path)
+    assert (cfg.pruner.name, cfg.ratio, cfg.run_name, cfg.layers.name) == ("wanda", 0.2, "Wanda_2000", "all")
+    cfg = compose(["experiment=baselines/wanda", "ratio=0.5"], tmp_path)
+    assert cfg.run_name == "Wanda_5000"
+    assert compose(["experiment=baselines/shortgpt"], tmp_path).run_name == "ShortGPT_remove_7"
+
 
 
 @pytest.mark.parametrize("name", PRUNERS)
