@@ -49,6 +49,9 @@ def check_llama_layout(model: nn.Module, method: str) -> None:
         types = layer_types_of(model)
     except TypeError as e:
         raise PruneError(f"{method}: unsupported architecture ({e}); supported: {supported}") from None
+    if getattr(getattr(model, "config", None), "slicing", None):
+        raise PruneError(f"{method}: the model is already sliced by SliceGPT (its hidden width varies per layer); "
+                         "prune the dense base model instead")
     if "mamba2" in types:
         raise PruneError(f"{method}: the model has Llamba (mamba2) layers {[i for i, t in enumerate(types) if t == 'mamba2']}; "
                          f"{method} supports {supported} only")

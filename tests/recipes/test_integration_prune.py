@@ -35,7 +35,11 @@ def test_taylor_run_end_to_end(tmp_path):
     assert m["data"]["calibration"]["source"] == "austen"
     # LLM-Pruner's count for this configuration: 0.25 x 3 KV groups floors to 0 heads, MLP 1536 -> 1152 in 24 layers.
     assert m["params"] == {"base": 134_515_008, "pruned": 118_589_760, "kept_pct": pytest.approx(88.16, abs=0.01),
-                           "removed_pct": pytest.approx(11.84, abs=0.01)}
+                           "removed_pct": pytest.approx(11.84, abs=0.01),
+                           # the base model already holds 325,128 weights that are exactly zero
+                           "nonzero_base": 134_189_880, "nonzero": 118_269_551,
+                           "sparsity_pct": pytest.approx(11.86, abs=0.01)}
+    assert m["flops"]["per_token"] < m["flops"]["per_token_base"] and m["flops"]["context"] == 128
     assert m["pruning"]["heads_pruned"] is False and m["pruning"]["notes"]
     assert "Paris" in m["eval"]["base"]["generation"]["output"]
     for name in ("analysis/model_structure.json", "analysis/layers.csv", "analysis/sparsity.png", ".hydra/config.yaml", ".hydra/overrides.yaml", "model/model.safetensors", "model/config.json",
