@@ -38,7 +38,7 @@ METHODS: dict[str, list[str]] = {
     "magnitude": ["pruner=magnitude", "ratio=0.5"],
     "magnitude_2of4": ["pruner=magnitude", "pruner.pattern=2:4"],
     "wanda": ["pruner=wanda", "ratio=0.5"],
-    "wanda_dense_inputs": ["pruner=wanda", "ratio=0.5", "pruner.sequential=false"],
+    "wanda_sequential": ["pruner=wanda", "ratio=0.5", "pruner.sequential=true"],
     "wanda_2of4": ["pruner=wanda", "pruner.pattern=2:4"],
     "wanda_sp": ["pruner=wanda", "pruner.pattern=structured", "ratio=0.2", "pruner.attention_ratio=0"],
     "flap": ["pruner=flap", "ratio=0.2"],
@@ -46,7 +46,7 @@ METHODS: dict[str, list[str]] = {
     "slicegpt": ["pruner=slicegpt", "pruner.sparsity=0.25"],
     "taylor": ["pruner=taylor", "ratio=0.2", "ratio_target=params", "pruner.taylor=param_first"],
 }
-ACTIVATION_BASED = {"wanda", "wanda_dense_inputs", "wanda_2of4", "wanda_sp", "flap", "shortgpt", "slicegpt"}
+ACTIVATION_BASED = {"wanda", "wanda_sequential", "wanda_2of4", "wanda_sp", "flap", "shortgpt", "slicegpt"}
 
 
 def _status(key: str) -> int:

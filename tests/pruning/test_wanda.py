@@ -23,7 +23,18 @@ HD = 8  # head_dim of the tiny model; 2 KV groups of 4 query heads
 
 
 def wanda(**kw) -> Wanda:
-    return Wanda(**{"progress": False, **kw})
+    """The tests below check the original's sequential mode unless they say otherwise."""
+    return Wanda(**{"progress": False, "sequential": True, **kw})
+
+
+def test_default_carries_the_dense_outputs(tiny, calib):
+    """One forward per layer by default: the layer after a pruned one sees the dense model's hidden states."""
+    model, _ = tiny
+    assert Wanda().sequential is False
+    default, dense = copy.deepcopy(model), copy.deepcopy(model)
+    Wanda(ratio=0.5, progress=False)(default, calib)
+    wanda(ratio=0.5, sequential=False)(dense, calib)
+    assert same_weights(default, dense)
 
 
 def inputs_of_every_linear(model, calib) -> dict[tuple[int, str], torch.Tensor]:
