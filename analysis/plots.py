@@ -103,3 +103,72 @@ def convergence(curves: dict[str, list[tuple[float, float]]], path: str | Path, 
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+def pareto(df, path: str | Path, y: str = "ppl", x: str = "params_kept_pct", *, log_y: bool = True) -> Optional[Path]:
+    """``y`` against ``x`` for the completed rows of a results table, one line per method (sorted by ``x``), the
+    base model as a star: the trade-off view of a sweep. ``x`` falls back to ``nonzero_kept`` (non-zero
+    parameters kept) for masks, whose parameter count does not move. None when there is nothing to draw."""
+    if y not in df.columns or x not in df.columns:
+        return None
+    rows = df[df[y].notna()].copy()
+    if "status" in rows.columns:
+        rows = rows[rows["status"] == "completed"]
+    if x == "params_kept_pct" and {"unit", "nonzero_params", "params"} <= set(rows.columns):
+        base = rows.loc[rows["method"] == "base", "params"].dropna()
+        masks = rows["unit"] == "sparsity"
+        if len(base) and masks.any():  # masks keep every parameter: place them by the non-zero ones they keep
+            rows.loc[masks, x] = 100.0 * rows.loc[masks, "nonzero_params"].astype(float) / float(base.iloc[0])
+    rows = rows[rows[x].notna()]
+    if rows.empty:
+        return None
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for method, part in sorted(rows.groupby("method"), key=lambda kv: str(kv[0])):
+        part = part.sort_values(x)
+        if method == "base":
+            ax.scatter(part[x], part[y], marker="*", s=160, color="black", zorder=3, label="base")
+        else:
+            ax.plot(part[x], part[y], marker="o", label=str(method))
+    ax.set_xlabel("parameters kept, % of base (masks: non-zero)" if x == "params_kept_pct" else x)
+    ax.set_ylabel(y)
+    if log_y and (rows[y] > 0).all():
+        ax.set_yscale("log")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def range_heatmap(df, path: str | Path, value: str = "ppl", part: str = "attn_layers") -> Optional[Path]:
+    """``value`` over the start x end of a layer range (``"3-27"`` cells of the results table) for sweeps that
+    vary it; other settings are averaged. None when the range does not vary or nothing was measured."""
+    if value not in df.columns or part not in df.columns:
+        return None
+    rows = df[df[value].notna() & df[part].notna()]
+    if "status" in rows.columns:
+        rows = rows[rows["status"] == "completed"]
+    rows = rows[rows[part].astype(str).str.fullmatch(r"\d+-\d+")]
+    if rows[part].nunique() < 2:
+        return None
+    se = rows[part].astype(str).str.split("-", expand=True).astype(int)
+    grid = rows.assign(start=se[0], end=se[1]).pivot_table(index="start", columns="end", values=value, aggfunc="mean")
+    fig, ax = plt.subplots(figsize=(1.2 + 0.9 * grid.shape[1], 1.2 + 0.6 * grid.shape[0]))
+    im = ax.imshow(grid.values, cmap="viridis_r", aspect="auto")
+    ax.set_xticks(range(grid.shape[1]), [str(c) for c in grid.columns])
+    ax.set_yticks(range(grid.shape[0]), [str(i) for i in grid.index])
+    ax.set_xlabel(f"{part} end (exclusive)")
+    ax.set_ylabel(f"{part} start")
+    lo, hi = np.nanmin(grid.values), np.nanmax(grid.values)
+    for (i, j), v in np.ndenumerate(grid.values):
+        if not np.isnan(v):  # dark text on the light (low) end of viridis_r
+            light = hi == lo or (v - lo) / (hi - lo) < 0.5
+            ax.text(j, i, f"{v:.1f}", ha="center", va="center", fontsize=8, color="black" if light else "white")
+    fig.colorbar(im, ax=ax, label=value)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

@@ -7,7 +7,9 @@
   refuse a dir that already holds a run, cannot be created or is not writable: one line on stderr, exit 1,
   nothing in that dir touched.
 - ``RunGuard.on_multirun_end``: the sweep's results table (``results.{csv,md,tex}``: every job, failed ones
-  listed apart) and, when jobs saved models, their batch analysis against the base model
+  listed apart), plots (``pareto_ppl.png`` / ``pareto_avg.png``: perplexity / zero-shot average against
+  parameters kept, one line per method; ``heatmap_ppl_<part>.png`` over start x end when a layer range
+  varies) and, when jobs saved models, their batch analysis against the base model
   (``batch_analysis_results.json``, ``models_summary.json``, ``analysis/<job>/``), all in the sweep dir; then
   one summary line of the jobs' statuses; exit 1 when any job did not complete (the others still ran and are
   recorded).
@@ -65,6 +67,14 @@ def sweep_summary(sweep: Path, jobs: list[Path]) -> list[str]:
         df = collect([str(j) for j in jobs])
         if not df.empty:
             written += list(write_tables(df, sweep).values())
+            from analysis.plots import pareto, range_heatmap
+
+            for y in ("ppl", "avg"):  # the trade-off, one line per method
+                p = pareto(df, sweep / f"pareto_{y}.png", y=y, log_y=y == "ppl")
+                written += [str(p)] if p else []
+            for part in ("attn_layers", "mlp_layers"):  # layer-range sweeps
+                p = range_heatmap(df, sweep / f"heatmap_ppl_{part}.png", part=part)
+                written += [str(p)] if p else []
     except Exception as e:  # noqa: BLE001  (a summary never hides the jobs' results)
         log.error("sweep table failed: %s: %s", type(e).__name__, e)
     models = [j for j in jobs if (j / "model").is_dir()]

@@ -42,9 +42,9 @@ def test_sweep_files_compose(name, tmp_path):
     assert "mode: MULTIRUN" in proc.stdout and "params:" in proc.stdout
 
 
-def _sweep(tmp_path: Path, extra: list[str]) -> list[dict]:
+def _sweep(tmp_path: Path, extra: list[str], fast: list[str] = FAST) -> list[dict]:
     proc = subprocess.run([sys.executable, str(ROOT / "run.py"), "-cd", str(ROOT / "multirun_sweeps"),
-                           "-cn", "ratios_x_pruners", *FAST, "ratio=0.1,0.5", "pruner=taylor,l2",
+                           "-cn", "ratios_x_pruners", *fast, "ratio=0.1,0.5", "pruner=taylor,l2",
                            f"paths.outputs_root={tmp_path}", *extra],
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -52,10 +52,20 @@ def _sweep(tmp_path: Path, extra: list[str]) -> list[dict]:
 
 
 def test_sweep_runs_every_job_in_its_own_dir(tmp_path):
-    runs = _sweep(tmp_path, [])
+    quick_ppl = [a for a in FAST if a != "eval=none"] + ["eval=quick", "eval.generation.enabled=false",
+                                                         "eval.ppl.seq_len=32", "eval.ppl.max_tokens=128"]
+    runs = _sweep(tmp_path, [], quick_ppl)
     assert len(runs) == 4 and all(r["status"] == "completed" for r in runs)
     assert {(r["method"], r["config"]["ratio"]) for r in runs} == {("taylor", 0.1), ("taylor", 0.5), ("l2", 0.1),
                                                                    ("l2", 0.5)}
+    # the sweep ends with one table of every job and the trade-off plot, in the sweep dir
+    import pandas as pd
+
+    sweep = next(tmp_path.glob("multirun/*/*"))
+    table = pd.read_csv(sweep / "results.csv")
+    assert set(table["method"]) >= {"taylor", "l2"} and set(table["status"]) == {"completed"}
+    assert len(table[table["method"] != "base"]) == 4
+    assert (sweep / "pareto_ppl.png").stat().st_size > 10_000
 
 
 def test_one_failing_job_does_not_kill_the_sweep(tmp_path):
