@@ -44,6 +44,8 @@ register_configs()
 # answer per config, and Hydra copies it into every job's config (joblib, submitit) so all agree on the dir.
 OmegaConf.register_new_resolver("unique_dir", claim_dir, use_cache=True, replace=True)
 OmegaConf.register_new_resolver("ratio_tag", ratio_tag, replace=True)  # 0.2 -> "2000" (the seed's folder names)
+# ${metric_direction:${task},${optimized_metric.name},${optimized_metric.direction}}: what a sweeper optimises
+OmegaConf.register_new_resolver("metric_direction", lambda *args: metric_direction(*args), replace=True)
 # ${coalesce:${run_name},${hydra:job.num}}: the first value that is set (a sweep subdir named by its preset)
 OmegaConf.register_new_resolver("coalesce", lambda *values: next((v for v in values if v is not None), None),
                                 replace=True)
@@ -121,6 +123,22 @@ def optimized_metric(cfg: DictConfig, recipe: Any) -> Optional[tuple[str, str]]:
         raise ConfigError(f"optimized_metric: {name} is to {recipe.METRICS[name]}, not {direction} "
                           f"(set optimized_metric.direction={recipe.METRICS[name]})")
     return name, recipe.METRICS[name]
+
+
+def metric_direction(task: str, name: Optional[str], direction: Optional[str]) -> str:
+    """The ``metric_direction`` resolver: the direction a sweeper optimises (``hydra.sweeper.direction`` of
+    multirun_sweeps/optuna_*.yaml), the one the task's recipe declares for ``optimized_metric``, never a guess.
+    A missing or contradicting choice fails at composition, before any trial runs."""
+    import importlib
+
+    from omegaconf import OmegaConf as _OC
+
+    recipe = importlib.import_module(f"recipes.{task}")
+    target = optimized_metric(_OC.create({"task": task, "optimized_metric": {"name": name, "direction": direction}}),
+                              recipe)
+    if target is None:
+        raise ConfigError(f"task={task} reports no metric a sweeper could optimise")
+    return target[1]
 
 
 def _startup_seconds() -> Optional[float]:
