@@ -54,6 +54,7 @@ from typing import TYPE_CHECKING, Any, Optional
 from core.errors import ConfigError
 from core.llama import Geometry, count_params, decoder_layers, layer_configs
 from pruning import PruneError, PruneResult
+from pruning.options import as_range, range_order_errors, stream_option_errors
 from pruning.ranges import resolve_range
 
 if TYPE_CHECKING:
@@ -67,14 +68,6 @@ log = logging.getLogger(__name__)
 _CHOICES = {"metric": ("WIFV", "WIFN", "IFV"), "structure": ("AL-AM", "AL-MM", "UL-UM")}
 KINDS = ("attention", "mlp")
 _BLOCK_BYTES = 4 * 2**20  # float64 block of tokens in the moment accumulator (its only temporary)
-
-
-def _range(r: Any) -> tuple[Optional[int], Optional[int]]:
-    """``(start, end)`` from a pair or a ``{start, end}`` mapping (conf/layers/*.yaml)."""
-    if isinstance(r, dict):
-        return r.get("start"), r.get("end")
-    start, end = r
-    return start, end
 
 
 @dataclass(frozen=True)
@@ -100,27 +93,20 @@ class FLAP:
     seed: int = 0  # recorded only: FLAP is deterministic
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "attention_layers", _range(self.attention_layers))
-        object.__setattr__(self, "mlp_layers", _range(self.mlp_layers))
+        object.__setattr__(self, "attention_layers", as_range(self.attention_layers))
+        object.__setattr__(self, "mlp_layers", as_range(self.mlp_layers))
         errors = [f"pruner.{k}={getattr(self, k)!r} is not one of {', '.join(v)}"
                   for k, v in _CHOICES.items() if getattr(self, k) not in v]
         if isinstance(self.ratio, bool) or not isinstance(self.ratio, (int, float)) or not 0.0 <= self.ratio < 1.0:
             errors.append(f"ratio={self.ratio!r} must be in [0, 1) (the share of attention+MLP parameters removed)")
-        for key in ("bias_compensation", "offload"):
-            if not isinstance(getattr(self, key), bool):
-                errors.append(f"pruner.{key}={getattr(self, key)!r} must be true or false")
-        for key, low in (("min_groups", 1), ("min_channels", 1), ("batch_size", 0)):
+        if not isinstance(self.bias_compensation, bool):
+            errors.append(f"pruner.bias_compensation={self.bias_compensation!r} must be true or false")
+        for key in ("min_groups", "min_channels"):
             v = getattr(self, key)
-            if isinstance(v, bool) or not isinstance(v, int) or v < low:
-                errors.append(f"pruner.{key}={v!r} must be an integer >= {low}")
-        if self.device is not None and not isinstance(self.device, str):
-            errors.append(f"pruner.device={self.device!r} must be a device name (cpu, cuda, cuda:1) or null")
-        if self.offload is True and not self.device:
-            errors.append("pruner.offload=true needs pruner.device (where each layer runs, e.g. cuda)")
-        for part in KINDS:
-            start, end = getattr(self, f"{part}_layers")
-            if start is not None and end is not None and (start >= 0) == (end >= 0) and end < start:
-                errors.append(f"layers.{part}: start={start} is after end={end} (start inclusive, end exclusive)")
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                errors.append(f"pruner.{key}={v!r} must be an integer >= 1")
+        errors += stream_option_errors(self.batch_size, self.offload, self.device)
+        errors += range_order_errors(attention=self.attention_layers, mlp=self.mlp_layers)
         if errors:
             raise ConfigError("; ".join(errors))
 

@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING, Any, Optional
 from core.errors import ConfigError
 from core.llama import Geometry, count_params, decoder_layers, layer_configs
 from pruning import PruneError, PruneResult
+from pruning.options import as_range, range_order_errors
 from pruning.ranges import resolve_range
 
 if TYPE_CHECKING:
@@ -50,14 +51,6 @@ IMPORTANCES = ("taylor", "l1", "l2", "random")
 TAYLOR_VARIANTS = ("vectorize", "param_first", "param_second", "param_mix")
 _CHOICES = {"importance": IMPORTANCES, "taylor": TAYLOR_VARIANTS, "group_reduction": ("sum", "mean", "max"),
             "rounding": ("floor", "nearest", "ceil"), "ratio_target": ("groups", "params")}
-
-
-def _range(r: Any) -> tuple[Optional[int], Optional[int]]:
-    """``(start, end)`` from a pair or a ``{start, end}`` mapping (conf/layers/*.yaml)."""
-    if isinstance(r, dict):
-        return r.get("start"), r.get("end")
-    start, end = r
-    return start, end
 
 
 @dataclass(frozen=True)
@@ -88,8 +81,8 @@ class LLMPruner:
     progress: bool = True
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "attention_layers", _range(self.attention_layers))
-        object.__setattr__(self, "mlp_layers", _range(self.mlp_layers))
+        object.__setattr__(self, "attention_layers", as_range(self.attention_layers))
+        object.__setattr__(self, "mlp_layers", as_range(self.mlp_layers))
         errors = [f"pruner.{k}={getattr(self, k)!r} is not one of {', '.join(v)}"
                   for k, v in _CHOICES.items() if getattr(self, k) not in v]
         for key in ("ratio", "attention_ratio", "mlp_ratio"):
@@ -99,10 +92,7 @@ class LLMPruner:
         for key, low in (("iterative_steps", 1), ("round_to", 1), ("batch_size", 0)):
             if getattr(self, key) < low:
                 errors.append(f"pruner.{key}={getattr(self, key)} must be >= {low}")
-        for part in ("attention", "mlp"):
-            start, end = getattr(self, f"{part}_layers")
-            if start is not None and end is not None and (start >= 0) == (end >= 0) and end < start:
-                errors.append(f"layers.{part}: start={start} is after end={end} (start inclusive, end exclusive)")
+        errors += range_order_errors(attention=self.attention_layers, mlp=self.mlp_layers)
         if errors:
             raise ConfigError("; ".join(errors))
 

@@ -33,8 +33,9 @@ from typing import TYPE_CHECKING, Any, Optional
 from core.errors import ConfigError
 from core.llama import Geometry, count_params
 from pruning import PruneResult
+from pruning.options import as_range
 from pruning.sparsity import (TARGETS, Plan, apply_mask, check_nm_widths, count_of, count_zeros, global_threshold,
-                              layer_range, linear, mask_record, nm_mask, option_errors, parse_pattern,
+                              linear, mask_record, nm_mask, option_errors, parse_pattern,
                               plan_structured, remove_lowest, structured_record, threshold_mask, unstructured_mask)
 
 if TYPE_CHECKING:
@@ -73,8 +74,8 @@ class Magnitude:
     seed: int = 0  # recorded only: every choice is deterministic (ties go by position)
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "attention_layers", layer_range(self.attention_layers))
-        object.__setattr__(self, "mlp_layers", layer_range(self.mlp_layers))
+        object.__setattr__(self, "attention_layers", as_range(self.attention_layers))
+        object.__setattr__(self, "mlp_layers", as_range(self.mlp_layers))
         object.__setattr__(self, "targets", (self.targets,) if isinstance(self.targets, str) else tuple(self.targets))
         errors = option_errors(self, SCOPES)
         if self.norm not in NORMS:

@@ -48,6 +48,7 @@ from typing import TYPE_CHECKING, Any, Optional
 from core.errors import ConfigError
 from core.llama import count_params, decoder_layers, head_dim, layer_configs
 from pruning import PruneError, PruneResult
+from pruning.options import as_range, range_order_errors, stream_option_errors
 from pruning.ranges import resolve_range
 
 if TYPE_CHECKING:
@@ -61,14 +62,6 @@ log = logging.getLogger(__name__)
 
 GRANULARITIES = ("layer", "sublayer")
 Unit = tuple[int, str]  # (layer index, "layer" | "attention" | "mlp")
-
-
-def _range(r: Any) -> tuple[Optional[int], Optional[int]]:
-    """``(start, end)`` from a pair or a ``{start, end}`` mapping (conf/layers/*.yaml)."""
-    if isinstance(r, dict):
-        return r.get("start"), r.get("end")
-    start, end = r
-    return start, end
 
 
 @dataclass(frozen=True)
@@ -90,8 +83,8 @@ class ShortGPT:
     device: Optional[str] = None  # where layers run and hidden states live (None: the model's device)
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "attention_layers", _range(self.attention_layers))
-        object.__setattr__(self, "mlp_layers", _range(self.mlp_layers))
+        object.__setattr__(self, "attention_layers", as_range(self.attention_layers))
+        object.__setattr__(self, "mlp_layers", as_range(self.mlp_layers))
         errors = []
         if self.granularity not in GRANULARITIES:
             errors.append(f"pruner.granularity={self.granularity!r} is not one of {', '.join(GRANULARITIES)}")
@@ -105,14 +98,8 @@ class ShortGPT:
             what = "removes no layers" if float(self.ratio) <= 0 else "would remove every parameter"
             errors.append(f"ratio={self.ratio} with pruner.num_layers=null {what}: ratio is the share of all "
                           "parameters to remove, in (0, 1); or set pruner.num_layers=n")
-        if self.batch_size < 0:
-            errors.append(f"pruner.batch_size={self.batch_size} must be >= 0 (0 = all samples at once)")
-        if self.offload and self.device is None:
-            errors.append("pruner.offload=true needs pruner.device (where each layer runs, e.g. cuda)")
-        for part in ("attention", "mlp"):
-            start, end = getattr(self, f"{part}_layers")
-            if start is not None and end is not None and (start >= 0) == (end >= 0) and end < start:
-                errors.append(f"layers.{part}: start={start} is after end={end} (start inclusive, end exclusive)")
+        errors += stream_option_errors(self.batch_size, self.offload, self.device)
+        errors += range_order_errors(attention=self.attention_layers, mlp=self.mlp_layers)
         if errors:
             raise ConfigError("; ".join(errors))
 

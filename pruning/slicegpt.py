@@ -56,6 +56,7 @@ from typing import TYPE_CHECKING, Optional
 
 from core.errors import ConfigError
 from pruning import PruneError, PruneResult
+from pruning.options import stream_option_errors
 
 if TYPE_CHECKING:
     import torch
@@ -87,20 +88,16 @@ class SliceGPT:
         if isinstance(self.sparsity, bool) or not isinstance(self.sparsity, (int, float)) \
                 or not 0.0 <= float(self.sparsity) < 1.0:
             errors.append(f"pruner.sparsity={self.sparsity!r} must be in [0, 1) (the share of the hidden size sliced)")
-        for key, low in (("round_interval", 1), ("batch_size", 0)):
-            v = getattr(self, key)
-            if isinstance(v, bool) or not isinstance(v, int) or v < low:
-                errors.append(f"pruner.{key}={v!r} must be an integer >= {low}")
+        v = self.round_interval
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            errors.append(f"pruner.round_interval={v!r} must be an integer >= 1")
         if self.final_orientation not in ORIENTATIONS:
             errors.append(f"pruner.final_orientation={self.final_orientation!r} is not one of "
                           f"{', '.join(ORIENTATIONS)}")
-        for key in ("slice_head", "offload", "progress"):
+        for key in ("slice_head", "progress"):
             if not isinstance(getattr(self, key), bool):
                 errors.append(f"pruner.{key}={getattr(self, key)!r} must be true or false")
-        if self.device is not None and not isinstance(self.device, str):
-            errors.append(f"pruner.device={self.device!r} must be a device name (cpu, cuda, cuda:1) or null")
-        if self.offload is True and self.device is None:
-            errors.append("pruner.offload=true moves one layer at a time to pruner.device: set it (e.g. cuda)")
+        errors += stream_option_errors(self.batch_size, self.offload, self.device)
         if errors:
             raise ConfigError("; ".join(errors))
 

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Optional
 from core.errors import ConfigError
 from core.llama import Geometry, count_params, layer_configs
 from pruning import PruneError
+from pruning.options import range_order_errors
 from pruning.ranges import resolve_range
 
 if TYPE_CHECKING:
@@ -80,14 +81,6 @@ def parse_pattern(value: Any) -> Pattern:
     return Pattern("nm", n, m)
 
 
-def layer_range(r: Any) -> tuple[Optional[int], Optional[int]]:
-    """``(start, end)`` from a pair or a ``{start, end}`` mapping (conf/layers/*.yaml)."""
-    if isinstance(r, dict):
-        return r.get("start"), r.get("end")
-    start, end = r
-    return start, end
-
-
 def option_errors(p: Any, scopes: tuple[str, ...]) -> list[str]:
     """The checks both pruners share, one message per bad key (``p``: a Magnitude or Wanda being built)."""
     errors = []
@@ -121,11 +114,7 @@ def option_errors(p: Any, scopes: tuple[str, ...]) -> list[str]:
     if p.scope == "global" and ratios_ok and 0 < ratios[0] != ratios[1] > 0:
         errors.append("pruner.scope='global' ranks every targeted weight against one threshold: attention_ratio and "
                       "mlp_ratio must be equal (or 0 to skip a block type)")
-    for part in ("attention", "mlp"):
-        start, end = getattr(p, f"{part}_layers")
-        if start is not None and end is not None and (start >= 0) == (end >= 0) and end < start:
-            errors.append(f"layers.{part}: start={start} is after end={end} (start inclusive, end exclusive)")
-    return errors
+    return errors + range_order_errors(attention=p.attention_layers, mlp=p.mlp_layers)
 
 
 def count_of(n: int, fraction: float) -> int:

@@ -37,7 +37,8 @@ from typing import TYPE_CHECKING, Any, Optional
 from core.errors import ConfigError
 from core.llama import Geometry, count_params
 from pruning import PruneError, PruneResult
-from pruning.sparsity import (TARGETS, Plan, apply_mask, check_nm_widths, count_zeros, layer_range, linear, mask_record,
+from pruning.options import as_range, stream_option_errors
+from pruning.sparsity import (TARGETS, Plan, apply_mask, check_nm_widths, count_zeros, linear, mask_record,
                               nm_mask, option_errors, parse_pattern, plan_structured, remove_lowest, structured_record,
                               unstructured_mask)
 
@@ -82,19 +83,14 @@ class Wanda:
     progress: bool = True
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "attention_layers", layer_range(self.attention_layers))
-        object.__setattr__(self, "mlp_layers", layer_range(self.mlp_layers))
+        object.__setattr__(self, "attention_layers", as_range(self.attention_layers))
+        object.__setattr__(self, "mlp_layers", as_range(self.mlp_layers))
         object.__setattr__(self, "targets", (self.targets,) if isinstance(self.targets, str) else tuple(self.targets))
         errors = option_errors(self, SCOPES)
-        if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) or self.batch_size < 0:
-            errors.append(f"pruner.batch_size={self.batch_size!r} must be an integer >= 0 (0 = all samples at once)")
-        for key in ("sequential", "offload", "progress"):
+        errors += stream_option_errors(self.batch_size, self.offload, self.device)
+        for key in ("sequential", "progress"):
             if not isinstance(getattr(self, key), bool):
                 errors.append(f"pruner.{key}={getattr(self, key)!r} must be true or false")
-        if self.device is not None and not isinstance(self.device, str):
-            errors.append(f"pruner.device={self.device!r} must be a device name (cpu, cuda, cuda:1) or null")
-        if self.offload is True and self.device is None:
-            errors.append("pruner.offload=true moves one layer at a time to pruner.device: set it (e.g. cuda)")
         if errors:
             raise ConfigError("; ".join(errors))
         object.__setattr__(self, "pattern", str(parse_pattern(self.pattern)))

@@ -248,7 +248,7 @@ def test_a_second_removal_records_original_indices(deep, calib):
     ({"ratio": 1.0}, r"ratio=1.0 with pruner.num_layers=null would remove every parameter"),
     ({"granularity": "block"}, r"pruner.granularity='block' is not one of layer, sublayer"),
     ({"offload": True}, r"pruner.offload=true needs pruner.device"),
-    ({"batch_size": -1}, r"pruner.batch_size=-1 must be >= 0"),
+    ({"batch_size": -1}, r"pruner.batch_size=-1 must be an integer >= 0"),
     ({"attention_layers": (5, 2)}, r"layers.attention: start=5 is after end=2"),
 ])
 def test_bad_options_fail_at_build(kw, match):
