@@ -19,20 +19,12 @@ from typing import Any, Optional
 
 import torch
 
-
-def _unique_params(model: torch.nn.Module) -> list[torch.Tensor]:
-    seen: set[int] = set()
-    out = []
-    for p in model.parameters():
-        if id(p) not in seen:
-            seen.add(id(p))
-            out.append(p)
-    return out
+from core.llama import unique_parameters
 
 
 def size_stats(model: torch.nn.Module, checkpoint_dir: Optional[str | Path] = None) -> dict[str, Any]:
     """Parameter counts and bytes; ``disk_bytes`` only when the model has a saved dir."""
-    params = _unique_params(model)
+    params = unique_parameters(model)
     out: dict[str, Any] = {
         "params": sum(p.numel() for p in params),
         "nonzero_params": int(sum(int(torch.count_nonzero(p.detach())) for p in params)),

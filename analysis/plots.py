@@ -14,6 +14,15 @@ import numpy as np  # noqa: E402
 _MODULE_ORDER = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
+def _save(fig, path: str | Path) -> Path:
+    """Lay out, write (PNG, 120 dpi) and close ``fig``."""
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 def _effective(d: dict) -> float:
     """Structural sparsity, or the non-zero based one when weights were zeroed in place."""
     sp = d.get("sparsity") or 0.0
@@ -46,11 +55,7 @@ def sparsity_bars(comparison: dict, path: str | Path, target: Optional[float] = 
     ax.set_ylim(0, max(1e-3, float(max(total.max(initial=0), attn.max(initial=0), mlp.max(initial=0),
                                             target or 0))) * 1.15)
     ax.legend(fontsize=7, ncol=5, loc="upper right")
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def module_heatmap(comparison: dict, path: str | Path) -> Path:
@@ -76,11 +81,7 @@ def module_heatmap(comparison: dict, path: str | Path) -> Path:
     ax.set_xlabel("layer")
     ax.set_title("per-module sparsity")
     fig.colorbar(im, ax=ax, label="sparsity")
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def convergence(curves: dict[str, list[tuple[float, float]]], path: str | Path, *, title: str = "",
@@ -98,11 +99,7 @@ def convergence(curves: dict[str, list[tuple[float, float]]], path: str | Path, 
     ax.grid(alpha=0.3)
     if curves:
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def pareto(df, path: str | Path, y: str = "ppl", x: str = "params_kept_pct", *, log_y: bool = True) -> Optional[Path]:
@@ -135,11 +132,7 @@ def pareto(df, path: str | Path, y: str = "ppl", x: str = "params_kept_pct", *, 
         ax.set_yscale("log")
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def range_heatmap(df, path: str | Path, value: str = "ppl", part: str = "attn_layers") -> Optional[Path]:
@@ -167,8 +160,4 @@ def range_heatmap(df, path: str | Path, value: str = "ppl", part: str = "attn_la
             light = hi == lo or (v - lo) / (hi - lo) < 0.5
             ax.text(j, i, f"{v:.1f}", ha="center", va="center", fontsize=8, color="black" if light else "white")
     fig.colorbar(im, ax=ax, label=value)
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, path)

@@ -199,25 +199,19 @@ def flops_per_token(model: nn.Module, context: int) -> int:
     return total
 
 
+def unique_parameters(model: nn.Module) -> list:
+    """Every parameter once (a tied embedding / LM head is one tensor)."""
+    seen: set[int] = set()
+    return [p for p in model.parameters() if id(p) not in seen and not seen.add(id(p))]
+
+
 def count_nonzero(model: nn.Module) -> int:
     """Non-zero parameters counted once: what unstructured / N:M sparsity actually leaves."""
     import torch
 
-    seen: set[int] = set()
-    total = 0
-    for p in model.parameters():
-        if id(p) not in seen:
-            seen.add(id(p))
-            total += int(torch.count_nonzero(p.detach()))
-    return total
+    return sum(int(torch.count_nonzero(p.detach())) for p in unique_parameters(model))
 
 
 def count_params(model: nn.Module) -> int:
     """Parameters counted once (a tied embedding / LM head counts once)."""
-    seen: set[int] = set()
-    total = 0
-    for p in model.parameters():
-        if id(p) not in seen:
-            seen.add(id(p))
-            total += p.numel()
-    return total
+    return sum(p.numel() for p in unique_parameters(model))

@@ -128,20 +128,12 @@ class FLAP:
     def __call__(self, model: nn.Module, calibration: Optional[torch.Tensor]) -> PruneResult:
         import torch
 
-        from pruning.streaming import check_llama_layout
+        from pruning.streaming import check_llama_layout, check_stream_device
 
         check_llama_layout(model, "flap")
         if calibration is None or calibration.ndim != 2 or calibration.numel() == 0:
             raise PruneError("flap needs calibration tokens [samples, tokens]")
-        if self.device is not None:
-            try:
-                dev = torch.empty(0, device=self.device).device
-            except (RuntimeError, AssertionError) as e:
-                raise PruneError(f"pruner.device={self.device!r} cannot be used here: {e}") from None
-            home = next(model.parameters()).device
-            if not self.offload and dev != home:
-                raise PruneError(f"pruner.device={self.device} differs from the model's device {home}: set "
-                                 "pruner.offload=true to run one layer at a time there, or leave pruner.device=null")
+        check_stream_device(model, self.device, self.offload)
         geo = Geometry.of(model)
         ranges = self.ranges(geo.depth)
         check_budget(geo, ranges, float(self.ratio), self.structure, self.min_groups, self.min_channels)

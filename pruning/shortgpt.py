@@ -137,12 +137,12 @@ class ShortGPT:
                              f"({len(units)} candidates); widen layers.attention / layers.mlp or lower it")
 
     def __call__(self, model: nn.Module, calibration: Optional[torch.Tensor]) -> PruneResult:
-        from pruning.streaming import check_llama_layout
+        from pruning.streaming import check_llama_layout, check_stream_device
 
         check_llama_layout(model, "shortgpt")
         depth = len(decoder_layers(model))
         self.check(depth)
-        _check_device(model, self.device, self.offload)
+        check_stream_device(model, self.device, self.offload)
         t0 = time.perf_counter()
         scores = block_influence(model, calibration, sublayer=self.granularity == "sublayer",
                                  batch_size=self.batch_size, device=self.device, offload=self.offload)
@@ -160,24 +160,6 @@ class ShortGPT:
             log.info(note)
         return _result(self, scores, chosen, removed_layers, depth, params_before, params_after, notes,
                        {"block_influence_s": t_score, "surgery_s": t_cut})
-
-
-def _check_device(model: nn.Module, device: Optional[str], offload: bool) -> None:
-    """PruneError for a ``device`` that does not exist, or differs from the model's without ``offload``."""
-    import torch
-
-    if device is None:
-        return
-    try:
-        dev = torch.device(device)
-    except RuntimeError:
-        raise PruneError(f"pruner.device={device!r} is not a device (cpu, cuda, cuda:1, ...)") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise PruneError(f"pruner.device={device}: this machine has no CUDA device; use pruner.device=null")
-    home = next(model.parameters()).device
-    if not offload and (dev.type, dev.index or 0) != (home.type, home.index or 0):
-        raise PruneError(f"pruner.device={device} differs from the model's device {home}: set pruner.offload=true "
-                         "to run one layer at a time there, or leave pruner.device=null")
 
 
 # --------------------------------------------------------------------------- scores

@@ -135,7 +135,7 @@ class SliceGPT:
 
     def __call__(self, model: nn.Module, calibration: Optional[torch.Tensor]) -> PruneResult:
         from core.llama import is_uniform
-        from pruning.streaming import check_llama_layout
+        from pruning.streaming import check_llama_layout, check_stream_device
 
         check_llama_layout(model, f"pruner={self.name}")
         if getattr(model.config, "slicing", None):
@@ -146,15 +146,7 @@ class SliceGPT:
                              "already pruned model); SliceGPT here slices models with the config's own widths")
         if calibration is None or calibration.ndim != 2 or calibration.shape[0] == 0:
             raise PruneError(f"pruner={self.name} needs calibration tokens [samples, tokens]")
-        if self.device is not None:
-            import torch
-
-            try:
-                kind = torch.device(self.device).type
-            except RuntimeError as e:
-                raise PruneError(f"pruner.device={self.device!r}: {e}") from None
-            if kind == "cuda" and not torch.cuda.is_available():
-                raise PruneError(f"pruner.device={self.device!r}: this machine has no CUDA device")
+        check_stream_device(model, self.device, self.offload)
         slicing = self.plan(model.config.hidden_size, len(model.model.layers))
         log.info("slicing %s: hidden %d -> %d (sparsity %.3f, round_interval %d, LM head %d, orientation %s)",
                  self.name, model.config.hidden_size, slicing["embedding_dimension"], self.sparsity,

@@ -62,6 +62,23 @@ def check_llama_layout(model: nn.Module, method: str) -> None:
             raise PruneError(f"{method}: layer {i} ({type(layer).__name__}) is not Llama-shaped; supported: {supported}")
 
 
+def check_stream_device(model: nn.Module, device: Optional[str], offload: bool) -> None:
+    """PruneError, before the model is touched, for a ``pruner.device`` that does not exist here, or that differs
+    from the model's own without ``offload`` (the stream would put states and layers on different devices)."""
+    if device is None:
+        return
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise PruneError(f"pruner.device={device!r} is not a device (cpu, cuda, cuda:1, ...)") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise PruneError(f"pruner.device={device!r}: this machine has no CUDA device; use pruner.device=null")
+    home = next(model.parameters()).device
+    if not offload and (dev.type, dev.index or 0) != (home.type, home.index or 0):
+        raise PruneError(f"pruner.device={device} differs from the model's device {home}: set pruner.offload=true "
+                         "to run one layer at a time there, or leave pruner.device=null")
+
+
 class LayerStream:
     """Iterate over decoder layers with the calibration hidden states that enter each one.
 

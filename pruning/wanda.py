@@ -105,19 +105,13 @@ class Wanda:
     def __call__(self, model: nn.Module, calibration: Optional[torch.Tensor]) -> PruneResult:
         import torch
 
-        from pruning.streaming import check_llama_layout
+        from pruning.streaming import check_llama_layout, check_stream_device
 
         check_llama_layout(model, f"pruner={self.name}")
         plan = Plan.of(self, len(model.model.layers))
         if calibration is None or calibration.ndim != 2 or calibration.shape[0] == 0:
             raise PruneError(f"pruner={self.name} needs calibration tokens [samples, tokens]")
-        if self.device is not None:
-            try:
-                dev = torch.device(self.device)
-            except RuntimeError as e:
-                raise PruneError(f"pruner.device={self.device!r}: {e}") from None
-            if dev.type == "cuda" and not torch.cuda.is_available():
-                raise PruneError(f"pruner.device={self.device!r}: no CUDA device on this machine")
+        check_stream_device(model, self.device, self.offload)
         geo0 = Geometry.of(model)
         if plan.pattern.kind == "structured":
             heads, chans = plan_structured(model, plan, self.rounding)  # every refusal before any change
