@@ -5,12 +5,13 @@ BIN      := $(VENV)/bin
 STAMP    := $(VENV)/.prunelab-installed
 DATA_DIR ?= .cache/debian
 AUSTEN   := $(DATA_DIR)/usr/lib/R/site-library/janeaustenr/data/Rdata.rdb
+CHROMIUM ?= /usr/bin/chromium
 ARGS     ?=
 PYTEST_ARGS ?=
 
 .PHONY: setup run test bench clean-venv
 
-setup: $(STAMP) $(AUSTEN)
+setup: $(STAMP) $(AUSTEN) $(CHROMIUM)
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -28,6 +29,11 @@ $(AUSTEN):
 	  (apt-get update -qq && apt-get download r-cran-janeaustenr))
 	dpkg -x $(DATA_DIR)/deb/r-cran-janeaustenr_*.deb $(DATA_DIR)
 	test -f $(AUSTEN)
+
+# Debian's Chromium for the HTML report's browser test (playwright drives it; browsers are never downloaded).
+$(CHROMIUM):
+	apt-get install -y -qq chromium >/dev/null || (apt-get update -qq && apt-get install -y -qq chromium >/dev/null)
+	test -x $(CHROMIUM)
 
 run: setup
 	$(BIN)/python run.py $(ARGS)

@@ -141,6 +141,93 @@ def metric_direction(task: str, name: Optional[str], direction: Optional[str]) -
     return target[1]
 
 
+# Hydra plugins a command line or sweep file may ask for: (group, option) -> (module, pip package)
+PLUGINS = {
+    ("launcher", "joblib"): ("hydra_plugins.hydra_joblib_launcher", "hydra-joblib-launcher"),
+    ("launcher", "submitit_local"): ("hydra_plugins.hydra_submitit_launcher", "hydra-submitit-launcher"),
+    ("launcher", "submitit_slurm"): ("hydra_plugins.hydra_submitit_launcher", "hydra-submitit-launcher"),
+    ("launcher", "ray"): ("hydra_plugins.hydra_ray_launcher", "hydra-ray-launcher"),
+    ("launcher", "ray_aws"): ("hydra_plugins.hydra_ray_launcher", "hydra-ray-launcher"),
+    ("launcher", "rq"): ("hydra_plugins.hydra_rq_launcher", "hydra-rq-launcher"),
+    ("sweeper", "optuna"): ("hydra_plugins.hydra_optuna_sweeper", "hydra-optuna-sweeper"),
+    ("sweeper", "ax"): ("hydra_plugins.hydra_ax_sweeper", "hydra-ax-sweeper"),
+    ("sweeper", "nevergrad"): ("hydra_plugins.hydra_nevergrad_sweeper", "hydra-nevergrad-sweeper"),
+}
+
+
+def _requested_plugins(argv: list[str], conf_dir: Path = ROOT / "conf") -> list[tuple[str, str]]:
+    """(group, option) of every ``hydra/launcher`` / ``hydra/sweeper`` choice on the command line or in the
+    defaults of the primary config file (``-cd``/``-cn``); a preset of conf/hydra/<group>/ is followed to the
+    plugin option it extends (``hydra/launcher=slurm_gpu`` -> submitit_slurm)."""
+    import re
+
+    choices: list[tuple[str, str]] = []
+    pattern = re.compile(r"^\s*-?\s*(?:override\s+)?/?hydra/(launcher|sweeper)\s*[:=]\s*([\w.-]+)")
+    for arg in argv:
+        m = pattern.match(arg.lstrip("+~"))
+        if m:
+            choices.append((m.group(1), m.group(2)))
+    cdir, cname = None, None
+    for i, arg in enumerate(argv):
+        for short, long_ in (("-cd", "--config-dir"), ("-cn", "--config-name"), ("-cp", "--config-path")):
+            value = argv[i + 1] if arg == short and i + 1 < len(argv) else (
+                arg.split("=", 1)[1] if arg.startswith(long_ + "=") else None)
+            if value is not None:
+                if short == "-cn":
+                    cname = value
+                else:
+                    cdir = value
+    if cname:
+        file = Path(cdir or conf_dir) / (cname if cname.endswith(".yaml") else f"{cname}.yaml")
+        try:
+            choices += [(m.group(1), m.group(2)) for line in file.read_text().splitlines()
+                        if (m := pattern.match(line))]
+        except OSError:
+            pass  # Hydra reports a missing config in its own words
+    followed = []
+    for group, option in choices:
+        preset = conf_dir / "hydra" / group / f"{option}.yaml"
+        if (group, option) not in PLUGINS and preset.is_file():
+            for line in preset.read_text().splitlines():
+                m = re.match(r"^\s*-\s*([\w.-]+)\s*$", line)
+                if m and (group, m.group(1)) in PLUGINS:
+                    option = m.group(1)
+        followed.append((group, option))
+    return followed
+
+
+def plugin_errors(argv: list[str]) -> list[str]:
+    """One line per requested Hydra plugin that is not installed, naming its pip package."""
+    import importlib.util
+
+    errors = []
+    for group, option in _requested_plugins(argv):
+        module, package = PLUGINS.get((group, option), (None, None))
+        if module and importlib.util.find_spec(module) is None:
+            errors.append(f"hydra/{group}={option} needs the Hydra plugin {package}, which is not installed "
+                          f"(pip install {package})")
+    return errors
+
+
+def job_threads(requested: Optional[int], launcher: Any, cpus: Optional[int] = None) -> Optional[int]:
+    """torch threads for one job: ``runtime.threads`` when set; under the joblib launcher the machine's cores
+    shared by its parallel jobs (two jobs on two cores: one thread each, never 2 x 2); under submitit the
+    job's ``cpus_per_task``; otherwise None (torch's default, all cores; the basic launcher runs one job at a
+    time)."""
+    if requested:
+        return int(requested)
+    if cpus is None:
+        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    target = str((launcher or {}).get("_target_") or "")
+    if "joblib" in target.lower():
+        n = int((launcher or {}).get("n_jobs") or -1)
+        n = cpus + 1 + n if n < 0 else n  # joblib: -1 = all cores, -2 = all but one
+        return max(1, cpus // max(1, n))
+    if (launcher or {}).get("cpus_per_task"):  # submitit (local, SLURM), or any launcher that reserves cores
+        return int(launcher["cpus_per_task"])
+    return None
+
+
 def _startup_seconds() -> Optional[float]:
     try:
         import psutil
@@ -148,6 +235,22 @@ def _startup_seconds() -> Optional[float]:
         return time.time() - psutil.Process().create_time()
     except Exception:  # noqa: BLE001 - a timing, never a reason to fail
         return None
+
+
+def wandb_group(cfg: DictConfig) -> Optional[str]:
+    """The W&B group of this job: ``logger.group`` when set; in a multirun the sweep's, from ``hydra.sweep.dir``
+    (``core.wandb_view.sweep_group``: ``multirun/2026-11-24/10-00-00`` -> ``sweep-2026-11-24_10-00-00``), the same for
+    every job of the sweep whatever its launcher; a single run: none."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    from core.wandb_view import sweep_group
+
+    if cfg.logger.group:
+        return str(cfg.logger.group)
+    if not (HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN):
+        return None
+    return sweep_group(HydraConfig.get().sweep.dir, cfg.paths.outputs_root)
 
 
 def run(cfg: DictConfig) -> Optional[float]:
@@ -160,11 +263,13 @@ def run(cfg: DictConfig) -> Optional[float]:
     run_dir = Path(cfg.paths.output_dir)
     task = str(cfg.task)
     multirun = HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+    launcher = OmegaConf.to_container(HydraConfig.get().launcher) if HydraConfig.initialized() else {}
     ctx = None
     startup = _startup_seconds()
     previous = None
     if threading.current_thread() is threading.main_thread():
         previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    job_start_unix = time.time()
     try:
         t0 = time.perf_counter()
         if (run_dir / "metrics.json").exists():
@@ -172,14 +277,21 @@ def run(cfg: DictConfig) -> Optional[float]:
         recipe = check(cfg)
         from core.models import set_mmap_threshold, set_threads
 
-        set_threads(cfg.runtime.threads)
+        threads = job_threads(cfg.runtime.threads, launcher)
+        set_threads(threads)
         set_mmap_threshold(cfg.runtime.mmap_threshold_mb)
         container = OmegaConf.to_container(cfg, resolve=True)
         ctx = RunContext(run_dir, task=task, config=container, logger=cfg.logger.name,
                          wandb_project=cfg.logger.project, wandb_mode=cfg.logger.mode,
-                         wandb_group=cfg.logger.group, wandb_tags=list(cfg.logger.tags))
+                         wandb_group=wandb_group(cfg), wandb_tags=list(cfg.logger.tags),
+                         wandb_log_model=bool(cfg.logger.log_model), run_name=cfg.run_name)
         ctx.log("config", container)
-        ctx.log("timings", {"startup_s": startup, "validate_s": time.perf_counter() - t0})
+        ctx.log("timings", {"startup_s": startup, "validate_s": time.perf_counter() - t0,
+                            "job_start_unix": job_start_unix})
+        import torch
+
+        ctx.log("runtime", {"threads": torch.get_num_threads(), "pid": os.getpid(),
+                            "launcher": str(launcher.get("_target_") or "").rsplit(".", 1)[-1] or None})
         metrics = recipe.run(cfg, ctx) or {}
         target = optimized_metric(cfg, recipe)
         value = metrics.get(target[0]) if target else None
@@ -187,6 +299,7 @@ def run(cfg: DictConfig) -> Optional[float]:
         ctx.log("optimized_metric", {"name": target[0], "direction": target[1], "value": value} if target else None)
         if target and value is None:
             log.warning("optimized_metric %s was not measured by this run (returned None to the sweeper)", target[0])
+        ctx.log("timings", {"job_end_unix": time.time()})
         ctx.finish("completed")
         log.info("run dir: %s", run_dir.resolve())
         return None if value is None else float(value)
@@ -207,6 +320,11 @@ def run(cfg: DictConfig) -> Optional[float]:
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
+        if multirun:  # a reused worker (joblib, the basic launcher) starts the next job without this one's model
+            ctx = None
+            import gc
+
+            gc.collect()
 
 
 def _record_end(ctx: Any, run_dir: Path, task: str, status: str, error: BaseException) -> None:
@@ -241,5 +359,8 @@ def _fast_exit(code: int = 0) -> None:
 
 if __name__ == "__main__":
     sys.argv = [sys.argv[0]] + rewrite_model_args(sys.argv[1:])
+    for _message in plugin_errors(sys.argv[1:]):  # before Hydra's "Could not find 'hydra/launcher/joblib'"
+        print(f"error: {_message}", file=sys.stderr, flush=True)
+        _fast_exit(1)
     main()
     _fast_exit(0)

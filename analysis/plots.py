@@ -9,6 +9,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 import numpy as np  # noqa: E402
 
 _MODULE_ORDER = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -99,6 +100,34 @@ def convergence(curves: dict[str, list[tuple[float, float]]], path: str | Path, 
     ax.grid(alpha=0.3)
     if curves:
         ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def study_convergence(trials: list[tuple[int, Optional[float]]], path: str | Path, *, metric: str = "objective",
+                      direction: str = "minimize") -> Optional[Path]:
+    """An optimisation study's progress: each trial's value (``(trial number, value)``; None = failed, drawn as
+    a red x on the axis floor) and the best so far as a step line. None when no trial has a value."""
+    done = [(i, v) for i, v in trials if v is not None and np.isfinite(v)]
+    if not done:
+        return None
+    better = min if direction == "minimize" else max
+    xs, best, running = [], [], None
+    for i, v in sorted(done):
+        running = v if running is None else better(running, v)
+        xs.append(i)
+        best.append(running)
+    fig, ax = plt.subplots(figsize=(6.4, 4.0))
+    ax.scatter([i for i, _ in done], [v for _, v in done], s=18, alpha=0.6, label="trial")
+    ax.step(xs, best, where="post", color="black", label=f"best so far ({direction})")
+    failed = [i for i, v in trials if v is None or not np.isfinite(v)]
+    if failed:
+        floor = min(v for _, v in done) if direction == "minimize" else max(v for _, v in done)
+        ax.scatter(failed, [floor] * len(failed), marker="x", color="red", label=f"failed ({len(failed)})")
+    ax.set_xlabel("trial")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_ylabel(metric)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
     return _save(fig, path)
 
 

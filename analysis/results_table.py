@@ -229,7 +229,7 @@ def collect(paths: Iterable[str | Path], notes: Optional[Mapping[str, str]] = No
     incomplete: list[dict] = []
     for f in find_metrics(paths):
         m = read_record(f)
-        if m is None or m.get("task") == "table":
+        if m is None or m.get("task") in ("table", "report"):  # the reports of records are not results
             continue
         status = run_status(m)
         if status == "completed":

@@ -103,11 +103,14 @@ class EvalConfig:
 
 @dataclass
 class LoggerConfig:
-    name: str = "wandb"
+    """conf/logger/: where a run is mirrored besides metrics.json (core/record.py says what goes to W&B)."""
+
+    name: str = "wandb"  # wandb | none
     project: str = "prunelab"
     mode: str = "offline"  # offline | online | disabled
-    group: Optional[str] = None
+    group: Optional[str] = None  # null: a multirun's jobs share the sweep's group (run.py wandb_group), a run none
     tags: list[str] = field(default_factory=list)
+    log_model: bool = False  # the saved checkpoint as a W&B artifact of type "model" (file:// reference)
 
 
 @dataclass
@@ -134,7 +137,7 @@ class PrunelabConfig:
     save_dtype: Optional[str] = None  # float16 | bfloat16: half-size checkpoint; null = the model's own dtype
     base: Optional[str] = None  # analyze / batch_analyze: the reference model; convert: SliceGPT's base (name or path)
     models_dir: Optional[str] = None  # batch_analyze: folder of models
-    runs: list[str] = field(default_factory=list)  # table: run dirs or folders of runs
+    runs: list[str] = field(default_factory=list)  # table, report: run dirs or folders of runs
     allow_pickle: bool = False  # legacy torch pickles: opt-in, they can run arbitrary code
     count_nonzero: bool = True  # analyze / batch_analyze: stream weights to count non-zeros (false: headers only)
     paths: PathsConfig = field(default_factory=PathsConfig)

@@ -14,6 +14,8 @@ Every run dir holds one record, rewritten atomically after each update. Top-leve
 
 Recipes receive a :class:`RunContext` and call ``log``, ``log_table``, ``log_image``. ``wandb`` is imported
 only when ``logger=wandb``.
+
+The W&B side (names, flattened config, group, standard summary) is defined in :mod:`core.wandb_view`.
 """
 
 from __future__ import annotations
@@ -29,6 +31,8 @@ from typing import Any, Optional
 
 from core.errors import RunDirError
 from core.io import atomic_write_json
+from core.wandb_view import (EVAL_COLUMNS, EVAL_TABLE, derived_config, eval_table_rows, get, per_layer_key,
+                              per_layer_rows, standard_summary, wandb_config)
 
 log = logging.getLogger(__name__)
 
@@ -91,6 +95,7 @@ class RunContext:
         wandb_mode: str = "offline",
         wandb_group: Optional[str] = None,
         wandb_tags: Optional[list[str]] = None,
+        wandb_log_model: bool = False,
         run_name: Optional[str] = None,
         heartbeat_s: Optional[float] = HEARTBEAT_S,
     ):
@@ -109,6 +114,9 @@ class RunContext:
         }
         self._lock = threading.RLock()  # the heartbeat thread and the run both write the record
         self._wandb = None
+        self._config = dict(config or {})
+        self._log_model = wandb_log_model
+        self._tables: set[str] = set()  # the tables logged to W&B (finish() adds eval/results when missing)
         try:  # the first write is exclusive: a record is never created over another run's
             atomic_write_json(self.path, self.metrics, exclusive=True)
         except FileExistsError:
@@ -124,11 +132,11 @@ class RunContext:
                 job_type=task,
                 tags=wandb_tags or None,
                 name=run_name or self.run_dir.name,
-                config=config or {},
+                config=wandb_config({"task": task, **self._config}),
                 reinit="finish_previous",
             )
             self.metrics["wandb"] = {"mode": wandb_mode, "dir": str(Path(self._wandb.dir).parent),
-                                     "run_id": self._wandb.id}
+                                     "run_id": self._wandb.id, "group": wandb_group}
             self._write()
         self._stop = threading.Event()
         self._beat: Optional[threading.Thread] = None
@@ -175,12 +183,23 @@ class RunContext:
                 self._wandb.summary.update(texts)
 
     def log_table(self, name: str, frame: Any) -> None:
-        """A pandas DataFrame as a ``wandb.Table`` (no-op without W&B; write the CSV yourself)."""
+        """A pandas DataFrame as a ``wandb.Table`` (no-op without W&B; write the CSV yourself). A table with one
+        row per ``layer_idx`` is also logged as per-layer series ``<name>/<column>`` against ``<name>/layer_idx``
+        (one W&B step per layer), so a line plot shows each run's numbers along the depth."""
         if self._wandb is None:
             return
         import wandb
 
-        self._wandb.log({name: wandb.Table(dataframe=frame.reset_index(drop=True))})
+        frame = frame.reset_index(drop=True)
+        self._wandb.log({name: wandb.Table(dataframe=frame)})
+        self._tables.add(name)
+        rows = per_layer_rows(frame.to_dict("records")) if "layer_idx" in frame.columns else None
+        if rows:
+            step = per_layer_key(name, "layer_idx")
+            self._wandb.define_metric(step, hidden=True)
+            self._wandb.define_metric(per_layer_key(name, "*"), step_metric=step, summary="none")
+            for row in rows:
+                self._wandb.log({per_layer_key(name, k): v for k, v in row.items()})
 
     def log_series(self, name: str, values: dict[str, Any]) -> None:
         """One point of a curve (W&B only: e.g. a search's best fitness after each evaluation)."""
@@ -221,5 +240,42 @@ class RunContext:
         finally:
             if self._wandb is not None:
                 wb, self._wandb = self._wandb, None
+                self._wandb_end(wb, status)
                 wb.summary["status"] = status
                 wb.finish(exit_code=0 if status == "completed" else 1)
+
+    def _wandb_end(self, wb: Any, status: str) -> None:
+        """The standard summary names, ``method`` / ``layer_range`` from the record, the eval table if no recipe
+        logged one, and the checkpoint artifact (``log_model``). W&B mirrors the record: a failure here is a
+        warning, never the run's failure."""
+        import wandb
+
+        with self._lock:
+            record = dict(self.metrics)
+        try:
+            wb.summary.update(standard_summary(record))
+            derived = {k: v for k, v in derived_config({"task": record.get("task"), **self._config}, record).items()
+                       if v is not None}
+            wb.config.update(derived, allow_val_change=True)
+            rows = eval_table_rows(record)
+            if rows and EVAL_TABLE not in self._tables:
+                data = [[r[c] for c in EVAL_COLUMNS] for r in rows]
+                wb.log({EVAL_TABLE: wandb.Table(columns=EVAL_COLUMNS, data=data)})
+            if self._log_model and status == "completed":
+                self._log_checkpoint(wb, record)
+        except Exception as e:  # noqa: BLE001 - see the docstring
+            log.warning("W&B: the run's summary / artifact was not fully logged: %s: %s", type(e).__name__, e)
+
+    def _log_checkpoint(self, wb: Any, record: dict) -> None:
+        """The saved model dir as a ``model`` artifact referencing its files (``file://``: nothing is copied)."""
+        import wandb
+
+        path = Path(get(record, "checkpoint", "path") or self.run_dir / "model")
+        if not path.is_dir():
+            log.info("logger.log_model: no checkpoint in %s (save_model=false?); no artifact", path)
+            return
+        art = wandb.Artifact(f"model-{wb.id}", type="model", metadata={
+            "method": record.get("method"), "compression": record.get("compression"),
+            "params": record.get("params"), "summary": standard_summary(record), "path": str(path.resolve())})
+        art.add_reference(path.resolve().as_uri())
+        wb.log_artifact(art)

@@ -9,8 +9,9 @@
 - ``RunGuard.on_multirun_end``: the sweep's results table (``results.{csv,md,tex}``: every job, failed ones
   listed apart), plots (``pareto_ppl.png`` / ``pareto_avg.png``: perplexity / zero-shot average against
   parameters kept, one line per method; ``heatmap_ppl_<part>.png`` over start x end when a layer range
-  varies) and, when jobs saved models, their batch analysis against the base model
-  (``batch_analysis_results.json``, ``models_summary.json``, ``analysis/<job>/``), all in the sweep dir; then
+  varies; ``convergence.png`` for an optimisation study) and, when jobs saved models, their batch analysis
+  against the base model (``batch_analysis_results.json``, ``models_summary.json``, ``analysis/<job>/``), and
+  ``report.html`` (one self-contained page of the table and plots), all in the sweep dir; then
   one summary line of the jobs' statuses; exit 1 when any job did not complete (the others still ran and are
   recorded).
 """
@@ -21,7 +22,7 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 from hydra.experimental.callback import Callback
 
@@ -77,9 +78,28 @@ def sweep_summary(sweep: Path, jobs: list[Path]) -> list[str]:
                 written += [str(p)] if p else []
     except Exception as e:  # noqa: BLE001  (a summary never hides the jobs' results)
         log.error("sweep table failed: %s: %s", type(e).__name__, e)
+    try:
+        p = _study_convergence(sweep, jobs)
+        written += [str(p)] if p else []
+    except Exception as e:  # noqa: BLE001
+        log.error("sweep convergence plot failed: %s: %s", type(e).__name__, e)
     models = [j for j in jobs if (j / "model").is_dir()]
-    if not models:
-        return written
+    if models:
+        written += _batch_analysis(sweep, models)
+    try:  # last: the page embeds the table and every plot above
+        from analysis.html_report import write_report
+
+        written.append(str(write_report([sweep], sweep / "report.html")))
+    except Exception as e:  # noqa: BLE001
+        log.error("sweep report failed: %s: %s", type(e).__name__, e)
+    return written
+
+
+def _batch_analysis(sweep: Path, models: list[Path]) -> list[str]:
+    """The batch analysis of the jobs' saved models against the base model, in the sweep dir."""
+    import logging
+
+    log = logging.getLogger(__name__)
     try:
         from analysis.batch import batch_analyze
         from core.models import ModelRef
@@ -90,10 +110,39 @@ def sweep_summary(sweep: Path, jobs: list[Path]) -> list[str]:
         cache = ((m.get("config") or {}).get("paths") or {}).get("cache_dir") or ".cache"
         base, base_dir = structure_for_ref(ModelRef.of(model_cfg), cache_dir=cache, count_nonzero=True)
         batch_analyze(sweep, base, sweep, count_nonzero=True, base_model_dir=base_dir)
-        written += [str(sweep / "batch_analysis_results.json"), str(sweep / "models_summary.json")]
+        return [str(sweep / "batch_analysis_results.json"), str(sweep / "models_summary.json")]
     except Exception as e:  # noqa: BLE001
         log.error("sweep batch analysis failed: %s: %s", type(e).__name__, e)
-    return written
+        return []
+
+
+def _study_convergence(sweep: Path, jobs: list[Path]) -> Optional[Path]:
+    """``convergence.png`` for an optimisation study (a sweeper other than Hydra's basic grid): every trial's
+    ``optimized_metric`` in launch order and the best so far; failed trials marked. None for grid sweeps."""
+    from omegaconf import OmegaConf
+
+    sweeper = ""
+    for cfg_file in [sweep / "multirun.yaml", *(j / ".hydra" / "hydra.yaml" for j in jobs)]:
+        try:  # the basic sweeper writes multirun.yaml; every job keeps the hydra config it ran with
+            sweeper = str(OmegaConf.load(cfg_file).hydra.sweeper._target_)
+            break
+        except Exception:  # noqa: BLE001 - not there: try the next; none (a hand-made folder): not a study
+            continue
+    if not sweeper or "BasicSweeper" in sweeper:
+        return None
+    trials, metric, direction = [], "objective", "minimize"
+    for job in jobs:
+        try:
+            m = json.loads((job / "metrics.json").read_text())
+            number = int((m.get("hydra") or {}).get("job_num", job.name))
+        except (OSError, ValueError):
+            continue
+        target = m.get("optimized_metric") or {}
+        metric, direction = target.get("name") or metric, target.get("direction") or direction
+        trials.append((number, target.get("value") if m.get("status") == "completed" else None))
+    from analysis.plots import study_convergence
+
+    return study_convergence(trials, sweep / "convergence.png", metric=metric, direction=direction)
 
 
 def _fail(message: str) -> None:
@@ -153,6 +202,8 @@ class RunGuard(Callback):
         summary += "".join(f"; {b}" for b in bad)
         if str(sweep / "results.md") in files:
             summary += f"; results table {sweep / 'results.md'}"
+        if str(sweep / "report.html") in files:
+            summary += f"; report {sweep / 'report.html'}"
         if bad:
             _fail(summary)
         print(summary, file=sys.stderr, flush=True)

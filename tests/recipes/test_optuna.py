@@ -33,6 +33,7 @@ def test_study_resumes_from_its_sqlite_storage(tmp_path):
     study, trials = _trials(db)
     assert len(trials) == 2 and study.direction.name == "MINIMIZE"  # ppl, the prune recipe's first metric
     assert (tmp_path / "a" / "optimization_results.yaml").exists() and (tmp_path / "a" / "results.csv").exists()
+    assert (tmp_path / "a" / "convergence.png").stat().st_size > 10_000  # trials and the best so far
     # interrupted after 2: a new sweep dir, the same study, 2 more trials
     second = _study(tmp_path / "b", "hydra.sweeper.n_trials=2", f"hydra.sweeper.storage=sqlite:///{db}")
     assert second.returncode == 0, second.stderr[-3000:]
@@ -52,3 +53,14 @@ def test_direction_comes_from_the_recipe():
         run.metric_direction("prune", "avg_acc", "minimize")
     with pytest.raises(ConfigError, match="reports"):
         run.metric_direction("prune", "bleu", None)
+
+
+def test_a_study_where_every_trial_fails_ends_like_a_sweep(tmp_path):
+    """No completed trial: the plugin's study.best_trial would raise; here the summary lists the failures."""
+    proc = _study(tmp_path / "s", "hydra.sweeper.n_trials=2", "ratio=1.5")
+    assert proc.returncode == 1
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: sweep ") and "0 of 2 jobs completed; job 0 failed" in last and "ratio" in last
+    _, trials = _trials(tmp_path / "s" / "optuna.db")
+    assert [t.state.name for t in trials] == ["FAIL", "FAIL"]
