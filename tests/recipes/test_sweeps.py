@@ -174,22 +174,25 @@ def test_a_reused_worker_keeps_no_model_of_the_previous_job(tmp_path):
     import run
     from conftest import CACHE_DIR
 
-    for i, ratio in enumerate((0.2, 0.4)):
-        GlobalHydra.instance().clear()
-        with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-            cfg = compose("config", return_hydra_config=True,
-                          overrides=[*QUICK, f"ratio={ratio}", f"paths.output_dir={tmp_path / str(i)}",
-                                     f"paths.cache_dir={CACHE_DIR}"])
-        GlobalHydra.instance().clear()
-        cfg.hydra.mode = RunMode.MULTIRUN
-        cfg.hydra.job.num = i
-        HydraConfig.instance().set_config(cfg)
-        job_cfg = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"])  # what a launcher hands a job
-        assert run.run(job_cfg) is not None
-        gc.collect()
-        alive = [type(o).__name__ for o in gc.get_objects()  # (transformers keeps parameter-free activations)
-                 if isinstance(o, torch.nn.Module) and next(o.parameters(recurse=True), None) is not None]
-        assert alive == [], alive
+    try:
+        for i, ratio in enumerate((0.2, 0.4)):
+            GlobalHydra.instance().clear()
+            with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+                cfg = compose("config", return_hydra_config=True,
+                              overrides=[*QUICK, f"ratio={ratio}", f"paths.output_dir={tmp_path / str(i)}",
+                                         f"paths.cache_dir={CACHE_DIR}"])
+            GlobalHydra.instance().clear()
+            cfg.hydra.mode = RunMode.MULTIRUN
+            cfg.hydra.job.num = i
+            HydraConfig.instance().set_config(cfg)
+            job_cfg = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"])  # what a launcher hands a job
+            assert run.run(job_cfg) is not None
+            gc.collect()
+            alive = [type(o).__name__ for o in gc.get_objects()  # (transformers keeps parameter-free activations)
+                     if isinstance(o, torch.nn.Module) and next(o.parameters(recurse=True), None) is not None]
+            assert alive == [], alive
+    finally:  # later tests in this process must not see a multirun
+        HydraConfig.instance().cfg = None
 
 
 def test_slurm_preset_is_one_override():
