@@ -18,7 +18,7 @@ from hydra.core.config_store import ConfigStore
 
 from core.models import DTYPE_NAMES, KINDS, ModelRef
 
-TEXT_SOURCES = ("austen", "boolq", "text_file")
+TEXT_SOURCES = ("austen", "boolq", "sciq", "qa", "news", "mix", "text_file")  # core/data.py
 DIRECTIONS = ("minimize", "maximize")
 
 
@@ -38,9 +38,10 @@ class PathsConfig:
 @dataclass
 class DataConfig:
     name: str = "austen"
-    source: str = "austen"  # austen | boolq | text_file
+    source: str = "austen"  # austen | boolq | sciq | qa | news | mix | text_file
     path: Optional[str] = None
     text_field: str = "text"  # for .jsonl files
+    mix: dict[str, float] = field(default_factory=dict)  # source=mix: component -> weight ({}: core.data.DEFAULT_MIX)
     num_samples: int = 16
     seq_len: int = 128
     seed: int = 0
@@ -199,6 +200,9 @@ def validate(cfg: Any) -> list[str]:
     device = str(_get(cfg, "model.device"))
     if not (device == "cpu" or device.startswith(("cuda", "mps", "xpu", "meta"))):
         errors.append(f"model.device={device!r} is not a device (cpu, cuda, cuda:1, mps)")
+    if _get(cfg, "eval.ppl.source") == "mix":
+        errors.append("eval.ppl.source=mix: perplexity reads one text; name one source (boolq, austen, sciq, qa, news, "
+                      "text_file)")
     if _get(cfg, "data.num_samples") < 1 or _get(cfg, "data.seq_len") < 2:
         errors.append("data.num_samples must be >= 1 and data.seq_len >= 2")
     if _get(cfg, "data.source") == "text_file" and not _get(cfg, "data.path"):

@@ -29,8 +29,10 @@ def model_ref(node: Any) -> ModelRef:
 
 
 def text_spec(node: Any) -> TextSpec:
+    """``data`` / ``eval.ppl`` (or a checkpoint's recorded ``data``) -> TextSpec; ``mix`` keeps its order."""
     d = plain(node)
-    return TextSpec(d["source"], d.get("path"), d.get("text_field", "text"))
+    mix = tuple((str(k), float(v)) for k, v in (d.get("mix") or {}).items())
+    return TextSpec(d["source"], d.get("path"), d.get("text_field", "text"), mix)
 
 
 def headline_metrics(result: dict) -> dict:

@@ -15,7 +15,7 @@ from omegaconf import DictConfig
 
 from core.data import TextSpec
 from core.models import ModelRef
-from recipes._common import checkpoint_info, headline_metrics, model_ref, plain
+from recipes._common import checkpoint_info, headline_metrics, model_ref, plain, text_spec
 
 log = logging.getLogger(__name__)
 
@@ -103,8 +103,7 @@ def run(cfg: DictConfig, ctx: Any) -> dict:
                           f"{context} tokens")
     info = checkpoint_info(ref)
     calib_cfg = (info.get("config") or {}).get("data")
-    calib = TextSpec(calib_cfg["source"], calib_cfg.get("path"), calib_cfg.get("text_field", "text")) \
-        if calib_cfg else None
+    calib = text_spec(calib_cfg) if calib_cfg else None
     ctx.log("model", {"name": ref.name, "path": ref.path, "kind": ref.kind})
     if info:
         ctx.log("checkpoint_info", {k: info.get(k) for k in ("method", "ratio", "layer_ranges", "params", "base_model")})

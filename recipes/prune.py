@@ -69,7 +69,7 @@ def run(cfg: DictConfig, ctx) -> dict:
     from analysis.evaluate import evaluate_model
     from analysis.structure import structure_of
     from core.checkpoint import check_free_space, save_checkpoint
-    from core.data import calibration_and_eval_sources, calibration_batch, eval_tokens
+    from core.data import calibration_and_eval_sources, calibration_batch, eval_tokens, mix_record
     from core.llama import count_nonzero, count_params, flops_per_token, params_from_config
     from core.models import cached_gguf_dir, load_model, model_config, model_depth, torch_dtype
 
@@ -102,12 +102,14 @@ def run(cfg: DictConfig, ctx) -> dict:
     if cfg.save_model:  # known exactly now (a GGUF's first conversion, a legacy file): still before pruning
         check_free_space(run_dir, sum(p.numel() for p in model.parameters())
                          * (torch_dtype(cfg.save_dtype).itemsize if cfg.save_dtype else next(model.parameters()).element_size()))
-    batch = (calibration_batch(tok, calib_src, cfg.data.num_samples, cfg.data.seq_len, cfg.data.seed)
-             if pruner.needs_calibration else None)
+    # a pruner that needs a given amount of text (pruner=obs: tokens x seq_len) says so; others take `data`'s
+    samples, seq_len = getattr(pruner, "calibration_shape", None) or (cfg.data.num_samples, cfg.data.seq_len)
+    batch = calibration_batch(tok, calib_src, samples, seq_len, cfg.data.seed) if pruner.needs_calibration else None
     ppl_tokens = eval_tokens(tok, eval_src, cfg.eval.ppl.max_tokens) if cfg.eval.ppl.enabled else None
     ctx.log("data", {
         "calibration": {"source": calib_src.name, "description": calib_src.description,
-                        "num_samples": cfg.data.num_samples, "seq_len": cfg.data.seq_len, "seed": cfg.data.seed}
+                        "num_samples": samples, "seq_len": seq_len, "tokens": samples * seq_len, "seed": cfg.data.seed,
+                        **mix_record(calib_src, samples, cfg.data.seed)}
         if calib_src else {"source": None, "description": f"{pruner.name} uses no calibration text"},
         "evaluation": {"source": eval_src.name, "description": eval_src.description,
                        "tokens": int(ppl_tokens.shape[1])} if eval_src else {"source": None, "tokens": 0},

@@ -6,7 +6,7 @@
 
 The fitness (``search.fitness``; lower is better) is measured on calibration tokens from ``data`` (disjoint from
 the evaluation text): ``kl`` = KL(donor || hybrid) per token (default: the donor's log-probabilities are
-computed once), ``ppl``, or ``lm_eval`` = 1 - accuracy on ``search.task``. The engine (replacement/search.py)
+computed once), ``ppl``, or ``lm_eval`` = 1 - accuracy on ``search.task``. The engine (core/search.py)
 caches every (candidate, fidelity) and saves its state in ``search/state/`` after every generation.
 Outputs: ``search/results.json``, ``search/convergence_k<k>.png``, ``search/best_k<k>/`` with ``save_best``.
 """
@@ -70,13 +70,13 @@ def _resume_dir(resume: str, outputs_root: str, here: Path) -> Path:
 def run(cfg: DictConfig, ctx: Any) -> dict:
     from analysis.plots import convergence
     from core.checkpoint import save_checkpoint
-    from core.data import calibration_and_eval_sources, calibration_batch
+    from core.data import calibration_and_eval_sources, calibration_batch, mix_record
     from core.errors import ConfigError
     from core.io import atomic_write_json
     from core.models import load_model, model_config, torch_dtype
+    from core.search import Subsets, search
     from replacement.fitness import HybridFitness, donor_logprobs
     from replacement.hybrid import DonorLayers, adopt_attention, check_compatible, swapped
-    from replacement.search import Subsets, search
 
     rspec, sspec = build(cfg.replacement, "replacement"), build(cfg.search, "search")
     base_ref, donor_ref = resolve_model(rspec.base), resolve_model(rspec.donor)
@@ -109,7 +109,8 @@ def run(cfg: DictConfig, ctx: Any) -> dict:
     rows = math.ceil(sspec.tokens / cfg.data.seq_len)
     tokens = calibration_batch(tok, calib_src, rows, cfg.data.seq_len, cfg.data.seed)
     ctx.log("data", {"calibration": {"source": calib_src.name, "description": calib_src.description,
-                                     "rows": rows, "seq_len": cfg.data.seq_len, "seed": cfg.data.seed}})
+                                     "rows": rows, "seq_len": cfg.data.seq_len, "seed": cfg.data.seed,
+                                     **mix_record(calib_src, rows, cfg.data.seed)}})
     targets = None
     t0 = time.perf_counter()
     if sspec.fitness == "kl":

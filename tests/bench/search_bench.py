@@ -48,11 +48,11 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     from core.data import TextSpec, calibration_batch, load_documents
     from core.models import cached_gguf_dir, load_model
+    from core.search import Subsets, search
     from pruning.llm_pruner import LLMPruner
     from recipes._common import resolve_model
     from replacement.fitness import HybridFitness, donor_logprobs
     from replacement.hybrid import DonorLayers
-    from replacement.search import Subsets, search
 
     cache = os.environ.get("PRUNELAB_CACHE", str(ROOT / ".cache"))
     ref = resolve_model("smollm2")

@@ -18,7 +18,7 @@ pytestmark = pytest.mark.integration
 def test_taylor_run_end_to_end(tmp_path):
     run_dir = tmp_path / "run"
     # The foundation issue's acceptance command (+ W&B offline and a shorter perplexity text).
-    proc = subprocess.run([sys.executable, str(ROOT / "run.py"), "pruner=taylor", "ratio=0.25", "logger=wandb",
+    proc = subprocess.run([sys.executable, str(ROOT / "run.py"), "pruner=taylor", "ratio=0.25", "logger=wandb", "data=austen",
                            "layers.attention.start=3", "layers.attention.end=27", "layers.mlp.start=3",
                            "layers.mlp.end=27", "data.num_samples=10", "data.seq_len=64", "pruner.taylor=param_first",
                            "eval.ppl.max_tokens=1024", "eval.generation.max_new_tokens=8", f"hydra.run.dir={run_dir}"],

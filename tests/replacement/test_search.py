@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from core.errors import UserError
-from replacement.search import STRATEGIES, Levels, ResumeError, SearchError, Subsets, search
+from core.search import STRATEGIES, Levels, ResumeError, SearchError, Subsets, search
 
 TARGET = (1, 4, 9)  # the hidden optimum of Subsets(16, 3) / Subsets(12, 3)
 FULL = 1024
@@ -390,7 +390,7 @@ def test_hard_killed_process_resumes_from_its_last_save(tmp_path):
     state = tmp_path / "state.json"
     here = Path(__file__).resolve()
     code = (f"import os, sys; sys.path[:0] = [{str(here.parents[2])!r}, {str(here.parent)!r}]\n"
-            "from test_search import noisy, FIDS\nfrom replacement.search import Subsets, search\ncalls = []\n"
+            "from test_search import noisy, FIDS\nfrom core.search import Subsets, search\ncalls = []\n"
             "def fit(c, f):\n    calls.append(c)\n    if len(calls) > 7: os._exit(9)\n    return noisy(c, f)\n"
             f"search(Subsets(16, 3), fit, strategy='evolve', budget=20, seed=1, fidelities=FIDS, "
             f"state_path={str(state)!r}, save_every_s=0)\n")

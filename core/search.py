@@ -1,8 +1,9 @@
 """A generic, resumable search over a discrete space; the fitness is passed in and lower is better.
 
-    from replacement.search import Subsets, search
+    from core.search import Subsets, search
     res = search(Subsets(30, 2), fitness, strategy="evolve", budget=64, fidelities=[256, 1024, 4096],
                  state_path="search/state/k2_evolve.json", fingerprint={"base": ..., "donor": ..., "fitness": "kl"})
+    res = search(space, fitness, strategy="evolve", budget=48, initial=[uniform, depth])   # seeded with known ones
     res.best, res.best_fitness, res.evaluations, res.cost, res.cache_hits, res.to_json()
 
 **Spaces.** A candidate is a hashable canonical ``tuple[int, ...]``. :class:`Subsets` ``(n, k)``: the k-subsets
@@ -34,6 +35,14 @@ evaluations (``evaluations``) and the equivalents spent (``cost``); cache hits a
   0..L), and so on up to one survivor at the top level (a level that would keep everyone is skipped). The
   survivor replaces the parent only if better at the top fidelity (the parent's top value is cached, so it is
   scored there once). When the budget cannot pay for a whole generation, the generation is made smaller.
+
+**Initial candidates** (``initial``, ``ga`` and ``evolve`` only): known candidates (e.g. hand-made schedules) that
+the search starts from and must beat. ``ga``: the first population is them, then random ones up to
+``population`` (all of them when there are more: the best ``population`` go on). ``evolve``: each is scored at the
+top fidelity first (they are the references: the result is never worse than the best of them), then random
+candidates fill generation 0 up to ``offspring`` and go through the multi-fidelity selection; the parent of
+generation 1 is the best of both. They must be members of the space (``validate``); duplicates count once; they
+are part of the resume fingerprint. Without them every strategy behaves exactly as before.
 
 A search ends when the next evaluation would exceed the budget (``stopped="budget"``), every candidate has been
 scored at the top fidelity (``"exhausted"``), 1000 requests in a row were answered from the cache or no new
@@ -275,8 +284,10 @@ class _Run:
 
     def __init__(self, space: Space, fitness: Fitness, fidelities: list[Fidelity], budget: float,
                  restored: list[Evaluation], state_path: Optional[Path], fingerprint: dict[str, Any],
-                 on_eval: Optional[Callable[[Evaluation], None]], save_every_s: float):
+                 on_eval: Optional[Callable[[Evaluation], None]], save_every_s: float,
+                 initial: Sequence[Candidate] = ()):
         self.space, self.fitness, self.fids, self.top = space, fitness, fidelities, fidelities[-1]
+        self.initial = list(initial)  # ga / evolve: the candidates to start from
         self.full = 1.0 if self.top is None else float(self.top)
         self.budget_units = budget * self.full
         self.saved = restored  # what the state file holds (a prefix of this run's evaluations)
@@ -400,7 +411,7 @@ def _score_topk(run: _Run, rng: random.Random, population: int, offspring: int) 
 
 def _ga(run: _Run, rng: random.Random, population: int, offspring: int) -> None:
     space, top = run.space, run.top
-    pop = _distinct_random(run, rng, population, set())
+    pop = run.initial + _distinct_random(run, rng, max(0, population - len(run.initial)), set(run.initial))
     value = {c: run.score(c, top) for c in pop}
 
     def order(cs: Sequence[Candidate]) -> list[Candidate]:
@@ -409,7 +420,7 @@ def _ga(run: _Run, rng: random.Random, population: int, offspring: int) -> None:
     def tournament() -> Candidate:
         return order(rng.sample(pop, min(TOURNAMENT, len(pop))))[0]
 
-    pop = order(pop)
+    pop = order(pop)[:population]
     while not run.exhausted:
         seen, children = set(pop), []
         for _ in range(offspring):
@@ -461,8 +472,21 @@ def _select(run: _Run, cands: list[Candidate]) -> tuple[Candidate, float]:
 
 
 def _evolve(run: _Run, rng: random.Random, population: int, offspring: int) -> None:
-    first = _distinct_random(run, rng, _affordable(run, offspring), set())
-    parent, parent_value = _select(run, first)
+    parent: Optional[Candidate] = None
+    parent_value = math.inf
+    for c in run.initial:  # the references, at the top fidelity
+        value = run.score(c, run.top)
+        if parent is None or _rank(value) < _rank(parent_value):
+            parent, parent_value = c, value
+    fill = offspring - len(run.initial)
+    if fill > 0:
+        first = _distinct_random(run, rng, _affordable(run, fill), set(run.initial))
+        if first:
+            child, value = _select(run, first)
+            if parent is None or _rank(value) < _rank(parent_value):
+                parent, parent_value = child, value
+    if parent is None:
+        raise _Stop("exhausted")
     while not run.exhausted:
         lam = _affordable(run, offspring)
         seen, children = {parent}, []
@@ -518,6 +542,21 @@ def _check(space: Space, strategy: str, budget: float, fidelities: Optional[Sequ
     return fids
 
 
+def _initial(space: Space, strategy: str, initial: Sequence[Sequence[int]]) -> list[Candidate]:
+    """The initial candidates in canonical form, duplicates dropped (first kept); SearchError for a non-member."""
+    out: list[Candidate] = []
+    for c in initial:
+        try:
+            canonical = space.validate(c)
+        except ValueError as e:
+            raise SearchError(f"initial candidate {list(c)} is not in the space: {e}") from None
+        if canonical not in out:
+            out.append(canonical)
+    if out and strategy not in ("ga", "evolve"):
+        raise SearchError(f"initial candidates are used by ga and evolve only, not {strategy}")
+    return out
+
+
 def _plain(obj: Any, what: str) -> Any:
     try:
         return json.loads(json.dumps(obj, sort_keys=True))
@@ -547,18 +586,23 @@ def _load_state(path: Path, fingerprint: dict[str, Any]) -> list[Evaluation]:
 def search(space: Space, fitness: Fitness, *, strategy: str, budget: float, seed: int = 0,
            fidelities: Optional[Sequence[float]] = None, state_path: str | Path | None = None,
            fingerprint: Optional[dict[str, Any]] = None, population: int = 16, offspring: int = 8,
-           on_eval: Optional[Callable[[Evaluation], None]] = None, save_every_s: float = 1.0) -> SearchResult:
+           on_eval: Optional[Callable[[Evaluation], None]] = None, save_every_s: float = 1.0,
+           initial: Sequence[Sequence[int]] = ()) -> SearchResult:
     """Search ``space`` for the candidate of lowest ``fitness`` (see the module docstring).
 
     ``population``: ga's population size. ``offspring``: ga's children and evolve's lambda per generation.
+    ``initial``: candidates ga / evolve start from (see "Initial candidates").
     """
     t0 = time.perf_counter()
     fids = _check(space, strategy, budget, fidelities, population, offspring)
+    seeds = _initial(space, strategy, initial)
     mine = {"space": space.spec(), "strategy": strategy, "seed": seed, "budget": budget, "fidelities": fids}
     if strategy == "ga":
         mine["population"] = population
     if strategy in ("ga", "evolve"):
         mine["offspring"] = offspring
+    if seeds:
+        mine["initial"] = [list(c) for c in seeds]
     extra = _plain(fingerprint or {}, "fingerprint")
     clash = sorted(set(extra) & set(mine))
     if clash:
@@ -567,7 +611,7 @@ def search(space: Space, fitness: Fitness, *, strategy: str, budget: float, seed
     path = Path(state_path) if state_path is not None else None
     restored = _load_state(path, fp) if path is not None and path.exists() else []
 
-    run = _Run(space, fitness, fids, float(budget), restored, path, fp, on_eval, save_every_s)
+    run = _Run(space, fitness, fids, float(budget), restored, path, fp, on_eval, save_every_s, seeds)
     run.save()
     completed = False
     try:
