@@ -322,15 +322,9 @@ class _LayerFit:
         self.h = self.gram.matrix(self.use_bias)
         self.w_fit, self.b_fit = w, bias0
         if targets is not None and opt.compensate:  # as _fit: the weights that best reproduce the targets
-            cross = torch.zeros(self.h.shape[0], w.shape[0], dtype=torch.float64, device=w.device)
-            for x, t in zip(xs, targets):
-                x2 = x.reshape(-1, n).double()
-                cross[:n] += x2.T @ t.reshape(-1, w.shape[0]).double()
-                if self.use_bias:
-                    cross[n] += t.reshape(-1, w.shape[0]).double().sum(0)
-            hinv, _ = damped_inverse(self.h, opt.damp)
-            w_eff = (hinv @ cross).T
-            self.w_fit, self.b_fit = w_eff[:, :n], (w_eff[:, n] if self.use_bias else None)
+            from pruning.obs import target_weights
+
+            self.w_fit, self.b_fit = target_weights(w, bias0, xs, targets, self.h, opt.damp)
         self.scores = None if opt.selection == "obs" else column_scores(self.w_fit, self.gram, opt.selection, 1)
         self.held: Optional[tuple[torch.Tensor, torch.Tensor, float, int]] = None  # H, C = X^T T, ||T||^2, tokens
         if opt.compensate and opt.guard and held:

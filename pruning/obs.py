@@ -77,7 +77,7 @@ class StructuredOBS:
     holdout: float = 0.1  # share of calibration samples held out for the guard
     rounds: int = 8  # obs selection: removal steps per layer, the inverse downdated between them
     damp: float = 0.01  # relative to the mean diagonal of the Gram matrix
-    target: str = "layer"  # layer: refit to the projection's own outputs | dense: to the dense model's (+1 forward/layer)
+    target: str = "dense"  # dense: refit towards the dense model's outputs (+1 forward/layer) | layer: its own
     allocation: str = "uniform"  # uniform | depth | flap | search (pruning/allocation.py)
     search_budget: int = 48  # allocation=search: full-fidelity fitness evaluations (the 3 starting schedules first)
     search_tokens: int = 8192  # allocation=search: fitness tokens = the last calibration samples, never fitted on
@@ -315,6 +315,34 @@ def _set_linear(lin: nn.Linear, weight: torch.Tensor, bias: Optional[torch.Tenso
         lin.bias = nn.Parameter(bias.to(lin.weight), requires_grad=False)
 
 
+def target_weights(w: torch.Tensor, bias0: Optional[torch.Tensor], xs: list[torch.Tensor], targets: list[torch.Tensor],
+                   h: torch.Tensor, damp: float) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """The weights (and bias, when ``h`` is augmented) whose outputs best match ``targets`` on all columns, damped
+    towards ``w`` (not towards 0): ``W_eff^T = W^T + (H + d I)^-1 [X, 1]^T (T - [X, 1] W^T)``. Removing columns
+    from ``W_eff`` with the OBS update then gives the least-squares fit of the kept columns to the targets."""
+    import torch
+
+    from pruning.compensate import damped_inverse
+
+    n, out = w.shape[1], w.shape[0]
+    use_bias = h.shape[0] == n + 1
+    w_aug = w.detach().double()
+    if use_bias:
+        w_aug = torch.cat([w_aug, bias0.detach().double()[:, None]], 1)
+    cross = torch.zeros(h.shape[0], out, dtype=torch.float64, device=w.device)
+    for x, t in zip(xs, targets):
+        x2 = x.reshape(-1, n).double()
+        r = t.reshape(-1, out).double() - x2 @ w_aug[:, :n].T
+        if use_bias:
+            r = r - w_aug[:, n]
+        cross[:n] += x2.T @ r
+        if use_bias:
+            cross[n] += r.sum(0)
+    hinv, _ = damped_inverse(h, damp)
+    w_eff = w_aug + (hinv @ cross).T
+    return w_eff[:, :n], (w_eff[:, n] if use_bias else None)
+
+
 def _fit(w: torch.Tensor, b: Optional[torch.Tensor], xs: list[torch.Tensor], held: list[torch.Tensor], remove: int,
          group: int, opt: StructuredOBS, targets: Optional[list[torch.Tensor]] = None,
          held_targets: Optional[list[torch.Tensor]] = None
@@ -325,7 +353,7 @@ def _fit(w: torch.Tensor, b: Optional[torch.Tensor], xs: list[torch.Tensor], hel
     pruned layers before it changed. Returns (removed groups, kept weight, bias or None, record)."""
     import torch
 
-    from pruning.compensate import Gram, column_scores, damped_inverse, prune_columns, relative_error
+    from pruning.compensate import Gram, column_scores, prune_columns, relative_error
 
     n = w.shape[1]
     gram = Gram(n, device=w.device)
@@ -336,24 +364,7 @@ def _fit(w: torch.Tensor, b: Optional[torch.Tensor], xs: list[torch.Tensor], hel
     h = gram.matrix(use_bias)
     w_fit, b_fit = w, bias0
     if targets is not None and opt.compensate:
-        # the weights whose outputs best match the targets on all columns, damped towards w (not towards 0):
-        # W_eff^T = W^T + (H + d I)^-1 [X, 1]^T (T - [X, 1] W^T); removing columns from W_eff with the OBS update
-        # then gives the least-squares fit of the kept columns to T
-        w_aug = w.detach().double()
-        if use_bias:
-            w_aug = torch.cat([w_aug, bias0.detach().double()[:, None]], 1)
-        cross = torch.zeros(h.shape[0], w.shape[0], dtype=torch.float64, device=w.device)
-        for x, t in zip(xs, targets):
-            x2 = x.reshape(-1, n).double()
-            r = t.reshape(-1, w.shape[0]).double() - x2 @ w_aug[:, :n].T
-            if use_bias:
-                r = r - w_aug[:, n]
-            cross[:n] += x2.T @ r
-            if use_bias:
-                cross[n] += r.sum(0)
-        hinv, _ = damped_inverse(h, opt.damp)
-        w_eff = w_aug + (hinv @ cross).T
-        w_fit, b_fit = w_eff[:, :n], (w_eff[:, n] if use_bias else None)
+        w_fit, b_fit = target_weights(w, bias0, xs, targets, h, opt.damp)
     scores = None if opt.selection == "obs" else column_scores(w_fit, gram, opt.selection, group)
     res = prune_columns(w_fit, h, remove, group=group, select=opt.selection, scores=scores,
                         compensate=opt.compensate, rounds=opt.rounds, damp=opt.damp,
