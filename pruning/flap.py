@@ -128,11 +128,10 @@ class FLAP:
     def __call__(self, model: nn.Module, calibration: Optional[torch.Tensor]) -> PruneResult:
         import torch
 
-        from pruning.streaming import check_llama_layout, check_stream_device
+        from pruning.streaming import check_calibration, check_llama_layout, check_stream_device
 
         check_llama_layout(model, "flap")
-        if calibration is None or calibration.ndim != 2 or calibration.numel() == 0:
-            raise PruneError("flap needs calibration tokens [samples, tokens]")
+        check_calibration(calibration, "flap")
         check_stream_device(model, self.device, self.offload)
         geo = Geometry.of(model)
         ranges = self.ranges(geo.depth)

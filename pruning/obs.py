@@ -158,11 +158,10 @@ class StructuredOBS:
         self.ranges(depth)
 
     def __call__(self, model: nn.Module, calibration: Optional[torch.Tensor]) -> PruneResult:
-        from pruning.streaming import check_llama_layout, check_stream_device
+        from pruning.streaming import check_calibration, check_llama_layout, check_stream_device
 
         check_llama_layout(model, "obs")
-        if calibration is None or calibration.ndim != 2 or calibration.numel() == 0:
-            raise PruneError("obs needs calibration tokens [samples, tokens]")
+        check_calibration(calibration, "obs")
         check_stream_device(model, self.device, self.offload)
         geo = Geometry.of(model)
         ranges = self.ranges(geo.depth)

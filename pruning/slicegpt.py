@@ -135,7 +135,7 @@ class SliceGPT:
 
     def __call__(self, model: nn.Module, calibration: Optional[torch.Tensor]) -> PruneResult:
         from core.llama import is_uniform
-        from pruning.streaming import check_llama_layout, check_stream_device
+        from pruning.streaming import check_calibration, check_llama_layout, check_stream_device
 
         check_llama_layout(model, f"pruner={self.name}")
         if getattr(model.config, "slicing", None):
@@ -144,8 +144,7 @@ class SliceGPT:
         if not is_uniform(model):
             raise PruneError(f"pruner={self.name}: the layers have per-layer head / MLP widths or added biases (an "
                              "already pruned model); SliceGPT here slices models with the config's own widths")
-        if calibration is None or calibration.ndim != 2 or calibration.shape[0] == 0:
-            raise PruneError(f"pruner={self.name} needs calibration tokens [samples, tokens]")
+        check_calibration(calibration, f"pruner={self.name}")
         check_stream_device(model, self.device, self.offload)
         slicing = self.plan(model.config.hidden_size, len(model.model.layers))
         log.info("slicing %s: hidden %d -> %d (sparsity %.3f, round_interval %d, LM head %d, orientation %s)",

@@ -62,6 +62,12 @@ def check_llama_layout(model: nn.Module, method: str) -> None:
             raise PruneError(f"{method}: layer {i} ({type(layer).__name__}) is not Llama-shaped; supported: {supported}")
 
 
+def check_calibration(calibration: Optional[torch.Tensor], method: str) -> None:
+    """The ``[samples, tokens]`` token ids a layer-streamed method needs (one wording for every method)."""
+    if calibration is None or calibration.ndim != 2 or calibration.numel() == 0:
+        raise PruneError(f"{method} needs calibration tokens [samples, tokens]")
+
+
 def check_stream_device(model: nn.Module, device: Optional[str], offload: bool) -> None:
     """PruneError, before the model is touched, for a ``pruner.device`` that does not exist here, or that differs
     from the model's own without ``offload`` (the stream would put states and layers on different devices)."""

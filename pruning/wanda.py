@@ -105,12 +105,11 @@ class Wanda:
     def __call__(self, model: nn.Module, calibration: Optional[torch.Tensor]) -> PruneResult:
         import torch
 
-        from pruning.streaming import check_llama_layout, check_stream_device
+        from pruning.streaming import check_calibration, check_llama_layout, check_stream_device
 
         check_llama_layout(model, f"pruner={self.name}")
         plan = Plan.of(self, len(model.model.layers))
-        if calibration is None or calibration.ndim != 2 or calibration.shape[0] == 0:
-            raise PruneError(f"pruner={self.name} needs calibration tokens [samples, tokens]")
+        check_calibration(calibration, f"pruner={self.name}")
         check_stream_device(model, self.device, self.offload)
         geo0 = Geometry.of(model)
         if plan.pattern.kind == "structured":
