@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Any, Optional
 
 from core.errors import ConfigError
 from core.llama import Geometry, count_params
-from pruning import PruneError, PruneResult
+from pruning import PruneResult
 from pruning.options import as_range, stream_option_errors
 from pruning.sparsity import (TARGETS, Plan, apply_mask, check_nm_widths, count_zeros, linear, mask_record,
                               nm_mask, option_errors, parse_pattern, plan_structured, remove_lowest, structured_record,
