@@ -19,6 +19,23 @@ from core.wandb_view import (EVAL_TABLE, SUMMARY_NAMES, derived_config, eval_tab
                              layer_range_label, standard_summary, sweep_group)
 
 
+def _read_written(wandb_dir: Path, wait_s: float = 30.0) -> dict:
+    """The offline run in ``wandb_dir`` once its run record is on disk (W&B's writer process flushes it on its own
+    schedule; on a loaded machine that can trail ``finish()``)."""
+    import time
+
+    deadline = time.monotonic() + wait_s
+    while True:
+        files = list(wandb_dir.glob("offline-run-*/run-*.wandb"))
+        try:
+            r = read_wandb(files[0]) if files else {"run": None}
+        except (AssertionError, Exception):  # noqa: BLE001 - a header or record still being written
+            r = {"run": None}
+        if r["run"] is not None or time.monotonic() > deadline:
+            return r
+        time.sleep(0.5)
+
+
 def read_wandb(path: Path) -> dict:
     """An offline run's ``run-<id>.wandb`` (a LevelDB-style log of ``wandb_internal_pb2.Record``s: a 7-byte
     header, 32 KiB blocks, 7-byte chunk headers) -> run fields, config, last summary values, history keys,
@@ -150,7 +167,7 @@ def test_a_run_records_its_end_in_wandb_even_for_an_evaluate_run(tmp_path, monke
                                "tasks": {"piqa": {"acc": 0.5, "status": "completed"}}}})
     ctx.log("params", {"model": 80, "nonzero": 80})
     ctx.finish("completed")
-    r = read_wandb(next((tmp_path / "run" / "wandb").glob("offline-run-*/run-*.wandb")))
+    r = _read_written(tmp_path / "run" / "wandb")
     assert r["run"]["group"] == "g" and r["run"]["job_type"] == "evaluate"
     assert r["config"]["method"] == "wanda" and r["config"]["layer_range"] == "attn 3-27 / mlp 3-27"
     assert r["summary"]["zeroshot/avg"] == 0.5 and r["summary"]["zeroshot/piqa"] == 0.5

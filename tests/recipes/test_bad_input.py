@@ -42,8 +42,8 @@ def test_bad_layer_ranges(tmp_path, overrides, match):
 
 
 def test_unknown_pruner_and_model_fail_at_composition(tmp_path):
-    with pytest.raises(MissingConfigException, match="pruner/obs"):
-        compose(["pruner=obs"], tmp_path)
+    with pytest.raises(MissingConfigException, match="pruner/obc"):
+        compose(["pruner=obc"], tmp_path)
     with pytest.raises(MissingConfigException):
         compose(["model=gpt5"], tmp_path)
 
