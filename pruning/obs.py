@@ -78,6 +78,7 @@ class StructuredOBS:
     rounds: int = 8  # obs selection: removal steps per layer, the inverse downdated between them
     damp: float = 0.01  # relative to the mean diagonal of the Gram matrix
     target: str = "dense"  # dense: refit towards the dense model's outputs (+1 forward/layer) | layer: its own
+    refit_attention: bool = False  # target=dense: also refit o_proj of every pruned layer towards the dense outputs
     allocation: str = "uniform"  # uniform | depth | flap | search (pruning/allocation.py)
     search_budget: int = 48  # allocation=search: full-fidelity fitness evaluations (the 3 starting schedules first)
     search_tokens: int = 8192  # allocation=search: fitness tokens = the last calibration samples, never fitted on
@@ -105,7 +106,7 @@ class StructuredOBS:
         if self.attention_ratio is None and self.ratio_target == "params":
             errors.append("pruner.attention_ratio=null means `ratio` of the KV groups, which only ratio_target=groups "
                           "defines; give a share (0 = leave attention alone)")
-        for key in ("compensate", "bias", "guard"):
+        for key in ("compensate", "bias", "guard", "refit_attention"):
             if not isinstance(getattr(self, key), bool):
                 errors.append(f"pruner.{key}={getattr(self, key)!r} must be true or false")
         if not 0.0 <= float(self.holdout) < 0.5:
@@ -233,7 +234,10 @@ class StructuredOBS:
         if self.ratio * params - removed_att <= 0:  # the KV groups alone reach the budget (or nothing to remove)
             return groups, 0
         # a refitted bias is new parameters: one hidden-size vector per pruned projection that had none
-        added = geo.hidden * (len(groups) + len(mlp_layers)) if self.bias and self.compensate else 0
+        refits = len(groups) + len(mlp_layers)
+        if self.refit_attention and self.target == "dense":  # o_proj refitted in MLP-only layers too
+            refits += len(set(mlp_layers) - set(groups))
+        added = geo.hidden * refits if self.bias and self.compensate else 0
         rest = self.ratio * params - removed_att + added
         channels = max(0, math.ceil(rest / geo.channel_params() - 1e-9))  # at least the budget: <= the target size
         if channels > free:
@@ -438,7 +442,9 @@ def prune_sequential(model: nn.Module, calibration: torch.Tensor, att_plan: dict
             continue
         cap: dict[str, list[torch.Tensor]] = {"o": [], "mid": [], "d": []}
         watch = {"mid": layer.post_attention_layernorm}
-        if att:
+        # target=dense, refit_attention: o_proj's inputs drifted with the pruned layers before it; refit it too
+        refit_o = not att and opt.refit_attention and use_dense and dense is not None
+        if att or refit_o:
             watch["o"] = layer.self_attn.o_proj
         else:
             watch["d"] = layer.mlp.down_proj
@@ -454,22 +460,24 @@ def prune_sequential(model: nn.Module, calibration: torch.Tensor, att_plan: dict
         t0 = time.perf_counter()
         grad = torch.is_grad_enabled()
         torch.set_grad_enabled(False)  # fits and guards are plain arithmetic: no autograd graph over the inputs
-        if att:
+        if att or refit_o:
             o = layer.self_attn.o_proj
             width = geo.heads[i] // geo.kv_heads[i] * geo.head_dim
             fit, held = split(cap["o"])
             targets = split([dm - h for dm, h in zip(dense_mid, stream.hidden)]) if use_dense else (None, None)
-            removed, w_new, b_new, rec = fit_fn(o.weight, o.bias, fit, held, att, width, opt, *targets)
-            records.append({"layer": i, "kind": "attention", **rec})
+            removed, w_new, b_new, rec = (fit_fn if att else _fit)(o.weight, o.bias, fit, held, att, width, opt,
+                                                                   *targets)
+            records.append({"layer": i, "kind": "attention" if att else "attention_refit", **rec})
             with torch.no_grad():
                 old = [torch.nn.functional.linear(x, o.weight, o.bias) for x in cap["o"]]
-                remove_kv_groups(layer, torch.tensor(removed), geo.head_dim)
+                if removed:
+                    remove_kv_groups(layer, torch.tensor(removed), geo.head_dim)
                 _set_linear(o, w_new, b_new)
                 mid = [m + o(x.index_select(-1, _kept_cols(x.shape[-1], removed, width, x.device))) - y
                        for m, x, y in zip(mid, cap["o"], old)]
             cap["o"] = []
         with torch.no_grad():
-            if att:  # the MLP's inputs changed with the attention: recompute them from the new residual
+            if att or refit_o:  # the MLP's inputs changed with the attention: recompute them from the new residual
                 cap["d"] = [_mlp_inner(layer, m) for m in mid]
             if mlp:
                 d = layer.mlp.down_proj
@@ -481,7 +489,7 @@ def prune_sequential(model: nn.Module, calibration: torch.Tensor, att_plan: dict
                 _set_linear(d, w_new, b_new)
                 keep = _kept_cols(cap["d"][0].shape[-1], removed, 1, cap["d"][0].device)
                 outs = [m + d(x.index_select(-1, keep)) for m, x in zip(mid, cap["d"])]
-            elif att:
+            elif att or refit_o:
                 outs = [m + layer.mlp.down_proj(x) for m, x in zip(mid, cap["d"])]
         torch.set_grad_enabled(grad)
         t_fit += time.perf_counter() - t0

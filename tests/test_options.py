@@ -69,7 +69,7 @@ def test_pruner_typos_fail_before_loading(bad, match, tmp_path):
 
 
 def test_prune_and_evaluate_record_the_optimised_metric(tmp_path):
-    fast = ["model=tiny", "layers=all", "logger=none", "ratio=0.5", "eval.ppl.max_tokens=512",
+    fast = ["model=tiny", "pruner=taylor", "layers=all", "logger=none", "ratio=0.5", "eval.ppl.max_tokens=512",
             "eval.generation.enabled=false"]
     value, m = run_task(fast, tmp_path / "prune")
     assert m["optimized_metric"] == {"name": "ppl", "direction": "minimize", "value": value}
@@ -87,6 +87,6 @@ def test_prune_and_evaluate_record_the_optimised_metric(tmp_path):
 ])
 def test_optimized_metric_is_checked(overrides, match, tmp_path):
     with pytest.raises(SystemExit):
-        run_task(["model=tiny", "logger=none", "eval=none", *overrides], tmp_path)
+        run_task(["model=tiny", "pruner=taylor", "logger=none", "eval=none", *overrides], tmp_path)
     m = json.loads((tmp_path / "metrics.json").read_text())
     assert match in m["error"]["message"], m["error"]["message"]

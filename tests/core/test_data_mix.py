@@ -205,7 +205,7 @@ def test_zero_weight_leaves_a_component_out():
         (("austen", 0.5), ("sciq", 0.5))
 
 
-TINY = ["model=tiny", "logger=none", "eval=none", "layers=all", "ratio=0.5", "save_model=false", "data=mix"]
+TINY = ["model=tiny", "pruner=taylor", "logger=none", "eval=none", "layers=all", "ratio=0.5", "save_model=false", "data=mix"]
 
 
 def test_prune_records_the_mix(tmp_path):

@@ -87,7 +87,7 @@ def _offline_env(tmp: Path) -> dict:
 def sweep(tmp_path_factory):
     """A 2-job multirun on the tiny model with logger=wandb (offline), models saved and logged as artifacts."""
     tmp = tmp_path_factory.mktemp("wandb_sweep")
-    cmd = [sys.executable, str(ROOT / "run.py"), "-m", "model=tiny", "layers=all", "eval=quick",
+    cmd = [sys.executable, str(ROOT / "run.py"), "-m", "model=tiny", "pruner=taylor", "layers=all", "eval=quick",
            "eval.generation.enabled=false", "eval.ppl.seq_len=32", "eval.ppl.max_tokens=128", "logger=wandb",
            "save_model=true", "logger.log_model=true", "data.num_samples=2", "data.seq_len=16", "ratio=0.1,0.3",
            f"paths.outputs_root={tmp / 'outputs'}"]

@@ -378,6 +378,38 @@ def test_dense_and_layer_targets_agree_on_the_first_pruned_layer(tiny, data):
     torch.testing.assert_close(d1.bias, d2.bias, rtol=1e-4, atol=1e-6)
 
 
+def test_refit_attention_refits_o_proj_of_pruned_layers_after_the_first(tiny, data):
+    """refit_attention: from the second pruned layer on (the first's o_proj sees dense inputs) o_proj is refitted
+    towards the dense outputs with nothing removed; its bias counts in the budget (guard off: every bias added)."""
+    model, _ = tiny
+    p0 = count_params(model)
+    before = [l.self_attn.o_proj.weight.clone() for l in model.model.layers]
+    res = obs(ratio=0.2, refit_attention=True, guard=False)(model, data)
+    kinds = [(r["layer"], r["kind"]) for r in res.details["projections"]]
+    assert kinds == [(0, "mlp"), (1, "attention_refit"), (1, "mlp"), (2, "attention_refit"), (2, "mlp"),
+                     (3, "attention_refit"), (3, "mlp")]
+    assert all(r["removed"] == 0 for r in res.details["projections"] if r["kind"] == "attention_refit")
+    layers = model.model.layers
+    assert torch.equal(layers[0].self_attn.o_proj.weight, before[0]) and layers[0].self_attn.o_proj.bias is None
+    assert all(layers[i].self_attn.o_proj.bias is not None and not torch.equal(layers[i].self_attn.o_proj.weight, before[i])
+               for i in (1, 2, 3))
+    assert [l["kv_heads"] for l in res.layers] == [[2, 2]] * 4
+    # the budget counted 4 o_proj biases, 3 were added: at most one bias and one channel under the target
+    assert 0.8 * p0 - CHANNEL - HIDDEN < res.params_after <= 0.8 * p0
+
+
+def test_refit_attention_needs_the_dense_target(tiny, data):
+    """target=layer has no drift to undo: refit_attention changes nothing there."""
+    model, _ = tiny
+    other = copy.deepcopy(model)
+    a = obs(ratio=0.2, refit_attention=True, target="layer")(model, data)
+    b = obs(ratio=0.2, target="layer")(other, data)
+    assert [r["kind"] for r in a.details["projections"]] == ["mlp"] * 4
+    assert a.layers == b.layers
+    for x, y in zip(model.parameters(), other.parameters()):
+        assert torch.equal(x, y)
+
+
 @pytest.mark.parametrize("target", ["layer", "dense"])
 @pytest.mark.parametrize("selection", ["wanda", "magnitude", "flap"])
 def test_compensation_lowers_the_error_on_fresh_text(tiny, data, selection, target):

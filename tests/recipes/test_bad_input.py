@@ -23,7 +23,7 @@ def expect_failure(overrides, tmp_path, match):
     return metrics
 
 
-TINY = ["model=tiny", "logger=none", "eval=none"]
+TINY = ["model=tiny", "pruner=taylor", "logger=none", "eval=none"]
 
 
 @pytest.mark.parametrize("override", ["ratio=1.0", "ratio=-0.1", "pruner.mlp_ratio=1.5"])
@@ -95,7 +95,7 @@ def test_all_errors_reported_at_once(tmp_path):
 
 
 def test_cli_prints_one_clear_line(tmp_path):
-    proc = subprocess.run([sys.executable, str(ROOT / "run.py"), "model=tiny", "logger=none", "ratio=1.5",
+    proc = subprocess.run([sys.executable, str(ROOT / "run.py"), "model=tiny", "pruner=taylor", "logger=none", "ratio=1.5",
                            f"hydra.run.dir={tmp_path}"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 1
     assert "ratio=1.5 must be in [0, 1)" in proc.stderr + proc.stdout

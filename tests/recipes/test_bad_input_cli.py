@@ -14,7 +14,7 @@ import pytest
 
 from conftest import CACHE_DIR, ROOT, run_task
 
-TINY = ["model=tiny", "logger=none", "eval=none", "layers=all"]
+TINY = ["model=tiny", "pruner=taylor", "logger=none", "eval=none", "layers=all"]
 
 
 def cli(args: list[str], run_dir: Path | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
@@ -182,7 +182,7 @@ def test_unexpected_error_traceback_printed_once(tmp_path):
     code = (f"import sys, runpy; sys.path.insert(0, {str(ROOT)!r}); import recipes.prune as p\n"
             "def boom(cfg, ctx): raise RuntimeError('simulated bug')\n"
             "p.run = boom\n"
-            f"sys.argv = ['run.py', 'model=tiny', 'logger=none', 'hydra.run.dir={tmp_path / 'run'}']\n"
+            f"sys.argv = ['run.py', 'model=tiny', 'pruner=taylor', 'logger=none', 'hydra.run.dir={tmp_path / 'run'}']\n"
             f"runpy.run_path({str(ROOT / 'run.py')!r}, run_name='__main__')\n")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert proc.returncode == 1

@@ -8,7 +8,7 @@ import pytest
 
 from conftest import run_task
 
-TINY_PRUNE = ["model=tiny", "logger=none", "eval=none", "layers=all", "ratio=0.5"]
+TINY_PRUNE = ["model=tiny", "pruner=taylor", "logger=none", "eval=none", "layers=all", "ratio=0.5"]
 
 
 @pytest.fixture(scope="module")

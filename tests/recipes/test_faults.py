@@ -16,7 +16,7 @@ import pytest
 
 from conftest import CACHE_DIR, ROOT
 
-TINY = ["model=tiny", "logger=none", "eval=none", "layers=all"]
+TINY = ["model=tiny", "pruner=taylor", "logger=none", "eval=none", "layers=all"]
 
 
 def _argv(args: list[str]) -> list[str]:

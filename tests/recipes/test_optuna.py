@@ -9,7 +9,7 @@ import pytest
 
 from conftest import ROOT
 
-TINY = ["model=tiny", "model.tiny.num_layers=12", "ratio=0.1", "eval=quick", "eval.generation.enabled=false",
+TINY = ["model=tiny", "pruner=taylor", "model.tiny.num_layers=12", "ratio=0.1", "eval=quick", "eval.generation.enabled=false",
         "eval.ppl.seq_len=32", "eval.ppl.max_tokens=128", "logger=none", "data.num_samples=2", "data.seq_len=16"]
 
 

@@ -25,7 +25,7 @@ def pair(tmp_path_factory) -> tuple[Path, Path]:
     donor, tok = build_tiny(num_layers=4, seed=0)
     donor.save_pretrained(root / "donor")
     tok.save_pretrained(root / "donor")
-    run_task(["model=tiny", "layers=all", "ratio=0.5", "logger=none", "eval=none"], root / "prune")
+    run_task(["model=tiny", "pruner=taylor", "layers=all", "ratio=0.5", "logger=none", "eval=none"], root / "prune")
     return root / "prune" / "model", root / "donor"
 
 

@@ -16,7 +16,7 @@ import pytest
 
 from conftest import run_task
 
-TINY_PRUNE = ["model=tiny", "logger=none", "eval.ppl.max_tokens=512", "eval.generation.enabled=false",
+TINY_PRUNE = ["model=tiny", "pruner=taylor", "logger=none", "eval.ppl.max_tokens=512", "eval.generation.enabled=false",
               "layers=all", "ratio=0.5"]
 HEADER = ("schema", "task", "started", "heartbeat", "heartbeat_unix", "config")  # what every record starts with
 
