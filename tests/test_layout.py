@@ -10,14 +10,15 @@ import pytest
 
 from conftest import ROOT
 
-LIBRARIES = ("core", "pruning", "replacement", "recovery", "analysis")
+LIBRARIES = ("core", "pruning", "replacement", "recovery", "analysis", "export")
 # package -> top-level modules it must never import
 NEVER = {
-    "core": {"pruning", "replacement", "recovery", "analysis", "recipes", "run"},
-    "pruning": {"analysis", "replacement", "recovery", "recipes", "run"},
-    "replacement": {"pruning", "analysis", "recovery", "recipes", "run"},
-    "recovery": {"pruning", "analysis", "replacement", "recipes", "run"},
-    "analysis": {"pruning", "replacement", "recovery", "recipes", "run"},
+    "core": {"pruning", "replacement", "recovery", "analysis", "export", "recipes", "run"},
+    "pruning": {"analysis", "replacement", "recovery", "export", "recipes", "run"},
+    "replacement": {"pruning", "analysis", "recovery", "export", "recipes", "run"},
+    "recovery": {"pruning", "analysis", "replacement", "export", "recipes", "run"},
+    "analysis": {"pruning", "replacement", "recovery", "export", "recipes", "run"},
+    "export": {"pruning", "analysis", "replacement", "recovery", "recipes", "run"},
 }
 CONFIG_LIBS = {"omegaconf", "hydra"}  # only recipes/ and run.py see the config (core/config.py: the schema)
 

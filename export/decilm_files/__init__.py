@@ -1,0 +1,1 @@
+"""The configuration and modeling files copied into every DeciLM-layout export (transformers + torch only)."""
