@@ -83,7 +83,7 @@ class StructuredOBS:
     search_budget: int = 48  # allocation=search: full-fidelity fitness evaluations (the 3 starting schedules first)
     search_tokens: int = 8192  # allocation=search: fitness tokens = the last calibration samples, never fitted on
     min_channels: int = 1
-    tokens: Optional[int] = 65536  # calibration tokens (None: data.num_samples x data.seq_len)
+    tokens: Optional[int] = 131072  # calibration tokens (None: data.num_samples x data.seq_len)
     seq_len: int = 512
     batch_size: int = 8
     offload: bool = False

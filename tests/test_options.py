@@ -10,7 +10,8 @@ import torch
 
 from conftest import ROOT, compose, run_task
 
-GROUPS = ("model", "data", "pruner", "layers", "eval", "logger", "experiment", "paths", "replacement", "search")
+GROUPS = ("model", "data", "pruner", "layers", "eval", "logger", "experiment", "paths", "replacement", "search",
+          "recovery", "export")
 PRUNERS = sorted(p.stem for p in (ROOT / "conf" / "pruner").glob("*.yaml"))
 
 
@@ -63,7 +64,7 @@ def test_every_pruner_runs_and_round_trips(name, tiny, calib, tmp_path):
                                        ("pruner.rounding=up", "pruner.rounding='up' is not one of")])
 def test_pruner_typos_fail_before_loading(bad, match, tmp_path):
     with pytest.raises(SystemExit):
-        run_task(["model=hf", "model.path=/nonexistent", bad, "logger=none"], tmp_path)
+        run_task(["model=hf", "model.path=/nonexistent", "pruner=taylor", bad, "logger=none"], tmp_path)
     m = json.loads((tmp_path / "metrics.json").read_text())
     assert m["status"] == "failed" and match in m["error"]["message"], m["error"]["message"]
 
@@ -90,3 +91,13 @@ def test_optimized_metric_is_checked(overrides, match, tmp_path):
         run_task(["model=tiny", "pruner=taylor", "logger=none", "eval=none", *overrides], tmp_path)
     m = json.loads((tmp_path / "metrics.json").read_text())
     assert match in m["error"]["message"], m["error"]["message"]
+
+
+def test_the_default_pruner_is_the_compensated_one(tmp_path):
+    """`python run.py` prunes with pruner=obs (issue 13: the best method within minutes on SmolLM2): 25% of all
+    parameters, 131,072 calibration tokens, refitted towards the dense model; LLM-Pruner stays pruner=taylor."""
+    cfg = compose([], tmp_path)
+    assert cfg.pruner._target_ == "pruning.obs.StructuredOBS"
+    assert (cfg.pruner.ratio, cfg.pruner.ratio_target, cfg.pruner.tokens, cfg.pruner.target) == (0.25, "params", 131072,
+                                                                                               "dense")
+    assert compose(["pruner=taylor"], tmp_path).pruner._target_ == "pruning.llm_pruner.LLMPruner"

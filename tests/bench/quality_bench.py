@@ -299,9 +299,10 @@ def finish_row(row: dict[str, Any], dense: dict[str, Any], ref: Optional[dict[st
     return row
 
 
-def reused(args: argparse.Namespace, context: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+def reused(args: argparse.Namespace, context: dict[str, Any]) -> tuple[dict[str, Any], Optional[dict[str, Any]]]:
     """The dense and reference lines of an earlier run's output (``--reuse``), checked against this run's settings;
-    marked ``reused_from``. Their perplexities were rounded to 3 decimals: the ratios move in the 5th digit."""
+    marked ``reused_from``. Their perplexities were rounded to 3 decimals: the ratios move in the 5th digit. The
+    dense line does not depend on ``--ratio``; a reference measured at another budget is None (measured again)."""
     lines = [json.loads(ln) for ln in Path(args.reuse).read_text().splitlines() if ln.startswith("{")]
     found = {ln.get("row"): ln for ln in lines if ln.get("row") in ("dense", "reference")}
     if set(found) != {"dense", "reference"}:
@@ -309,20 +310,22 @@ def reused(args: argparse.Namespace, context: dict[str, Any]) -> tuple[dict[str,
     dense, ref = found["dense"], found["reference"]
     want_ref = (args.ratio, "params") if args.matched_reference else (0.25, "groups")
     problems = []
-    if dense.get("budget") != context["budget"] or dense.get("threads") != args.threads:
+    same = {k: v for k, v in context["budget"].items() if k != "ratio"}
+    if {k: v for k, v in (dense.get("budget") or {}).items() if k != "ratio"} != same or dense.get("threads") != args.threads:
         problems.append(f"budget/threads {dense.get('budget')}, {dense.get('threads')}")
     if dense["calibration"]["obs"][0] * dense["calibration"]["obs"][1] < args.tokens or \
             (dense["calibration"]["obs"][0] - 1) * dense["calibration"]["obs"][1] >= args.tokens:
         problems.append(f"calibration {dense['calibration']['obs']} is not --tokens {args.tokens}")
     if (dense.get("zeroshot") or {}).get("limit", 0) != args.zeroshot_limit:
         problems.append("--zeroshot-limit")
-    if (ref.get("ratio"), ref.get("ratio_target")) != want_ref:
-        problems.append(f"reference {ref.get('ratio')}/{ref.get('ratio_target')}")
     if problems:
         raise SystemExit(f"--reuse {args.reuse}: measured with other settings ({'; '.join(problems)})")
+    if (ref.get("ratio"), ref.get("ratio_target")) != want_ref:
+        ref = None
     for row in (dense, ref):
-        row["reused_from"] = str(args.reuse)
-        row["ppl_raw"] = row["ppl"]
+        if row is not None:
+            row["reused_from"] = str(args.reuse)
+            row["ppl_raw"] = row["ppl"]
     return dense, ref
 
 
@@ -334,7 +337,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--rows", help="selection:comp|nocomp:allocation,... (default: the whole table)")
     ap.add_argument("--ratio", type=float, default=BENCHMARK_RATIO, help="share of ALL parameters removed")
-    ap.add_argument("--tokens", type=int, default=65536, help="pruner.tokens of the obs rows")
+    ap.add_argument("--tokens", type=int, default=131072, help="pruner.tokens of the obs rows")
     ap.add_argument("--zeroshot-limit", type=int, default=0, help="examples per zero-shot task; 0 = skip")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--override", action="append", default=[],
@@ -362,6 +365,7 @@ def main() -> None:
                "ppl_protocol": {"seq_len": PPL_SEQ_LEN, "tokens": PPL_TOKENS,
                                 "texts": {"austen_holdout": "in domain: Austen, last 10% of paragraphs",
                                           "boolq": "out of domain: BoolQ validation passages"}}}
+    ref = None
     if args.reuse:
         dense, ref = reused(args, context)
     else:
@@ -370,6 +374,7 @@ def main() -> None:
             raise SystemExit(f"dense model failed: {dense['error']}")
         dense["ppl_raw"] = dense["ppl"]
         dense["ppl"] = _round_ppl(dense["ppl"])
+    if ref is None:
         ref = finish_row(_spawn("reference", args), dense, None)
         if ref.get("status") != "failed":
             ref["damage_vs_reference"] = {k: 1.0 for k in TEXTS}

@@ -95,7 +95,7 @@ def test_the_option_file_builds_the_pruner():
     cfg = compose(["pruner=obs", "ratio=0.3", "pruner.selection=wanda"], ROOT / "outputs" / "unused")
     p = build(cfg.pruner, "pruner")
     assert isinstance(p, StructuredOBS) and p.ratio == 0.3 and p.selection == "wanda" and p.ratio_target == "params"
-    assert p.calibration_shape == (128, 512)  # 65,536 tokens in windows of 512
+    assert p.calibration_shape == (256, 512)  # 131,072 tokens in windows of 512
 
 
 def test_building_from_options_needs_no_torch():
