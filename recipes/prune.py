@@ -1,6 +1,7 @@
-"""task=prune, top to bottom: check, load, calibrate, evaluate, prune, evaluate, save, analyse.
+"""task=prune, top to bottom: check, load, calibrate, evaluate, prune, evaluate, [recover, evaluate,] save, analyse.
 
     python run.py pruner=taylor ratio=0.25 layers=seed model=llama3_8b_instruct
+    python run.py pruner=taylor recovery=lora          # + LoRA recovery (recipes/finetune.py), merged before saving
 
 ``pruner=X`` builds the class named by ``conf/pruner/X.yaml``'s ``_target_`` (a :class:`pruning.Pruner`);
 everything below takes plain arguments.
@@ -20,7 +21,10 @@ from recipes._common import build, headline_metrics, model_ref, plain, text_spec
 log = logging.getLogger(__name__)
 
 METRICS = {"ppl": "minimize", "ppl_base": "minimize", "avg_acc": "maximize", "mmlu": "maximize",
-           "params_kept_pct": "minimize", "nonzero_kept_pct": "minimize"}
+           "params_kept_pct": "minimize", "nonzero_kept_pct": "minimize",
+           # recovery=lora: ppl / avg_acc / mmlu are the recovered model's; these are the pruned model's and the share
+           # of the perplexity damage (pruned - base) recovery closed
+           "ppl_before_recovery": "minimize", "damage_closed": "maximize"}
 
 DENSE_ZEROS_NOTE = ("unstructured / N:M sparsity keeps dense shapes: these dense kernels gain no speed or memory "
                     "from the zeros (2:4 needs semi-structured sparse kernels on an Ampere+ GPU, "
@@ -31,12 +35,15 @@ def validate(cfg: DictConfig) -> list[str]:
     """The pruner's options bound to its class, and the eval tasks: a typo or a bad value fails before any weight loads."""
     from analysis.lm_eval_tasks import task_errors
     from core.errors import UserError
+    from recipes import finetune
 
     errors = task_errors(list(cfg.eval.tasks), cfg.eval.limit)
     try:
         build(cfg.pruner, "pruner")
     except UserError as e:
         errors.append(str(e))
+    if finetune.enabled(cfg):
+        errors += finetune.recovery_errors(cfg)
     return errors
 
 
@@ -72,6 +79,7 @@ def run(cfg: DictConfig, ctx) -> dict:
     from core.data import calibration_and_eval_sources, calibration_batch, eval_tokens, mix_record
     from core.llama import count_nonzero, count_params, flops_per_token, params_from_config
     from core.models import cached_gguf_dir, load_model, model_config, model_depth, torch_dtype
+    from recipes import finetune
 
     t_start = time.perf_counter()
     torch.manual_seed(cfg.seed)
@@ -114,6 +122,12 @@ def run(cfg: DictConfig, ctx) -> dict:
         "evaluation": {"source": eval_src.name, "description": eval_src.description,
                        "tokens": int(ppl_tokens.shape[1])} if eval_src else {"source": None, "tokens": 0},
     })
+    prep = None  # recovery=lora: its training text, read and checked before anything is pruned
+    if finetune.enabled(cfg):
+        prep = finetune.prepare(finetune.spec_of(cfg), model, tok, cache_dir=cache_dir,
+                                evaluation=finetune.evaluation_texts(cfg, eval_src, cache_dir), run_dir=run_dir,
+                                outputs_root=cfg.paths.outputs_root)
+        ctx.log("data", {"recovery": prep.record()})
     params_base = count_params(model)
     nonzero_base = count_nonzero(model)
     context = int(cfg.eval.ppl.seq_len)
@@ -126,6 +140,7 @@ def run(cfg: DictConfig, ctx) -> dict:
         results["base"] = evaluate_model(model, tok, eval_cfg, cache_dir=cache_dir, ppl_tokens=ppl_tokens,
                                          ppl_source=eval_src.name if eval_src else "")
         ctx.log("eval", {"base": results["base"]})
+    dense_heldout = finetune.heldout_ppl(model, prep, tok) if prep else None  # the level recovery aims at
     base_structure = structure_of(model, config=model.config.to_dict(), name=ref.name)  # shapes only
     t_eval = time.perf_counter() - t0
 
@@ -169,6 +184,28 @@ def run(cfg: DictConfig, ctx) -> dict:
                      f"{ppl['value']:.3f}" if ppl["value"] is not None else "FAILED (non-finite)",
                      ppl["seq_len"], ppl["tokens"], ppl["source"])
 
+    # 5b. recovery=lora: train adapters on the pruned model, merge them, evaluate again (recipes/finetune.py).
+    recovery_entry, t_recovery = None, 0.0
+    if prep is not None:
+        t0 = time.perf_counter()
+        identity = {"model": ref.path or ref.name, "pruner": plain(cfg.pruner), "ratio": float(cfg.ratio),
+                    "ratio_target": str(cfg.ratio_target), "layers": plain(cfg.layers), "data": plain(cfg.data),
+                    "seed": int(cfg.seed), "params": result.params_after}
+        model, summary = finetune.recover(model, tok, prep, ctx, run_dir=run_dir, identity=identity,
+                                          dense_heldout=dense_heldout,
+                                          base_description=f"the {pruner.name}-pruned model of this run (before "
+                                                           "recovery; not saved)")
+        t_recovery = time.perf_counter() - t0
+        peak["recovery"] = _peak_mib()
+        t0 = time.perf_counter()
+        results["recovered"] = evaluate_model(model, tok, eval_cfg, cache_dir=cache_dir, ppl_tokens=ppl_tokens,
+                                              ppl_source=eval_src.name if eval_src else "")
+        ctx.log("eval", {"recovered": results["recovered"]})
+        t_eval += time.perf_counter() - t0
+        recovery_entry = finetune.checkpoint_entry(summary, results["pruned"], results["recovered"],
+                                                   results.get("base"))
+        ctx.log("recovery", {"eval_ppl": recovery_entry["eval_ppl"], "zeroshot_avg": recovery_entry["zeroshot_avg"]})
+
     # 6. Checkpoint (atomic) and analysis.
     t0 = time.perf_counter()
     info = {"method": pruner.name, "ratio": float(cfg.ratio), "ratio_target": str(cfg.ratio_target),
@@ -176,6 +213,8 @@ def run(cfg: DictConfig, ctx) -> dict:
             "params": {"base": params_base, "pruned": result.params_after},
             "scores": {k: (v.get("ppl") or {}).get("value") for k, v in results.items()},
             "config": plain(cfg)}
+    if recovery_entry is not None:
+        info["recovery"] = recovery_entry
     if cfg.save_model:
         out = save_checkpoint(model, tok, run_dir / "model", info,
                               save_dtype=torch_dtype(cfg.save_dtype) if cfg.save_dtype else None)
@@ -197,9 +236,14 @@ def run(cfg: DictConfig, ctx) -> dict:
     ctx.log("analysis", summary)
     peak["analysis"] = _peak_mib()
     ctx.log("memory", {f"peak_rss_mib_after_{k}": round(v, 1) for k, v in peak.items()})
-    ctx.log("timings", {"load_s": t_load, "eval_s": t_eval, "prune_s": t_prune, "save_s": t_save,
+    ctx.log("timings", {"load_s": t_load, "eval_s": t_eval, "prune_s": t_prune, "recovery_s": t_recovery,
+                        "save_s": t_save,
                         "analysis_s": time.perf_counter() - t0, "recipe_s": time.perf_counter() - t_start})
-    metrics = headline_metrics(results["pruned"])
+    metrics = headline_metrics(results.get("recovered") or results["pruned"])
+    if recovery_entry is not None:
+        metrics.update({k: v for k, v in (("ppl_before_recovery", (results["pruned"].get("ppl") or {}).get("value")),
+                                          ("damage_closed", recovery_entry["eval_ppl"]["damage_closed"]))
+                        if v is not None})
     if "base" in results and (results["base"].get("ppl") or {}).get("value") is not None:
         metrics["ppl_base"] = results["base"]["ppl"]["value"]
     metrics["params_kept_pct"] = 100.0 * result.params_after / params_base

@@ -1,5 +1,9 @@
-"""Recovery fine-tuning of compressed models (LoRA through peft, merged back into a plain checkpoint).
+"""Recovery fine-tuning of compressed models: LoRA through peft, merged back into the model's own checkpoint format.
 
-Reserved by the layout for the recovery issue; nothing here yet. Like its siblings it will take plain
-arguments and import only ``core``.
+    lora.py   LoRASpec (conf/recovery/*.yaml's fields), the target modules of any decoder layout, attach, merge
+    data.py   the training text: sources, the 90/10 split into training and held-out text, rows, instruction chats
+    train.py  the training loop: AdamW on the adapters, held-out perplexity, early stopping, resumable state
+
+Like its siblings it takes plain arguments (a model, a tokenizer, a spec) and imports only ``core``;
+``recipes/finetune.py`` (task=finetune, and task=prune's ``recovery=lora`` stage) combines it with evaluation.
 """
