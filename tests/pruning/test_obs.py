@@ -102,7 +102,7 @@ def test_building_from_options_needs_no_torch():
     code = ("import sys; from pruning.obs import StructuredOBS; p = StructuredOBS(ratio=0.2); p.check(30); "
             "print(p.calibration_shape, 'torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
-    assert out.returncode == 0 and out.stdout.strip() == "(128, 512) False", out.stderr
+    assert out.returncode == 0 and out.stdout.strip() == "(256, 512) False", out.stderr
 
 
 @pytest.mark.parametrize("kw,match", [

@@ -30,7 +30,7 @@ def sweep(tmp_path_factory):
         [sys.executable, "run.py", "-cd", "multirun_sweeps", "-cn", "baselines", "eval=quick",
          "eval.generation.enabled=false", "eval.ppl.max_tokens=2048", "data.num_samples=8", "data.seq_len=64",
          "logger=none", f"hydra.sweep.dir={out}"],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=1800)  # 7 jobs; a busy machine doubles it
     return out, proc
 
 
