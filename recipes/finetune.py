@@ -117,6 +117,13 @@ def prepare(spec: Any, model: Any, tok: Any, *, cache_dir: str, evaluation: list
     return Prepared(spec, corpus, rows, held, total, source)
 
 
+def check_targets(model: Any, prep: Prepared) -> None:
+    """The recovery targets and rank against ``model`` as it is now (after pruning, widths may be below the rank)."""
+    from recovery.lora import resolve_targets
+
+    resolve_targets(model, prep.spec)
+
+
 def heldout_ppl(model: Any, prep: Prepared, tok: Any) -> float:
     """The held-out perplexity of any model on the stage's validation windows (the dense base, for the damage)."""
     from recovery.train import heldout_ppl as ppl

@@ -166,6 +166,8 @@ def run(cfg: DictConfig, ctx) -> dict:
                       "note": "dense-kernel FLOPs: zeros in dense shapes are multiplied all the same"})
     ctx.log("pruning", {**result.details, "notes": result.notes, "layers": result.layers, "seconds": t_prune,
                         **result.timings})
+    if prep is not None:  # the pruned widths against recovery.rank / targets, before the pruned model is evaluated
+        finetune.check_targets(model, prep)
     del batch
     gc.collect()
 

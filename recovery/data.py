@@ -210,6 +210,8 @@ class _Stream:
 
     def __init__(self, tokenizer: Any, docs: Sequence[str], seq_len: int, packing: bool, rng: random.Random,
                  name: str):
+        if not docs:
+            raise DataError(f"recovery.data: {name} has no paragraphs to train on: use a longer text")
         self.tok, self.docs, self.seq_len, self.packing = tokenizer, docs, seq_len, packing
         self.rng, self.name = rng, name
         self.eos = tokenizer.eos_token_id

@@ -107,3 +107,11 @@ def test_instruction_file_that_is_not_jsonl(tmp_path):
 def test_recovery_rows_longer_than_the_context(tmp_path):
     expect_failure(["task=finetune", "model=tiny", *FAST, *LORA, "recovery.seq_len=4096", "recovery.eval_tokens=4096"],
                    tmp_path / "run", "recovery.seq_len=4096 is longer than the model's context of 2048 tokens")
+
+
+def test_rank_above_a_pruned_width_fails_before_the_pruned_model_is_evaluated(tmp_path):
+    """Rank 12 fits the dense tiny model (k_proj: 16) but not after half of the KV groups are gone (8)."""
+    m = expect_failure(["model=tiny", "pruner=taylor", "layers=all", "ratio=0.5", "data=austen", "data.num_samples=2",
+                        "data.seq_len=32", *FAST, *LORA, "recovery.rank=12"], tmp_path / "run",
+                       "recovery.rank=12 is larger than model.layers.0.self_attn.k_proj's width 8")
+    assert "pruning" in m  # it failed after pruning, before any evaluation of the pruned model
