@@ -201,12 +201,7 @@ def _plots(run_dir: Path, result: Any, refs: dict[str, Optional[float]]) -> list
         ax.plot(range(1, len(h.losses) + 1), smooth, lw=2, label=f"mean of {k}")
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("training loss (next-token cross-entropy)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    out.append(run_dir / "recovery" / "loss.png")
-    fig.savefig(out[-1], dpi=120)
-    plt.close(fig)
+    out.append(_save_plot(fig, ax, run_dir / "recovery" / "loss.png"))
     fig, ax = plt.subplots(figsize=(6.4, 4.0))
     xs = [e["train_s"] / 60 for e in h.evals if e.get("ppl") is not None]
     ax.plot(xs, [e["ppl"] for e in h.evals if e.get("ppl") is not None], marker="o", label="held-out perplexity")
@@ -216,13 +211,20 @@ def _plots(run_dir: Path, result: Any, refs: dict[str, Optional[float]]) -> list
     ax.set_xlabel("training minutes (evaluations excluded)")
     ax.set_ylabel("perplexity")
     ax.set_title("held-out text of the training domain")
+    out.append(_save_plot(fig, ax, run_dir / "recovery" / "heldout_ppl.png"))
+    return out
+
+
+def _save_plot(fig: Any, ax: Any, path: Path) -> Path:
+    """The recovery plots' common finish: grid, legend, tight layout, PNG at 120 dpi, figure closed."""
+    import matplotlib.pyplot as plt
+
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    out.append(run_dir / "recovery" / "heldout_ppl.png")
-    fig.savefig(out[-1], dpi=120)
+    fig.savefig(path, dpi=120)
     plt.close(fig)
-    return out
+    return path
 
 
 def damage_closed(before: Optional[float], after: Optional[float], dense: Optional[float]) -> Optional[float]:
