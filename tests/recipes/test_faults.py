@@ -83,9 +83,12 @@ def test_sigterm_during_calibration_is_recorded_as_killed(earlier, tmp_path):
 
 def test_sigint_is_recorded_as_interrupted(tmp_path):
     run_dir = tmp_path / "run"
+    # a suite started as a background job inherits SIGINT ignored (and Python then installs no handler):
+    # the run under test gets the default disposition, as a run started from a terminal has
     proc = subprocess.Popen([sys.executable, *_argv([*TINY, "data.num_samples=400", "data.seq_len=64",
                                                      f"hydra.run.dir={run_dir}"])],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     _wait_for(run_dir / "run.log", "pruning taylor", proc)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=120)
