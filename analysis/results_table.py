@@ -151,6 +151,10 @@ def rows_from_metrics(m: dict, source: str) -> list[dict]:
             "sparsity_pct": params.get("sparsity_pct", 0.0 if is_base and params.get("nonzero") else None),
             "flops_kept_pct": _get(m, "flops", "kept_pct"), **_eval_columns(ev[side]),
         })
+        if "recovered" in ev:  # recovery=lora / task=finetune: the same model after recovery, a row of its own
+            label = _get(cfg, "recovery", "name") or "recovered"
+            rows.append({**rows[-1], **{k: None for k in _eval_columns(ev[side])}, **_eval_columns(ev["recovered"]),
+                         "method": f"{rows[-1]['method'] or 'model'}+{label}", "is_base": False})
     return rows
 
 

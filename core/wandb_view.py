@@ -25,6 +25,8 @@ Standard summary names (absent when the run did not measure them):
                               model evaluated; search: the best hybrid of the largest k
     ppl/base                  perplexity of the base model, same protocol
     ppl/ratio                 ppl/pruned / ppl/base
+    ppl/recovered             recovery=lora / task=finetune: perplexity after recovery (ppl/pruned: before it);
+                              zeroshot/recovered_avg, mmlu/recovered_avg likewise
     params/base               parameters of the base model
     params/pruned             parameters of the run's model
     params/kept_frac          params/pruned / params/base (an uncompressed model evaluated alone: 1.0)
@@ -52,7 +54,7 @@ GROUP_MAX_CHARS = 128  # W&B's limit on a run group's name
 
 # The standard W&B summary names (module docstring); patterns: zeroshot/<task>, search/best_fitness_k<k>.
 SUMMARY_NAMES: tuple[str, ...] = (
-    "ppl/pruned", "ppl/base", "ppl/ratio",
+    "ppl/pruned", "ppl/base", "ppl/ratio", "ppl/recovered", "zeroshot/recovered_avg", "mmlu/recovered_avg",
     "params/base", "params/pruned", "params/kept_frac", "params/nonzero_frac", "flops/kept_frac",
     "zeroshot/avg", "zeroshot/base_avg", "mmlu/avg", "mmlu/base_avg",
     "time/prune_s", "time/eval_s", "time/recipe_s",
@@ -207,6 +209,11 @@ def standard_summary(record: Mapping[str, Any]) -> dict[str, float]:
         out.update(_zeroshot(model))
         for key, name in _SPEED.items():
             out[f"speed/{name}"] = get(model, "efficiency", key)
+    recovered = (record.get("eval") or {}).get("recovered")
+    if isinstance(recovered, Mapping):
+        out["ppl/recovered"] = get(recovered, "ppl", "value")
+        out["zeroshot/recovered_avg"] = recovered.get("task_average")
+        out["mmlu/recovered_avg"] = get(recovered, "mmlu", "average")
     if base is not None:
         out["ppl/base"] = get(base, "ppl", "value")
         out["zeroshot/base_avg"] = base.get("task_average")

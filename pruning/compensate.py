@@ -34,7 +34,7 @@ from typing import Optional
 import torch
 
 SELECTIONS = ("obs", "wanda", "flap", "magnitude")
-_BLOCK_TOKENS = 4096  # tokens per float32 product accumulated into the float64 Gram matrix
+BLOCK_TOKENS = 4096  # tokens per float32 product accumulated into the float64 Gram matrix
 
 
 class Gram:
@@ -48,8 +48,8 @@ class Gram:
 
     def add(self, x: torch.Tensor) -> None:
         x = x.reshape(-1, self.n)
-        for s in range(0, x.shape[0], _BLOCK_TOKENS):
-            b = x[s:s + _BLOCK_TOKENS]
+        for s in range(0, x.shape[0], BLOCK_TOKENS):
+            b = x[s:s + BLOCK_TOKENS]
             b = b if b.dtype == torch.float64 else b.float()
             self.xx += (b.T @ b).to(self.xx)  # float32 products of one block (float64 inputs: float64), summed in float64
             self.sum += b.sum(0).to(self.sum)
@@ -187,14 +187,23 @@ def relative_error(x: torch.Tensor, w_ref: torch.Tensor, w_new: torch.Tensor, bi
     """``||ref - [x, 1] W_new^T||^2 / ||ref||^2`` over tokens ``x`` ``[..., n]``, ``ref`` = ``target`` if given (the
     dense model's outputs) else ``x W_ref^T (+ b_ref)``; ``w_new`` is ``[out, n]`` or ``[out, n + 1]`` (last column
     a bias)."""
-    x = x.reshape(-1, w_ref.shape[1]).double()
-    if target is not None:
-        ref = target.reshape(x.shape[0], -1).double()
-    else:
-        ref = x @ w_ref.double().T
-        if bias_ref is not None:
-            ref = ref + bias_ref.double()
-    new = x @ w_new[:, :w_ref.shape[1]].double().T
-    if w_new.shape[1] == w_ref.shape[1] + 1:
-        new = new + w_new[:, -1]
-    return float((ref - new).pow(2).sum() / ref.pow(2).sum().clamp_min(1e-30))
+    n = w_ref.shape[1]
+    x = x.reshape(-1, n)
+    t = None if target is None else target.reshape(x.shape[0], -1)
+    ct = torch.float64 if x.dtype == torch.float64 else torch.float32  # float32 blocks, sums in float64
+    w_new_c, w_ref_c = w_new.to(ct), w_ref.to(ct)
+    err = norm = 0.0
+    for s in range(0, x.shape[0], BLOCK_TOKENS):
+        xb = x[s:s + BLOCK_TOKENS].to(ct)
+        if t is not None:
+            ref = t[s:s + BLOCK_TOKENS].to(ct)
+        else:
+            ref = xb @ w_ref_c.T
+            if bias_ref is not None:
+                ref = ref + bias_ref.to(ct)
+        new = xb @ w_new_c[:, :n].T
+        if w_new.shape[1] == n + 1:
+            new = new + w_new_c[:, -1]
+        err += float((ref - new).double().pow(2).sum())
+        norm += float(ref.double().pow(2).sum())
+    return err / max(norm, 1e-30)

@@ -58,6 +58,7 @@ log = logging.getLogger(__name__)
 SELECTIONS = ("obs", "wanda", "flap", "magnitude")
 ALLOCATIONS = ("uniform", "depth", "flap", "search")
 KINDS = ("attention", "mlp")
+AUTOCAST = (None, "auto", "bfloat16", "float16")
 
 
 @dataclass(frozen=True)
@@ -88,6 +89,7 @@ class StructuredOBS:
     batch_size: int = 8
     offload: bool = False
     device: Optional[str] = None
+    autocast: Optional[str] = None  # auto | bfloat16 | float16: the layer forwards' matrix products (not the fits)
     seed: int = 0  # seeds allocation=search; otherwise recorded only (deterministic)
     progress: bool = True
 
@@ -132,6 +134,8 @@ class StructuredOBS:
         if self.allocation == "search" and self.offload:
             errors.append("pruner.allocation=search runs whole-model forwards for its fitness: it needs "
                           "pruner.offload=false (the model on its device)")
+        if self.autocast not in AUTOCAST:
+            errors.append(f"pruner.autocast={self.autocast!r} is not one of null, {', '.join(AUTOCAST[1:])}")
         errors += stream_option_errors(self.batch_size, self.offload, self.device)
         errors += range_order_errors(attention=self.attention_layers, mlp=self.mlp_layers)
         if errors:
@@ -193,6 +197,7 @@ class StructuredOBS:
         finally:
             model.train(was_training)
         model.config.layer_configs = layer_configs(model)
+        low = autocast_dtype(self, model)
         params_after = count_params(model)
         geo1 = Geometry.of(model)
         kept = [l for l in per_layer if l.get("update") == "kept"]
@@ -210,7 +215,8 @@ class StructuredOBS:
             notes=notes,
             details={"selection": self.selection, "compensate": self.compensate, "bias": self.bias, "target": self.target,
                      "guard": self.guard, "holdout": self.holdout, "rounds": self.rounds, "damp": self.damp,
-                     "allocation": self.allocation, "ratio": float(self.ratio), "ratio_target": self.ratio_target,
+                     "allocation": self.allocation, "autocast": self.autocast,
+                     "forward_dtype": str(low or next(model.parameters()).dtype).removeprefix("torch."), "ratio": float(self.ratio), "ratio_target": self.ratio_target,
                      "attention_ratio": self.attention_ratio, "kv_groups_removed": att_plan,
                      "channels_removed": mlp_plan, "calibration_tokens": int(calibration.numel()),
                      "updates_kept": len(kept), "updates_rejected": len(rejected), "projections": per_layer,
@@ -325,7 +331,7 @@ def target_weights(w: torch.Tensor, bias0: Optional[torch.Tensor], xs: list[torc
     from ``W_eff`` with the OBS update then gives the least-squares fit of the kept columns to the targets."""
     import torch
 
-    from pruning.compensate import damped_inverse
+    from pruning.compensate import BLOCK_TOKENS, damped_inverse
 
     n, out = w.shape[1], w.shape[0]
     use_bias = h.shape[0] == n + 1
@@ -333,14 +339,18 @@ def target_weights(w: torch.Tensor, bias0: Optional[torch.Tensor], xs: list[torc
     if use_bias:
         w_aug = torch.cat([w_aug, bias0.detach().double()[:, None]], 1)
     cross = torch.zeros(h.shape[0], out, dtype=torch.float64, device=w.device)
-    for x, t in zip(xs, targets):
-        x2 = x.reshape(-1, n).double()
-        r = t.reshape(-1, out).double() - x2 @ w_aug[:, :n].T
-        if use_bias:
-            r = r - w_aug[:, n]
-        cross[:n] += x2.T @ r
-        if use_bias:
-            cross[n] += r.sum(0)
+    for x, t in zip(xs, targets):  # float32 products of blocks of tokens, summed in float64 (as the Gram matrix)
+        ct = torch.float64 if x.dtype == torch.float64 else torch.float32
+        wc = w_aug.to(ct)
+        x2, t2 = x.reshape(-1, n), t.reshape(-1, out)
+        for s in range(0, x2.shape[0], BLOCK_TOKENS):
+            xb = x2[s:s + BLOCK_TOKENS].to(ct)
+            r = t2[s:s + BLOCK_TOKENS].to(ct) - xb @ wc[:, :n].T
+            if use_bias:
+                r = r - wc[:, n]
+            cross[:n] += (xb.T @ r).double()
+            if use_bias:
+                cross[n] += r.double().sum(0)
     hinv, _ = damped_inverse(h, damp)
     w_eff = w_aug + (hinv @ cross).T
     return w_eff[:, :n], (w_eff[:, n] if use_bias else None)
@@ -420,7 +430,8 @@ def prune_sequential(model: nn.Module, calibration: torch.Tensor, att_plan: dict
     samples = calibration.shape[0]
     held_n = min(samples - 1, math.ceil(opt.holdout * samples)) if opt.guard and opt.compensate else 0
     stream = LayerStream(model, calibration, batch_size=opt.batch_size, device=opt.device, offload=opt.offload,
-                         progress=opt.progress)
+                         progress=opt.progress, autocast=autocast_dtype(opt, model))
+    as_model = stream.dtype  # captured inputs (bfloat16 under autocast) are fitted in the model's dtype or better
     sizes = [c.shape[0] for c in stream.chunks]
     starts = [sum(sizes[:j]) for j in range(len(sizes))]
     fit_rows = [max(0, min(s, samples - held_n - a)) for a, s in zip(starts, sizes)]  # the last held_n samples: guard
@@ -448,13 +459,13 @@ def prune_sequential(model: nn.Module, calibration: torch.Tensor, att_plan: dict
             watch["o"] = layer.self_attn.o_proj
         else:
             watch["d"] = layer.mlp.down_proj
-        with capture_inputs(watch, lambda k, x: cap[k].append(x)):
+        with capture_inputs(watch, lambda k, x: cap[k].append(x.to(as_model))):
             outs = stream.forward()
         mid = cap["mid"]
         dense_mid, dense_out = mid, outs  # the same while no layer before this one was pruned
         if use_dense and dense is not None:  # this layer's dense outputs on the dense states, before it changes
             got: dict[str, list[torch.Tensor]] = {"mid": []}
-            with capture_inputs({"mid": layer.post_attention_layernorm}, lambda k, x: got[k].append(x)):
+            with capture_inputs({"mid": layer.post_attention_layernorm}, lambda k, x: got[k].append(x.to(as_model))):
                 dense_out = stream.forward(inputs=dense)
             dense_mid = got["mid"]
         t0 = time.perf_counter()
@@ -500,6 +511,15 @@ def prune_sequential(model: nn.Module, calibration: torch.Tensor, att_plan: dict
     if seconds is not None:
         seconds.update({"embed_s": stream.seconds["embed"], "layers_s": stream.seconds["layers"], "fit_s": t_fit})
     return records
+
+
+def autocast_dtype(opt: StructuredOBS, model: nn.Module) -> Optional[torch.dtype]:
+    """The dtype the layer forwards run their matrix products in (None: the model's own)."""
+    from pruning.streaming import resolve_autocast
+
+    p = next(model.parameters())
+    low = resolve_autocast(opt.autocast, opt.device or p.device)
+    return low if low is not None and low != p.dtype else None
 
 
 def _kept_cols(n: int, removed: list[int], group: int, device: Any) -> torch.Tensor:

@@ -24,6 +24,7 @@ so the stream works with whatever the installed transformers passes its decoder 
 
 from __future__ import annotations
 
+import re
 import time
 from typing import Any, Callable, Iterator, Optional
 
@@ -85,14 +86,38 @@ def check_stream_device(model: nn.Module, device: Optional[str], offload: bool) 
                          "to run one layer at a time there, or leave pruner.device=null")
 
 
+def resolve_autocast(name: Optional[str], device: torch.device | str) -> Optional[torch.dtype]:
+    """The dtype of a method's ``autocast`` option on ``device``: ``None`` (the model's own dtype), ``bfloat16`` /
+    ``float16``, or ``auto``: bfloat16 where the device multiplies it natively (CUDA with bf16, x86 CPUs with
+    AVX512-BF16 or AMX: about 2.5x a float32 layer forward on an AVX512-BF16 core), else the model's own dtype
+    (an emulated bfloat16 product is slower than float32)."""
+    if name is None:
+        return None
+    if name != "auto":
+        return getattr(torch, name)
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else None
+    if device.type == "cpu":
+        try:
+            flags = open("/proc/cpuinfo").read()
+        except OSError:
+            return None
+        return torch.bfloat16 if re.search(r"\b(avx512_bf16|amx_bf16)\b", flags) else None
+    return None
+
+
 class LayerStream:
     """Iterate over decoder layers with the calibration hidden states that enter each one.
 
     ``calibration``: ``[samples, tokens]`` token ids. ``batch_size``: samples per layer forward (0 = all).
+    ``autocast``: a lower-precision dtype (``torch.bfloat16``) the layers' matrix products run in under
+    ``torch.autocast`` while the carried hidden states (the residual stream) stay in the model's dtype.
     """
 
     def __init__(self, model: nn.Module, calibration: torch.Tensor, *, batch_size: int = 0,
-                 device: Optional[str | torch.device] = None, offload: bool = False, progress: bool = False):
+                 device: Optional[str | torch.device] = None, offload: bool = False, progress: bool = False,
+                 autocast: Optional[torch.dtype] = None):
         if calibration is None or calibration.ndim != 2 or calibration.shape[0] == 0:
             raise PruneError("this method needs calibration tokens [samples, tokens]")
         self.model = model
@@ -101,6 +126,7 @@ class LayerStream:
         self.device = torch.device(device) if device is not None else self.home
         self.offload = bool(offload) and self.device != self.home
         self.dtype = next(model.parameters()).dtype
+        self.autocast = autocast if autocast is not None and autocast != self.dtype else None
         self.progress = progress
         step = batch_size if batch_size and batch_size < calibration.shape[0] else calibration.shape[0]
         self.chunks = [calibration[j:j + step] for j in range(0, calibration.shape[0], step)]
@@ -176,7 +202,7 @@ class LayerStream:
         inputs = self.hidden if inputs is None else inputs
         t0 = time.perf_counter()
         out = []
-        with torch.no_grad():
+        with torch.no_grad(), self._autocast():
             for x, kw in zip(inputs, self.kwargs):
                 y = layer(x, **kw)
                 out.append((y[0] if isinstance(y, tuple) else y).detach())
@@ -186,10 +212,13 @@ class LayerStream:
     def run(self, fn: Callable[[torch.Tensor, dict[str, Any]], torch.Tensor]) -> list[torch.Tensor]:
         """``fn(hidden, layer_kwargs)`` over every micro-batch (for methods that run a layer piece by piece)."""
         t0 = time.perf_counter()
-        with torch.no_grad():
+        with torch.no_grad(), self._autocast():
             out = [fn(x, kw) for x, kw in zip(self.hidden, self.kwargs)]
         self.seconds["layers"] += time.perf_counter() - t0
         return out
+
+    def _autocast(self) -> Any:
+        return torch.autocast(self.device.type, dtype=self.autocast, enabled=self.autocast is not None)
 
     def advance(self, outputs: Optional[list[torch.Tensor]] = None) -> None:
         """Move to the next layer's inputs: ``outputs`` if given (e.g. the dense layer's), else the current

@@ -116,3 +116,14 @@ def test_base_rows_from_different_runs_merge_unless_they_disagree():
     assert (first["ppl"], first["PIQA"], first["MMLU"]) == (26.9, 68.0, 23.9)
     assert first["limit"] == "5/50" and first["run"] == "a; b; c"
     assert out.iloc[1]["ppl"] == 20.4 and out.iloc[1]["run"] == "d"
+
+
+def test_a_recovered_run_gives_its_pruned_and_its_recovered_row(tmp_path):
+    m = _prune_metrics("taylor", 0.25, 3, 27, 20.0, 40.0, 0.4, 80.0)
+    m["config"]["recovery"] = {"name": "lora"}
+    m["eval"]["recovered"] = {"ppl": {"value": 28.0, "seq_len": 128, "tokens": 4064, "source": "boolq"}}
+    rows = rows_from_metrics(m, "r")
+    assert [r["method"] for r in rows] == ["base", "taylor", "taylor+lora"]
+    pruned, recovered = rows[1], rows[2]
+    assert pruned["ppl"] == 40.0 and recovered["ppl"] == 28.0 and recovered["params"] == pruned["params"]
+    assert pruned["BoolQ"] == pytest.approx(40.0) and recovered.get("BoolQ") is None  # not measured after: empty

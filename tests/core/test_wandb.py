@@ -240,6 +240,10 @@ def test_standard_summary_of_a_prune_record():
         "zeroshot/base_avg": 0.6, "zeroshot/hellaswag": 0.4, "mmlu/avg": 0.3, "speed/prefill_tok_s": 60.0,
         "speed/decode_ms_per_tok": 2.0, "speed/base_prefill_tok_s": 50.0, "time/prune_s": 1.5, "time/recipe_s": 9.0})
     assert set(s) - {"zeroshot/hellaswag"} <= set(SUMMARY_NAMES)
+    record["eval"]["recovered"] = {"ppl": {"value": 12.0}, "task_average": 0.55}
+    s = standard_summary(record)
+    assert s["ppl/recovered"] == 12.0 and s["zeroshot/recovered_avg"] == 0.55 and s["ppl/pruned"] == 15.0
+    assert "mmlu/recovered_avg" not in s and set(s) - {"zeroshot/hellaswag"} <= set(SUMMARY_NAMES)
 
 
 def test_standard_summary_of_evaluate_and_search_records():

@@ -72,6 +72,7 @@ def kept_rows(new: torch.Tensor, old: torch.Tensor) -> list[int]:
     ({"offload": True}, r"pruner.offload=true needs pruner.device"),
     ({"device": 0}, r"pruner.device=0 must be a device name"),
     ({"attention_layers": (3, 1)}, r"layers.attention: start=3 is after end=1"),
+    ({"autocast": "bf16"}, r"pruner.autocast='bf16' is not one of null, auto, bfloat16, float16"),
 ])
 def test_bad_options_are_one_config_error(kw, match):
     with pytest.raises(ConfigError, match=match) as e:
@@ -423,6 +424,23 @@ def test_compensation_lowers_the_error_on_fresh_text(tiny, data, selection, targ
     assert res.details["projections"][0]["update"] == "kept"
     fresh = torch.randint(0, 256, (16, 32), generator=torch.Generator().manual_seed(7))
     assert _mlp_error(model, ref, fresh) < 0.9 * _mlp_error(plain, ref, fresh)
+
+
+def test_autocast_prunes_the_same_budget_with_float32_fits(tiny, data):
+    """bfloat16 layer forwards: the same parameter count, float32 weights, the choice mostly the same, and the
+    refit still beats plain removal on fresh text."""
+    model, _ = tiny
+    ref, plain, low = copy.deepcopy(model), copy.deepcopy(model), copy.deepcopy(model)
+    kw = dict(ratio=0.3, ratio_target="groups", mlp_layers=(0, 2))
+    full = obs(**kw)(model, data)
+    half = obs(**kw, autocast="bfloat16")(low, data)
+    obs(**kw, compensate=False)(plain, data)
+    assert half.details["forward_dtype"] == "bfloat16" and full.details["forward_dtype"] == "float32"
+    assert half.params_after == full.params_after
+    assert all(p.dtype == torch.float32 for p in low.parameters())
+    fresh = torch.randint(0, 256, (16, 32), generator=torch.Generator().manual_seed(7))
+    assert _mlp_error(low, ref, fresh) < 0.9 * _mlp_error(plain, ref, fresh)
+    assert _mlp_error(low, ref, fresh) < 1.2 * _mlp_error(model, ref, fresh)
 
 
 def test_the_guard_rejects_a_fit_from_too_few_tokens(tiny):
