@@ -32,6 +32,9 @@ Calibration: ``tokens`` tokens in windows of ``seq_len`` (default 64k tokens of 
 unknowns per row of SmolLM2's down_proj; the recipe draws them from ``data``, disjoint from every evaluation
 text). Cost: one forward of each layer in range over them, plus per layer a Gram accumulation and an
 ``n x n`` inverse; memory: the model, the carried hidden states, one layer's captured inputs and its Gram matrix.
+``autocast`` (option file default ``auto``) runs the layer forwards' matrix products in bfloat16 where the device
+multiplies it natively (CUDA; x86 CPUs with AVX512-BF16 or AMX: 2.5x a float32 forward of SmolLM2 on one core);
+the residual stream, the captured inputs, every Gram matrix, fit and guard stay in float32 or float64.
 References: SlimGPT (Ling et al. 2024), ZipLM (Kurtic et al. 2023), OBC (Frantar & Alistarh 2022), FLAP.
 """
 

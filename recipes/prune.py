@@ -1,7 +1,7 @@
 """task=prune, top to bottom: check, load, calibrate, evaluate, prune, evaluate, [recover, evaluate,] save, analyse.
 
     python run.py pruner=taylor ratio=0.25 layers=seed model=llama3_8b_instruct
-    python run.py pruner=taylor recovery=lora          # + LoRA recovery (recipes/finetune.py), merged before saving
+    python run.py pruner=taylor recovery=lora          # + LoRA recovery (recipes/_recovery.py), merged before saving
 
 ``pruner=X`` builds the class named by ``conf/pruner/X.yaml``'s ``_target_`` (a :class:`pruning.Pruner`);
 everything below takes plain arguments.
@@ -35,15 +35,15 @@ def validate(cfg: DictConfig) -> list[str]:
     """The pruner's options bound to its class, and the eval tasks: a typo or a bad value fails before any weight loads."""
     from analysis.lm_eval_tasks import task_errors
     from core.errors import UserError
-    from recipes import finetune
+    from recipes import _recovery as recovery_stage
 
     errors = task_errors(list(cfg.eval.tasks), cfg.eval.limit)
     try:
         build(cfg.pruner, "pruner")
     except UserError as e:
         errors.append(str(e))
-    if finetune.enabled(cfg):
-        errors += finetune.recovery_errors(cfg)
+    if recovery_stage.enabled(cfg):
+        errors += recovery_stage.recovery_errors(cfg)
     return errors
 
 
@@ -79,7 +79,7 @@ def run(cfg: DictConfig, ctx) -> dict:
     from core.data import calibration_and_eval_sources, calibration_batch, eval_tokens, mix_record
     from core.llama import count_nonzero, count_params, flops_per_token, params_from_config
     from core.models import cached_gguf_dir, load_model, model_config, model_depth, torch_dtype
-    from recipes import finetune
+    from recipes import _recovery as recovery_stage
 
     t_start = time.perf_counter()
     torch.manual_seed(cfg.seed)
@@ -123,10 +123,10 @@ def run(cfg: DictConfig, ctx) -> dict:
                        "tokens": int(ppl_tokens.shape[1])} if eval_src else {"source": None, "tokens": 0},
     })
     prep = None  # recovery=lora: its training text, read and checked before anything is pruned
-    if finetune.enabled(cfg):
-        prep = finetune.prepare(finetune.spec_of(cfg), model, tok, cache_dir=cache_dir,
-                                evaluation=finetune.evaluation_texts(cfg, eval_src, cache_dir), run_dir=run_dir,
-                                outputs_root=cfg.paths.outputs_root)
+    if recovery_stage.enabled(cfg):
+        prep = recovery_stage.prepare(recovery_stage.spec_of(cfg), model, tok, cache_dir=cache_dir,
+                                      evaluation=recovery_stage.evaluation_texts(cfg, eval_src, cache_dir),
+                                      run_dir=run_dir, outputs_root=cfg.paths.outputs_root)
         ctx.log("data", {"recovery": prep.record()})
     params_base = count_params(model)
     nonzero_base = count_nonzero(model)
@@ -140,7 +140,7 @@ def run(cfg: DictConfig, ctx) -> dict:
         results["base"] = evaluate_model(model, tok, eval_cfg, cache_dir=cache_dir, ppl_tokens=ppl_tokens,
                                          ppl_source=eval_src.name if eval_src else "")
         ctx.log("eval", {"base": results["base"]})
-    dense_heldout = finetune.heldout_ppl(model, prep, tok) if prep else None  # the level recovery aims at
+    dense_heldout = recovery_stage.heldout_ppl(model, prep, tok) if prep else None  # the level recovery aims at
     base_structure = structure_of(model, config=model.config.to_dict(), name=ref.name)  # shapes only
     t_eval = time.perf_counter() - t0
 
@@ -167,7 +167,7 @@ def run(cfg: DictConfig, ctx) -> dict:
     ctx.log("pruning", {**result.details, "notes": result.notes, "layers": result.layers, "seconds": t_prune,
                         **result.timings})
     if prep is not None:  # the pruned widths against recovery.rank / targets, before the pruned model is evaluated
-        finetune.check_targets(model, prep)
+        recovery_stage.check_targets(model, prep)
     del batch
     gc.collect()
 
@@ -186,17 +186,17 @@ def run(cfg: DictConfig, ctx) -> dict:
                      f"{ppl['value']:.3f}" if ppl["value"] is not None else "FAILED (non-finite)",
                      ppl["seq_len"], ppl["tokens"], ppl["source"])
 
-    # 5b. recovery=lora: train adapters on the pruned model, merge them, evaluate again (recipes/finetune.py).
+    # 5b. recovery=lora: train adapters on the pruned model, merge them, evaluate again (recipes/_recovery.py).
     recovery_entry, t_recovery = None, 0.0
     if prep is not None:
         t0 = time.perf_counter()
         identity = {"model": ref.path or ref.name, "pruner": plain(cfg.pruner), "ratio": float(cfg.ratio),
                     "ratio_target": str(cfg.ratio_target), "layers": plain(cfg.layers), "data": plain(cfg.data),
                     "seed": int(cfg.seed), "params": result.params_after}
-        model, summary = finetune.recover(model, tok, prep, ctx, run_dir=run_dir, identity=identity,
-                                          dense_heldout=dense_heldout,
-                                          base_description=f"the {pruner.name}-pruned model of this run (before "
-                                                           "recovery; not saved)")
+        model, summary = recovery_stage.recover(model, tok, prep, ctx, run_dir=run_dir, identity=identity,
+                                                dense_heldout=dense_heldout,
+                                                base_description=f"the {pruner.name}-pruned model of this run "
+                                                                 "(before recovery; not saved)")
         t_recovery = time.perf_counter() - t0
         peak["recovery"] = _peak_mib()
         t0 = time.perf_counter()
@@ -204,7 +204,7 @@ def run(cfg: DictConfig, ctx) -> dict:
                                               ppl_source=eval_src.name if eval_src else "")
         ctx.log("eval", {"recovered": results["recovered"]})
         t_eval += time.perf_counter() - t0
-        recovery_entry = finetune.checkpoint_entry(summary, results["pruned"], results["recovered"],
+        recovery_entry = recovery_stage.checkpoint_entry(summary, results["pruned"], results["recovered"],
                                                    results.get("base"))
         ctx.log("recovery", {"eval_ppl": recovery_entry["eval_ppl"], "zeroshot_avg": recovery_entry["zeroshot_avg"]})
 

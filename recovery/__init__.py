@@ -5,5 +5,5 @@
     train.py  the training loop: AdamW on the adapters, held-out perplexity, early stopping, resumable state
 
 Like its siblings it takes plain arguments (a model, a tokenizer, a spec) and imports only ``core``;
-``recipes/finetune.py`` (task=finetune, and task=prune's ``recovery=lora`` stage) combines it with evaluation.
+``recipes/_recovery.py`` (task=finetune's and task=prune's ``recovery=lora`` stage) combines it with evaluation.
 """

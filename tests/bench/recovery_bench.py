@@ -55,7 +55,7 @@ def _spec(preset: str, sets: list[str]) -> Any:
     from hydra.core.global_hydra import GlobalHydra
 
     import run  # noqa: F401  (registers the schema and resolvers)
-    from recipes.finetune import spec_of
+    from recipes._recovery import spec_of
 
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
@@ -131,7 +131,7 @@ def main() -> None:
     from core.models import load_model, set_mmap_threshold
     from pruning.llm_pruner import LLMPruner
     from recipes._common import resolve_model
-    from recipes.finetune import _pad_id, damage_closed, heldout_ppl, prepare
+    from recipes._recovery import _pad_id, damage_closed, heldout_ppl, prepare
     from recovery.lora import attach, merge, resolve_targets, trainable_parameters
     from recovery.train import train
 

@@ -30,7 +30,7 @@ def pruned_ckpt(tmp_path_factory):
 
 @pytest.mark.parametrize("name", sorted(p.stem for p in (ROOT / "conf" / "recovery").glob("*.yaml")))
 def test_every_recovery_option_composes_and_binds(name, tmp_path):
-    from recipes import finetune
+    from recipes import _recovery as finetune
 
     cfg = compose([f"recovery={name}"], tmp_path)
     if name == "none":
@@ -41,7 +41,7 @@ def test_every_recovery_option_composes_and_binds(name, tmp_path):
 
 
 def test_mix_weights_are_overrides_and_only_read_for_a_mix(tmp_path):
-    from recipes import finetune
+    from recipes import _recovery as finetune
 
     spec = finetune.spec_of(compose(["recovery=lora", "recovery.data.mix.qa=0"], tmp_path))
     assert spec.data.text_spec().mix == (("austen", 0.4), ("sciq", 0.3), ("qa", 0.0), ("news", 0.1))
