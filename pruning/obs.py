@@ -28,9 +28,9 @@ WIFV scores on the dense model: one more pass); ``search`` (pruning/allocation.p
 uniform, searched by the engine's evolve with KL to the dense model on the last calibration samples, kept out of
 every fit, starting from the three). The total is exact in every case.
 
-Calibration: ``tokens`` tokens in windows of ``seq_len`` (default 64k tokens of 512: 40x more tokens than
+Calibration: ``tokens`` tokens in windows of ``seq_len`` (default 131,072 tokens of 512: 85x more tokens than
 unknowns per row of SmolLM2's down_proj; the recipe draws them from ``data``, disjoint from every evaluation
-text). Cost: one forward of each layer in range over them, plus per layer a Gram accumulation and an
+text; quality still improves with more, up to the 196,608 the default mix holds at this window length). Cost: one forward of each layer in range over them, plus per layer a Gram accumulation and an
 ``n x n`` inverse; memory: the model, the carried hidden states, one layer's captured inputs and its Gram matrix.
 ``autocast`` (option file default ``auto``) runs the layer forwards' matrix products in bfloat16 where the device
 multiplies it natively (CUDA; x86 CPUs with AVX512-BF16 or AMX: 2.5x a float32 forward of SmolLM2 on one core);

@@ -16,11 +16,11 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
+
+from _child import run_child  # tests/bench/_child.py, next to this script
 
 ROOT = Path(__file__).resolve().parents[2]
 ACCEPTANCE = ["pruner=taylor", "ratio=0.25", "layers.attention.start=3", "layers.attention.end=27",
@@ -46,15 +46,10 @@ print(json.dumps({"fwd_bwd_s": time.perf_counter() - t0}))
 
 def _child(cmd: list[str], env: dict) -> tuple[float, float, str]:
     """(wall s, peak RSS GiB, stdout) of one child process."""
-    t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-    out = proc.stdout.read()
-    _, status, usage = os.wait4(proc.pid, 0)
-    wall = time.perf_counter() - t0
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    if proc.returncode != 0:
-        raise SystemExit(f"child failed ({proc.returncode}): {' '.join(cmd)}")
-    return wall, usage.ru_maxrss / 1024**2, out  # KiB -> GiB
+    c = run_child(cmd, ROOT, env)
+    if c.returncode != 0:
+        raise SystemExit(f"child failed ({c.returncode}): {' '.join(cmd)}")
+    return c.wall_s, c.peak_rss_gib, c.stdout
 
 
 def main() -> None:

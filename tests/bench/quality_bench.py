@@ -37,15 +37,14 @@ import json
 import math
 import os
 import resource
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Optional
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
+from _child import run_child  # noqa: E402  (tests/bench/_child.py, next to this script)
 for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
     os.environ[var] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -248,21 +247,13 @@ def _spawn(name: str, args: argparse.Namespace) -> dict[str, Any]:
     cmd = [sys.executable, __file__, "--child", name, "--ratio", str(args.ratio), "--tokens", str(args.tokens),
            "--zeroshot-limit", str(args.zeroshot_limit), "--threads", str(args.threads),
            *(f"--override={o}" for o in args.override), *(["--matched-reference"] if args.matched_reference else [])]
-    t0 = time.perf_counter()
-    with tempfile.TemporaryFile("w+") as err_file:  # (a file: a full stderr pipe would block the child)
-        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=err_file, text=True)
-        out = proc.stdout.read()
-        _, status, usage = os.wait4(proc.pid, 0)
-        proc.returncode = os.waitstatus_to_exitcode(status)
-        err_file.seek(0)
-        err = err_file.read()
-    wall = time.perf_counter() - t0
-    lines = [ln for ln in out.splitlines() if ln.startswith("{")]
-    if proc.returncode or not lines:
-        tail = (err.strip().splitlines() or ["no output"])[-1]
-        return {"row": name, "status": "failed", "error": f"exit {proc.returncode}: {tail}"}
+    c = run_child(cmd, ROOT)
+    lines = [ln for ln in c.stdout.splitlines() if ln.startswith("{")]
+    if c.returncode or not lines:
+        tail = (c.stderr.strip().splitlines() or ["no output"])[-1]
+        return {"row": name, "status": "failed", "error": f"exit {c.returncode}: {tail}"}
     result = json.loads(lines[-1])
-    result.update({"wall_s": round(wall, 1), "peak_rss_gib": round(usage.ru_maxrss / 1024**2, 3)})
+    result.update({"wall_s": round(c.wall_s, 1), "peak_rss_gib": round(c.peak_rss_gib, 3)})
     return result
 
 
