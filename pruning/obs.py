@@ -30,8 +30,9 @@ every fit, starting from the three). The total is exact in every case.
 
 Calibration: ``tokens`` tokens in windows of ``seq_len`` (default 131,072 tokens of 512: 85x more tokens than
 unknowns per row of SmolLM2's down_proj; the recipe draws them from ``data``, disjoint from every evaluation
-text; quality still improves with more, up to the 196,608 the default mix holds at this window length). Cost: one forward of each layer in range over them, plus per layer a Gram accumulation and an
-``n x n`` inverse; memory: the model, the carried hidden states, one layer's captured inputs and its Gram matrix.
+text; quality still improves with more, up to the 196,608 the default mix holds at this window length). Cost:
+one forward of each layer in range over them, plus per layer a Gram accumulation and an ``n x n`` inverse;
+memory: the model, the carried hidden states, one layer's captured inputs and its Gram matrix.
 ``autocast`` (option file default ``auto``) runs the layer forwards' matrix products in bfloat16 where the device
 multiplies it natively (CUDA; x86 CPUs with AVX512-BF16 or AMX: 2.5x a float32 forward of SmolLM2 on one core);
 the residual stream, the captured inputs, every Gram matrix, fit and guard stay in float32 or float64.
@@ -219,7 +220,8 @@ class StructuredOBS:
             details={"selection": self.selection, "compensate": self.compensate, "bias": self.bias, "target": self.target,
                      "guard": self.guard, "holdout": self.holdout, "rounds": self.rounds, "damp": self.damp,
                      "allocation": self.allocation, "autocast": self.autocast,
-                     "forward_dtype": str(low or next(model.parameters()).dtype).removeprefix("torch."), "ratio": float(self.ratio), "ratio_target": self.ratio_target,
+                     "forward_dtype": str(low or next(model.parameters()).dtype).removeprefix("torch."),
+                     "ratio": float(self.ratio), "ratio_target": self.ratio_target,
                      "attention_ratio": self.attention_ratio, "kv_groups_removed": att_plan,
                      "channels_removed": mlp_plan, "calibration_tokens": int(calibration.numel()),
                      "updates_kept": len(kept), "updates_rejected": len(rejected), "projections": per_layer,
