@@ -20,7 +20,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from _child import run_child  # tests/bench/_child.py, next to this script
+from _common import run_child  # tests/bench/_common.py, next to this script
 
 ROOT = Path(__file__).resolve().parents[2]
 ACCEPTANCE = ["pruner=taylor", "ratio=0.25", "layers.attention.start=3", "layers.attention.end=27",

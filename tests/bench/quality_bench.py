@@ -44,7 +44,7 @@ from typing import Any, Optional
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
-from _child import run_child  # noqa: E402  (tests/bench/_child.py, next to this script)
+from _common import run_child, zeroshot_average  # noqa: E402  (tests/bench/_common.py, next to this script)
 for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
     os.environ[var] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -111,21 +111,8 @@ def _ppls(model: Any, texts: dict[str, Any]) -> dict[str, float]:
     return {name: perplexity(model, t, PPL_SEQ_LEN, 4, progress=False)["value"] for name, t in texts.items()}
 
 
-def _zeroshot(model: Any, tok: Any, limit: int, cache: str) -> Optional[dict[str, Any]]:
-    """The 7-task average (``conf/eval/zeroshot.yaml``'s tasks, first ``limit`` examples each), as task=evaluate."""
-    if not limit:
-        return None
-    from omegaconf import OmegaConf
-
-    from analysis.evaluate import evaluate_model
-    from analysis.lm_eval_tasks import HEADLINE_METRIC
-
-    cfg = OmegaConf.to_container(OmegaConf.load(ROOT / "conf/eval/zeroshot.yaml"), resolve=True)
-    cfg.update({"limit": limit, "ppl": {**cfg["ppl"], "enabled": False}})
-    t0 = time.perf_counter()
-    res = evaluate_model(model, tok, cfg, cache_dir=cache, progress=False)
-    return {"average": res.get("task_average"), "limit": limit, "seconds": round(time.perf_counter() - t0, 1),
-            "tasks": {k: v.get(HEADLINE_METRIC.get(k, "acc")) for k, v in res.get("tasks", {}).items()}}
+def _zeroshot(model: Any, tok: Any, limit: int, cache: str) -> Any:
+    return zeroshot_average(model, tok, limit, cache, ROOT)
 
 
 def _forward_s(model: Any, batch: Any, micro: int = 8) -> float:

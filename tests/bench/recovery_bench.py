@@ -38,6 +38,7 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
+from _common import zeroshot_average  # noqa: E402  (tests/bench/_common.py, next to this script)
 for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
     os.environ[var] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -65,19 +66,7 @@ def _spec(preset: str, sets: list[str]) -> Any:
 
 
 def _zeroshot(model: Any, tok: Any, limit: int, cache: str) -> Any:
-    if not limit:
-        return None
-    from omegaconf import OmegaConf
-
-    from analysis.evaluate import evaluate_model
-    from analysis.lm_eval_tasks import HEADLINE_METRIC
-
-    cfg = OmegaConf.to_container(OmegaConf.load(ROOT / "conf/eval/zeroshot.yaml"), resolve=True)
-    cfg.update({"limit": limit, "ppl": {**cfg["ppl"], "enabled": False}})
-    t0 = time.perf_counter()
-    res = evaluate_model(model, tok, cfg, cache_dir=cache, progress=False)
-    return {"average": res.get("task_average"), "limit": limit, "seconds": round(time.perf_counter() - t0, 1),
-            "tasks": {k: v.get(HEADLINE_METRIC.get(k, "acc")) for k, v in res.get("tasks", {}).items()}}
+    return zeroshot_average(model, tok, limit, cache, ROOT)
 
 
 def _throughput(peft_model: Any, rows: Any, micro_batch: int, pad_id: int, conn: Any, rounds: int = 3) -> None:

@@ -81,3 +81,31 @@ def varied_file(path: Path, paragraphs: int = 80, seed: int = 0) -> Path:
 def logits(model, x: torch.Tensor) -> torch.Tensor:
     with torch.no_grad():
         return model(input_ids=x).logits
+
+
+def plain_transformers_run(out: Path, x: torch.Tensor, ref: torch.Tensor, tmp_path: Path) -> tuple[str, float]:
+    """Load checkpoint ``out`` with plain transformers in a process where prunelab cannot be imported, run it on
+    ``x``; returns (its model class name, max |logits - ref|)."""
+    import os
+    import subprocess
+    import sys
+
+    torch.save(x, tmp_path / "x.pt")
+    torch.save(ref, tmp_path / "ref.pt")
+    script = f"""
+import sys
+for name in ("core", "pruning", "analysis", "replacement", "recovery"):
+    sys.modules[name] = None  # prunelab is not importable here
+import torch
+from transformers import AutoModelForCausalLM
+m = AutoModelForCausalLM.from_pretrained({str(out)!r}, trust_remote_code=True)
+x = torch.load({str(tmp_path / 'x.pt')!r}, weights_only=True)
+ref = torch.load({str(tmp_path / 'ref.pt')!r}, weights_only=True)
+print("RESULT", type(m).__name__, (m(x).logits - ref).abs().max().item())
+"""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    proc = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")][-1].split()
+    return line[1], float(line[2])

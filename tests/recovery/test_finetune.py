@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
 from conftest import ROOT, compose, run_task
+from recovery_models import plain_transformers_run
 
 FAST = ["logger=none", "eval.ppl.max_tokens=512", "eval.generation.enabled=false"]
 LORA = ["recovery=lora", "recovery.steps=4", "recovery.seq_len=32", "recovery.micro_batch=2", "recovery.eval_every=2",
@@ -83,25 +81,10 @@ def _plain_transformers_loads(out, tmp_path):
 
     model, _ = load_model(ModelRef.at(out), cache_dir=".cache")
     x = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(0))
-    torch.save(x, tmp_path / "x.pt")
     with torch.no_grad():
-        torch.save(model(input_ids=x).logits, tmp_path / "ref.pt")
-    script = f"""
-import sys
-for name in ("core", "pruning", "analysis", "replacement", "recovery"):
-    sys.modules[name] = None  # prunelab is not importable here
-import torch
-from transformers import AutoModelForCausalLM
-m = AutoModelForCausalLM.from_pretrained({str(out)!r}, trust_remote_code=True)
-x = torch.load({str(tmp_path / 'x.pt')!r}, weights_only=True)
-ref = torch.load({str(tmp_path / 'ref.pt')!r}, weights_only=True)
-print("MAXDIFF", (m(x).logits - ref).abs().max().item())
-"""
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    proc = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True,
-                          timeout=300)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "MAXDIFF 0.0" in proc.stdout, proc.stdout
+        ref = model(input_ids=x).logits
+    _, diff = plain_transformers_run(out, x, ref, tmp_path)
+    assert diff == 0.0
 
 
 def test_prune_with_recovery_records_before_and_after(tmp_path):

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -15,7 +12,7 @@ from recovery.data import heldout_rows, load_corpus, training_rows
 from recovery.lora import LoRASpec, attach, decoder_linears, merge, resolve_targets, trainable_parameters
 from recovery.train import is_checkpointing, latest_state, train
 from llamba_helpers import randomize
-from recovery_models import ARCHS, build, logits, memorisable_file, varied_file
+from recovery_models import ARCHS, build, logits, memorisable_file, plain_transformers_run, varied_file
 
 X = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(1))
 
@@ -117,24 +114,8 @@ def test_merged_pruned_checkpoint_loads_in_plain_transformers(tmp_path):
     peft_model, _ = _train(model, tok, _spec(varied_file(tmp_path / "t.txt"), steps=3))
     merged = merge(peft_model)
     out = save_checkpoint(merged, tok, tmp_path / "model", {"method": "test"})
-    torch.save(X, tmp_path / "x.pt")
-    torch.save(logits(merged, X), tmp_path / "ref.pt")
-    script = f"""
-import sys
-for name in ("core", "pruning", "analysis", "replacement", "recovery"):
-    sys.modules[name] = None  # prunelab is not importable here
-import torch
-from transformers import AutoModelForCausalLM
-m = AutoModelForCausalLM.from_pretrained({str(out)!r}, trust_remote_code=True)
-x = torch.load({str(tmp_path / 'x.pt')!r}, weights_only=True)
-ref = torch.load({str(tmp_path / 'ref.pt')!r}, weights_only=True)
-print("TYPE", type(m).__name__, "MAXDIFF", (m(x).logits - ref).abs().max().item())
-"""
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    proc = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True,
-                          timeout=300)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "TYPE PrunedLlamaForCausalLM MAXDIFF 0.0" in proc.stdout, proc.stdout
+    kind, diff = plain_transformers_run(out, X, logits(merged, X), tmp_path)
+    assert kind == "PrunedLlamaForCausalLM" and diff == 0.0
 
 
 def test_loss_decreases_on_a_memorisable_text(tmp_path):
