@@ -24,6 +24,7 @@ so the stream works with whatever the installed transformers passes its decoder 
 
 from __future__ import annotations
 
+import functools
 import re
 import time
 from typing import Any, Callable, Iterator, Optional
@@ -99,12 +100,18 @@ def resolve_autocast(name: Optional[str], device: torch.device | str) -> Optiona
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else None
     if device.type == "cpu":
-        try:
-            flags = open("/proc/cpuinfo").read()
-        except OSError:
-            return None
-        return torch.bfloat16 if re.search(r"\b(avx512_bf16|amx_bf16)\b", flags) else None
+        return torch.bfloat16 if _cpu_multiplies_bf16() else None
     return None
+
+
+@functools.lru_cache(maxsize=1)
+def _cpu_multiplies_bf16() -> bool:
+    """Whether this x86 CPU has AVX512-BF16 or AMX (read once per process from /proc/cpuinfo)."""
+    try:
+        flags = open("/proc/cpuinfo").read()
+    except OSError:
+        return False
+    return re.search(r"\b(avx512_bf16|amx_bf16)\b", flags) is not None
 
 
 class LayerStream:
