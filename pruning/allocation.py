@@ -14,8 +14,12 @@ budget is exact iff the levels sum to ``n * (LEVELS // 2)``: ``mutate`` moves on
 standardised WIFV scores come from the variant pass, on the uniformly pruned prefix, so they cost no extra pass)
 projected onto the levels (the nearest level per layer, then the sum repaired one level at a time on the layers
 that wanted most to move that way): depth's 0.5x .. 1.5x falls on the grid, FLAP's extremes are cut to its range.
-They are the search's initial candidates: each is scored at the full fidelity, and the result is never worse than
-the best of them (``details["search"]`` has their fitness, the best one's, and the gain over it).
+``sensitivity`` (:func:`separable_allocation`) measures each layer alone one level down and one level up from the
+centre (``2 n + 1`` evaluations at the middle fidelity, counted in ``search_budget``), fits each layer a convex
+quadratic cost and spends the budget where the sum of those costs is least (a dynamic programme over the levels):
+the best allocation if the layers' damages simply added up. They are the search's initial candidates: each is
+scored at the full fidelity, and the result is never worse than the best of them (``details["search"]`` has their
+fitness, the best one's, the gain over it, and the probes).
 
 **Variant cache** (:func:`build_variants`): one sequential pass, :func:`pruning.obs.prune_sequential` itself with
 the uniform allocation, in which the fit of each ``down_proj`` is done for EVERY level from the inputs the pass
@@ -67,7 +71,7 @@ if TYPE_CHECKING:
 
 LEVELS = 7  # width levels per layer: the centre +- 3 steps
 OFFSPRING = 8  # evolve's lambda: candidates per generation
-STARTS = ("uniform", "depth", "flap")
+STARTS = ("uniform", "depth", "flap", "sensitivity")
 
 
 # --------------------------------------------------------------------------------------------------- the space
@@ -555,6 +559,56 @@ def _logprobs(model: "nn.Module", prefix: list[tuple["torch.Tensor", dict[str, A
                 yield torch.log_softmax(model.lm_head(r[:-1]).float(), -1)
 
 
+def separable_allocation(space: BudgetLevels, fitness: Any, fidelity: Optional[float] = None
+                         ) -> tuple[Candidate, dict[str, Any]]:
+    """The ``sensitivity`` start: each layer's own cost curve, then the budget spent where it costs least.
+
+    From the centre, each layer alone is moved one level down and one level up (``2 n`` evaluations at
+    ``fidelity``); the three points give a per-layer quadratic ``c_i(v) = a_i d^2 + b_i d`` (``d = v - mid``,
+    ``a_i`` clipped at 0 so every curve is convex), and a dynamic programme over the levels returns the
+    budget-exact candidate that minimises ``sum_i c_i(v_i)`` (exact for that separable model; the layers'
+    interactions are what the search then corrects). Returns the candidate and the probes (``{"deltas":
+    [[down, up] per layer], "evaluations", "seconds"}``)."""
+    t0 = time.perf_counter()
+    mid, centre = space.mid, space.centre
+    base = fitness(centre, fidelity)
+    deltas, curves = [], []
+    for i, (lo, hi) in enumerate(space.bounds):
+        d = []
+        for v in (mid - 1, mid + 1):
+            if lo <= v <= hi:
+                c = list(centre)
+                c[i] = v
+                d.append(fitness(tuple(c), fidelity) - base)
+            else:
+                d.append(None)
+        deltas.append(d)
+        down, up = d
+        if down is None and up is None:
+            a, b = 0.0, 0.0
+        elif down is None:
+            a, b = 0.0, up
+        elif up is None:
+            a, b = 0.0, -down
+        else:
+            a, b = max(0.0, (up + down) / 2), (up - down) / 2
+        curves.append((a, b))
+    # dp[s]: (cost, levels) of the best assignment of the positions so far whose levels sum to s
+    dp: dict[int, tuple[float, tuple[int, ...]]] = {0: (0.0, ())}
+    for (lo, hi), (a, b) in zip(space.bounds, curves):
+        nxt: dict[int, tuple[float, tuple[int, ...]]] = {}
+        for s, (cost, levels) in dp.items():
+            for v in range(lo, hi + 1):
+                d = v - mid
+                key, val = s + v, cost + a * d * d + b * d
+                if key not in nxt or val < nxt[key][0] - 1e-15:
+                    nxt[key] = (val, levels + (v,))
+        dp = nxt
+    best = dp[space.target][1]
+    return best, {"deltas": deltas, "evaluations": 1 + sum(x is not None for d in deltas for x in d),
+                  "seconds": time.perf_counter() - t0, "fidelity": fidelity}
+
+
 # ------------------------------------------------------------------------------------------------- the search
 
 @dataclass
@@ -603,7 +657,19 @@ def search_allocation(model: "nn.Module", calibration: "torch.Tensor", geo: Geom
                       "depth": space.project(allocate_channels(geo, mlp_range, total, "depth", opt.min_channels)),
                       "flap": space.project(allocate_channels(geo, mlp_range, total, "flap", opt.min_channels,
                                                               scores=variants.flap))}
-            res = search(space, fitness, strategy="evolve", budget=opt.search_budget, seed=opt.seed,
+            # the sensitivity probes: 2 n + 1 evaluations at the highest fidelity below the full one, paid from
+            # the budget (in full-fidelity equivalents); left out when the budget cannot pay them and the starts
+            probe_rows = fids[-2] if len(fids) > 1 else fids[-1]
+            probe_cost = math.ceil((2 * space.n + 1) * probe_rows / fids[-1])
+            probes: dict[str, Any] = {"skipped": f"search_budget={opt.search_budget} cannot pay the probes "
+                                                 f"({probe_cost}) and {len(starts) + 1} starts"}
+            if probe_cost + len(starts) + 1 <= opt.search_budget:
+                starts["sensitivity"], probes = separable_allocation(space, fitness, probe_rows * seq)
+                probe_cost = math.ceil(probes["evaluations"] * probe_rows / fids[-1])
+            else:
+                probe_cost = 0
+            budget = opt.search_budget - probe_cost
+            res = search(space, fitness, strategy="evolve", budget=budget, seed=opt.seed,
                          fidelities=[r * seq for r in fids], offspring=OFFSPRING, initial=list(starts.values()))
         finally:
             variants.restore(model)
@@ -611,7 +677,7 @@ def search_allocation(model: "nn.Module", calibration: "torch.Tensor", geo: Geom
         model.train(was_training)
     top = {e.candidate: e.fitness for e in res.history if e.fidelity == fids[-1] * seq}
     start_fit = {name: top[c] for name, c in starts.items()}
-    best_start = min(STARTS, key=lambda s: (start_fit[s], STARTS.index(s)))
+    best_start = min(start_fit, key=lambda s: (start_fit[s], STARTS.index(s)))
     plan = space.counts(res.best)
     full = fitness.seconds.get(rows * seq, [0, 0.0])
     details = {
@@ -625,6 +691,7 @@ def search_allocation(model: "nn.Module", calibration: "torch.Tensor", geo: Geom
         "gain": start_fit[best_start] - res.best_fitness,
         "gain_relative": 1.0 - res.best_fitness / start_fit[best_start] if start_fit[best_start] > 0 else 0.0,
         "channels": [space.count(i, v) for i, v in enumerate(res.best)],
+        "sensitivity_probes": {**probes, "full_fidelity_equivalents": probe_cost},
         "evaluations": res.evaluations, "full_fidelity_evaluations": res.cost, "budget": res.budget,
         "cache_hits": res.cache_hits, "stopped": res.stopped,
         "seconds_per_evaluation": {str(t): s / n for t, (n, s) in sorted(fitness.seconds.items())},

@@ -85,7 +85,7 @@ class StructuredOBS:
     target: str = "dense"  # dense: refit towards the dense model's outputs (+1 forward/layer) | layer: its own
     refit_attention: bool = False  # target=dense: also refit o_proj of every pruned layer towards the dense outputs
     allocation: str = "uniform"  # uniform | depth | flap | search (pruning/allocation.py)
-    search_budget: int = 48  # allocation=search: full-fidelity fitness evaluations (the 3 starting schedules first)
+    search_budget: int = 48  # allocation=search: full-fidelity evaluations (sensitivity probes and 4 starts first)
     search_tokens: int = 8192  # allocation=search: fitness tokens = the last calibration samples, never fitted on
     min_channels: int = 1
     tokens: Optional[int] = 131072  # calibration tokens (None: data.num_samples x data.seq_len)
@@ -126,7 +126,7 @@ class StructuredOBS:
             errors.append(f"pruner.tokens={self.tokens!r} must be null or an integer >= pruner.seq_len")
         if isinstance(self.search_budget, bool) or not isinstance(self.search_budget, int) or self.search_budget < 3:
             errors.append(f"pruner.search_budget={self.search_budget!r} must be an integer >= 3 (full-fidelity "
-                          "evaluations; the uniform, depth and flap schedules are scored first)")
+                          "evaluations; the 3 fixed schedules are scored first, then the sensitivity start if it fits)")
         if isinstance(self.search_tokens, bool) or not isinstance(self.search_tokens, int) or self.search_tokens < 1:
             errors.append(f"pruner.search_tokens={self.search_tokens!r} must be a positive integer")
         elif self.allocation == "search" and isinstance(self.tokens, int) and isinstance(self.seq_len, int) \

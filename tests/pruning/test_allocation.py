@@ -11,7 +11,8 @@ import torch
 from core.errors import ConfigError
 from core.llama import Geometry, count_params
 from core.search import SearchError
-from pruning.allocation import (BudgetLevels, KLFitness, _LayerFit, build_variants, fidelity_rows, fitness_chunks)
+from pruning.allocation import (BudgetLevels, KLFitness, _LayerFit, build_variants, fidelity_rows, fitness_chunks,
+                                separable_allocation)
 from pruning.compensate import relative_error
 from pruning.obs import StructuredOBS, allocate_channels, prune_sequential
 
@@ -52,6 +53,38 @@ def test_size_all_and_random_agree(space):
     rng = random.Random(1)
     drawn = {space.random(rng) for _ in range(40 * space.size())}
     assert drawn == members  # every member reachable; nothing else drawn
+
+
+@pytest.mark.parametrize("space", SPACES, ids=lambda s: f"n{s.n}")
+def test_the_sensitivity_start_is_the_optimum_of_a_separable_convex_fitness(space):
+    """Per-layer quadratic costs (convex, different per layer): three probes per layer recover them exactly, and
+    the dynamic programme returns the budget-exact candidate of least total cost (checked against every one)."""
+    rng = random.Random(len(space.layers))
+    curve = [(rng.uniform(0.1, 2.0), rng.uniform(-1.0, 3.0)) for _ in space.layers]
+    calls = []
+
+    def fitness(c, fidelity=None):
+        calls.append(fidelity)
+        return 5.0 + sum(a * (v - space.mid) ** 2 + b * (v - space.mid) for (a, b), v in zip(curve, c))
+
+    best, probes = separable_allocation(space, fitness, fidelity=64)
+    assert space.validate(best) == best
+    want = min(fitness(c) for c in space.all())
+    assert fitness(best) == pytest.approx(want)
+    assert set(calls[:probes["evaluations"]]) == {64} and probes["evaluations"] == 1 + sum(
+        (lo <= space.mid - 1) + (space.mid + 1 <= hi) for lo, hi in space.bounds)
+
+
+def test_the_sensitivity_start_moves_channels_from_sensitive_layers_to_robust_ones():
+    space = SPACES[0]
+    weight = [8.0, 4.0, 1.0, 0.5, 0.25]  # removing channels costs most in the first layer
+
+    def fitness(c, fidelity=None):
+        return sum(w * space.count(i, v) ** 2 for i, (w, v) in enumerate(zip(weight, c)))
+
+    best, _ = separable_allocation(space, fitness)
+    counts = [space.count(i, v) for i, v in enumerate(best)]
+    assert counts == sorted(counts) and counts[0] < space.center[0] < space.center[-1] < counts[-1]
 
 
 def test_mutate_moves_one_layer_up_and_another_down():
@@ -174,10 +207,13 @@ def test_allocation_search_prunes_to_the_plan_and_beats_every_start(calib16):
     model = _tiny()
     res = _obs()(model, calib16)
     s = res.details["search"]
-    assert res.details["allocation"] == "search" and set(s["starts"]) == {"uniform", "depth", "flap"}
+    assert res.details["allocation"] == "search" and set(s["starts"]) == {"uniform", "depth", "flap", "sensitivity"}
     assert all(s["best_fitness"] <= st["fitness"] for st in s["starts"].values())
     assert s["gain"] == pytest.approx(s["best_start_fitness"] - s["best_fitness"]) and s["gain"] >= 0
     assert s["full_fidelity_evaluations"] <= 8 and s["evaluations"] >= 3 and s["fitness_tokens"] == 128
+    probes = s["sensitivity_probes"]  # the probes are paid from the same budget
+    assert probes["evaluations"] == 1 + 2 * len(s["layers"]) and probes["fidelity"] == 32  # one of the 4 rows
+    assert probes["full_fidelity_equivalents"] == 3 and s["budget"] == 8 - 3
     plan = res.details["channels_removed"]
     assert [plan.get(l, 0) for l in s["layers"]] == s["channels"]
     geo = Geometry.of(model)
@@ -190,6 +226,12 @@ def test_allocation_search_prunes_to_the_plan_and_beats_every_start(calib16):
     assert res.params_after - 64 * biases(res) == uniform.params_after - 64 * biases(uniform)
     assert sum(plan.values()) == sum(uniform.details["channels_removed"].values())
     assert res.details["calibration_tokens"] == 12 * 32  # the fitness rows never fitted on
+
+
+def test_a_budget_too_small_for_the_sensitivity_probes_searches_from_the_fixed_starts(calib16):
+    s = _obs(search_budget=4)(_tiny(), calib16).details["search"]
+    assert set(s["starts"]) == {"uniform", "depth", "flap"} and "cannot pay" in s["sensitivity_probes"]["skipped"]
+    assert s["full_fidelity_evaluations"] <= 4 and s["budget"] == 4
 
 
 def test_allocation_search_is_deterministic_for_a_seed(calib16):
