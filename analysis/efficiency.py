@@ -19,7 +19,7 @@ from typing import Any, Optional
 
 import torch
 
-from core.llama import unique_parameters
+from core.llama import cache_kwarg, output_cache, unique_parameters
 
 
 def size_stats(model: torch.nn.Module, checkpoint_dir: Optional[str | Path] = None) -> dict[str, Any]:
@@ -106,15 +106,16 @@ def _prefill_and_decode(model, ids: torch.Tensor, decode_tokens: int) -> tuple[f
     out = model(input_ids=ids, use_cache=True)
     _sync(device)
     prefill = time.perf_counter() - t0
-    past = out.past_key_values
+    past = output_cache(out)
     nxt = out.logits[:, -1:].argmax(-1)  # [batch, 1]
     steps = []
+    key = cache_kwarg()
     for _ in range(decode_tokens):
         t0 = time.perf_counter()
-        out = model(input_ids=nxt, past_key_values=past, use_cache=True)
+        out = model(input_ids=nxt, use_cache=True, **{key: past})
         _sync(device)
         steps.append(time.perf_counter() - t0)
-        past = out.past_key_values
+        past = output_cache(out)
         nxt = out.logits[:, -1:].argmax(-1)
     return prefill, steps, _tensor_bytes(past)
 

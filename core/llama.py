@@ -22,6 +22,28 @@ def head_dim(config: Any) -> int:
     return int(hd) if hd else int(get("hidden_size")) // int(get("num_attention_heads"))
 
 
+def cache_kwarg() -> str:
+    """The keyword under which transformers hands models, layers and masks the KV cache: ``cache`` from 5.24
+    (``past_key_values`` is deprecated there), ``past_key_values`` before."""
+    import inspect
+
+    from transformers.models.llama.modeling_llama import LlamaModel
+
+    return "cache" if "cache" in inspect.signature(LlamaModel.forward).parameters else "past_key_values"
+
+
+def output_cache(out: Any) -> Any:
+    """The KV cache of a model output (``out.cache`` from transformers 5.24, ``out.past_key_values`` before)."""
+    for name in ("cache", "past_key_values"):
+        try:
+            value = getattr(out, name)
+        except (AttributeError, KeyError):
+            continue
+        if value is not None:
+            return value
+    return None
+
+
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
     return model.model.layers
 

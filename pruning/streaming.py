@@ -159,7 +159,8 @@ class LayerStream:
             hidden.append(x.detach())
             kw = {k: v for k, v in kw.items() if k != "hidden_states"}
             kw["use_cache"] = False
-            kw["past_key_values"] = None
+            kw.pop("past_key_values", None)
+            kw.pop("cache", None)  # transformers >= 5.24
             kwargs.append(kw)
             raise _Stop
 

@@ -97,15 +97,16 @@ class HybridFitness:
             return model(input_ids=ids, use_cache=False).logits
         from transformers.masking_utils import create_causal_mask
 
+        from core.llama import cache_kwarg
+
         inner = model.model
         h = self.prefix[batch_index][first, : ids.shape[0]].to(self.device)
         position_ids = torch_arange(ids.shape[1], self.device)
-        mask = create_causal_mask(config=inner.config, inputs_embeds=h, attention_mask=None, past_key_values=None,
-                                  position_ids=position_ids)
+        mask = create_causal_mask(config=inner.config, inputs_embeds=h, attention_mask=None,
+                                  position_ids=position_ids, **{cache_kwarg(): None})
         pos = inner.rotary_emb(h, position_ids=position_ids)
         for layer in inner.layers[first: inner.config.num_hidden_layers]:
-            h = layer(h, attention_mask=mask, position_embeddings=pos, position_ids=position_ids,
-                      past_key_values=None, use_cache=False)
+            h = layer(h, attention_mask=mask, position_embeddings=pos, position_ids=position_ids, use_cache=False)
         return model.lm_head(inner.norm(h))
 
 

@@ -377,7 +377,10 @@ class LlambaDecoderLayer(GradientCheckpointingLayer):
     def forward(self, hidden_states: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
                 position_ids: Optional[torch.LongTensor] = None, past_key_values: Any = None,
                 use_cache: Optional[bool] = False, cache_position: Optional[torch.LongTensor] = None,
-                position_embeddings: Optional[tuple[torch.Tensor, torch.Tensor]] = None, **kwargs) -> torch.Tensor:
+                position_embeddings: Optional[tuple[torch.Tensor, torch.Tensor]] = None, cache: Any = None,
+                **kwargs) -> torch.Tensor:
+        if cache is not None:  # transformers >= 5.24 passes the cache as `cache`
+            past_key_values = cache
         # The mixer is causal by construction and position-free: attention_mask, positions and RoPE are not used
         # (a padded batch is not masked here, as in the original).
         state = mamba_state(past_key_values, self.mixer.layer_idx) if past_key_values is not None else None

@@ -42,7 +42,9 @@ class RemovedAttention(nn.Module):
         super().__init__()
         self.layer_idx, self.head_dim = layer_idx, head_dim
 
-    def forward(self, hidden_states, position_embeddings=None, attention_mask=None, past_key_values=None, **kwargs):
+    def forward(self, hidden_states, position_embeddings=None, attention_mask=None, past_key_values=None, cache=None,
+                **kwargs):
+        past_key_values = cache if cache is not None else past_key_values  # `cache` from transformers 5.24
         if past_key_values is not None:
             b, t = hidden_states.shape[:2]
             empty = hidden_states.new_zeros(b, 0, t, self.head_dim)

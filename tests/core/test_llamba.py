@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from core.checkpoint import save_checkpoint
 from core.errors import LoadError
-from core.llama import Geometry, count_params, layer_types_of, params_from_config
+from core.llama import Geometry, cache_kwarg, count_params, layer_types_of, output_cache, params_from_config
 from core.llamba import hybrid_config_from_llamba, is_llamba_config, llamba_key_to_hybrid
 from core.modeling.hybrid import DiscreteMamba2, HybridForCausalLM, LlambaDecoderLayer, MambaCacheLayer
 from core.models import ModelRef, build_tiny, load_model, model_config, model_depth
@@ -239,11 +239,11 @@ def test_incremental_logits_equal_full_forward(types):
     with torch.no_grad():
         full = model(ids).logits
         out = model(ids[:, :5], use_cache=True)  # prefill, then steps
-        pieces, past = [out.logits], out.past_key_values
+        pieces, past = [out.logits], output_cache(out)
         for t in range(5, 12):
-            out = model(ids[:, t:t + 1], past_key_values=past, use_cache=True)
+            out = model(ids[:, t:t + 1], use_cache=True, **{cache_kwarg(): past})
             pieces.append(out.logits)
-            past = out.past_key_values
+            past = output_cache(out)
     assert past.get_seq_length() == 12
     torch.testing.assert_close(torch.cat(pieces, 1), full, rtol=1e-4, atol=1e-4)
 
