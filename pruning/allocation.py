@@ -15,9 +15,10 @@ standardised WIFV scores come from the variant pass, on the uniformly pruned pre
 projected onto the levels (the nearest level per layer, then the sum repaired one level at a time on the layers
 that wanted most to move that way): depth's 0.5x .. 1.5x falls on the grid, FLAP's extremes are cut to its range.
 ``sensitivity`` (:func:`separable_allocation`) measures each layer alone one level down and one level up from the
-centre (``2 n + 1`` evaluations at the middle fidelity, counted in ``search_budget``), fits each layer a convex
-quadratic cost and spends the budget where the sum of those costs is least (a dynamic programme over the levels):
-the best allocation if the layers' damages simply added up. They are the search's initial candidates: each is
+centre (``2 n + 1`` evaluations at the highest fidelity below the full one, paid from ``search_budget``; left
+out when the budget cannot pay them and the starts), fits each layer a convex quadratic cost and spends the budget
+where the sum of those costs is least (a dynamic programme over the levels): the best allocation if the layers'
+damages simply added up. They are the search's initial candidates: each is
 scored at the full fidelity, and the result is never worse than the best of them (``details["search"]`` has their
 fitness, the best one's, the gain over it, and the probes).
 
