@@ -8,6 +8,7 @@ answer from a config dict before any weight is loaded.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Mapping
 
@@ -22,9 +23,10 @@ def head_dim(config: Any) -> int:
     return int(hd) if hd else int(get("hidden_size")) // int(get("num_attention_heads"))
 
 
+@functools.cache
 def cache_kwarg() -> str:
     """The keyword under which transformers hands models, layers and masks the KV cache: ``cache`` from 5.24
-    (``past_key_values`` is deprecated there), ``past_key_values`` before."""
+    (``past_key_values`` is deprecated there), ``past_key_values`` before. Read once per process."""
     import inspect
 
     from transformers.models.llama.modeling_llama import LlamaModel

@@ -379,8 +379,7 @@ class LlambaDecoderLayer(GradientCheckpointingLayer):
                 use_cache: Optional[bool] = False, cache_position: Optional[torch.LongTensor] = None,
                 position_embeddings: Optional[tuple[torch.Tensor, torch.Tensor]] = None, cache: Any = None,
                 **kwargs) -> torch.Tensor:
-        if cache is not None:  # transformers >= 5.24 passes the cache as `cache`
-            past_key_values = cache
+        past_key_values = cache if cache is not None else past_key_values  # `cache` from transformers 5.24
         # The mixer is causal by construction and position-free: attention_mask, positions and RoPE are not used
         # (a padded batch is not masked here, as in the original).
         state = mamba_state(past_key_values, self.mixer.layer_idx) if past_key_values is not None else None
