@@ -1,6 +1,6 @@
 """Batch analysis of a folder of compressed models (replaces the seed's batch_model_analysis.py).
 
-Each entry of ``models_dir`` (a subdir or a weight file) is detected (``core.legacy.detect_format``),
+Each entry of ``models_dir`` (a subdir or a weight file) is detected (``core.models.legacy.detect_format``),
 analysed one at a time (structure from safetensors headers where possible, freed before the next),
 compared with the base, and written to ``<model>/analysis/`` or, when that is not writable or already
 holds an analysis (nothing is overwritten), to ``<run_dir>/analysis/<name>/``. A failing model is recorded and the batch goes on.
@@ -16,10 +16,12 @@ import traceback
 from pathlib import Path
 from typing import Any, Optional
 
+import pandas as pd
+
 from analysis.report import write_analysis
 from analysis.structure import ModelStructure, structure_of
-from core.io import atomic_write_json
-from core.legacy import FormatInfo, detect_format
+from core.models.legacy import FormatInfo, detect_format
+from core.run.io import atomic_write_json
 
 log = logging.getLogger(__name__)
 
@@ -130,8 +132,6 @@ def batch_analyze(models_dir: str | Path, base: Optional[ModelStructure], run_di
     atomic_write_json(run_dir / "batch_analysis_results.json", batch)
     atomic_write_json(run_dir / "models_summary.json", models_summary)
     if ctx is not None:
-        import pandas as pd
-
         ctx.log("batch_analyze", {"counts": counts, "models_dir": str(models_dir)})
         ctx.log_table("batch/models", pd.DataFrame(
             [{"name": r["name"], "format": r["format"], "status": r["status"],

@@ -5,7 +5,7 @@
 
 Building and printing need no network and no login; ``--save`` needs ``wandb login`` and the runs synced
 (``wandb sync <sweep dir>/*/wandb/offline-run-*``). The runs are those of one W&B group (a sweep's, see
-``core.wandb_view.sweep_group``; none: every run of the project), grouped by ``method`` so that every panel colours
+``core.run.wandb_view.sweep_group``; none: every run of the project), grouped by ``method`` so that every panel colours
 runs by method (W&B gives the runs of a group one colour). Sections:
 
 - Pareto: ``ppl/pruned`` (log scale) and ``zeroshot/avg`` against ``params/kept_frac``, one point per run;
@@ -14,7 +14,7 @@ runs by method (W&B gives the runs of a group one colour). Sections:
 - Results: the ``eval/results`` table (per lm-eval task) beside the runs table, whose pinned columns are
   method, ratio, layer range, perplexity (pruned, base), parameters kept and zero-shot average.
 
-Every key is a name ``core.record`` emits (``SUMMARY_NAMES``, ``per_layer_key``, ``EVAL_TABLE``); the tests fail
+Every key is a name ``core.run.record`` emits (``SUMMARY_NAMES``, ``per_layer_key``, ``EVAL_TABLE``); the tests fail
 if they drift apart. No report (``wandb_workspaces.reports.v2``) is built: its runsets look the project up on
 the server even to be printed, so it could not be checked offline; the saved view can be shared as it is.
 """
@@ -26,7 +26,7 @@ import json
 import sys
 from typing import Any, Optional
 
-from core.wandb_view import EVAL_TABLE, per_layer_key
+from core.run.wandb_view import EVAL_TABLE, per_layer_key
 
 PARETO_X = "params/kept_frac"
 PARETO_Y = ("ppl/pruned", "zeroshot/avg")
@@ -35,13 +35,13 @@ LAYER_X = per_layer_key(LAYER_TABLE, "layer_idx")
 LAYER_Y = per_layer_key(LAYER_TABLE, "sparsity")
 MODULE_TABLE = "analysis/layers"  # analysis/report.py: layers.csv, one row per layer x module
 SPARSITY_IMAGE = "analysis/sparsity"  # analysis/report.py: sparsity.png
-GROUP_BY = "method"  # a config key every run has (core.wandb_view.derived_config)
+GROUP_BY = "method"  # a config key every run has (core.run.wandb_view.derived_config)
 CONFIG_COLUMNS = ("method", "ratio", "layer_range")
 SUMMARY_COLUMNS = ("ppl/pruned", "ppl/base", "params/kept_frac", "zeroshot/avg")
 
 
 def summary_keys() -> list[str]:
-    """Every summary key the view reads (each one of ``core.wandb_view.SUMMARY_NAMES``)."""
+    """Every summary key the view reads (each one of ``core.run.wandb_view.SUMMARY_NAMES``)."""
     return sorted({PARETO_X, *PARETO_Y, *SUMMARY_COLUMNS})
 
 
@@ -61,7 +61,7 @@ def _pinned_columns() -> list[str]:
 
 def _sections() -> list[tuple[str, list[Any]]]:
     """(section title, panels) of the workspace."""
-    import wandb_workspaces.reports.v2 as wr
+    import wandb_workspaces.reports.v2 as wr  # slow, only to build the view; main() reports it missing
 
     pareto = [wr.ScatterPlot(title=f"{y} vs {PARETO_X}", x=wr.SummaryMetric(PARETO_X), y=wr.SummaryMetric(y),
                              log_y=y.startswith("ppl/") or None)
@@ -77,14 +77,14 @@ def _sections() -> list[tuple[str, list[Any]]]:
 
 
 def _group_filter(group: Optional[str]) -> list[Any]:
-    from wandb_workspaces import expr
+    from wandb_workspaces import expr  # only to build the view; main() reports it missing
 
     return [expr.Metric("Group") == group] if group else []
 
 
 def build_workspace(entity: str, project: str, group: Optional[str] = None, name: Optional[str] = None) -> Any:
     """The workspace view (``wandb_workspaces.workspaces.Workspace``); nothing is sent until ``.save()``."""
-    import wandb_workspaces.workspaces as ws
+    import wandb_workspaces.workspaces as ws  # slow, only to build the view; main() reports it missing
     from wandb_workspaces import expr
 
     return ws.Workspace(

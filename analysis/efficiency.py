@@ -17,9 +17,10 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
+import psutil
 import torch
 
-from core.llama import cache_kwarg, output_cache, unique_parameters
+from core.models.llama import cache_kwarg, output_cache, unique_parameters
 
 
 def size_stats(model: torch.nn.Module, checkpoint_dir: Optional[str | Path] = None) -> dict[str, Any]:
@@ -52,8 +53,6 @@ class _PeakMemory:
             self._base = torch.cuda.memory_allocated(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
         else:
-            import psutil
-
             self._proc = psutil.Process()
             self._base = self._proc.memory_info().rss
             self._thread = threading.Thread(target=self._poll, daemon=True)

@@ -7,7 +7,9 @@ from typing import Optional
 
 import torch
 
+from analysis.efficiency import measure_efficiency
 from analysis.generation import generate_sample
+from analysis.lm_eval_tasks import run_lm_eval
 from analysis.perplexity import perplexity
 
 log = logging.getLogger(__name__)
@@ -28,14 +30,10 @@ def evaluate_model(model: torch.nn.Module, tokenizer, eval_cfg: dict, *, cache_d
         out["generation"] = generate_sample(model, tokenizer, gen["prompt"], gen["max_new_tokens"])
         log.info("generation: %r -> %r", gen["prompt"], out["generation"]["output"])
     if eval_cfg.get("tasks"):  # lm-eval tasks (analysis/lm_eval_tasks.py): tasks, mmlu, task_average, lm_eval
-        from analysis.lm_eval_tasks import run_lm_eval
-
         out.update(run_lm_eval(model, tokenizer, list(eval_cfg["tasks"]), limit=eval_cfg.get("limit"),
                                num_fewshot=eval_cfg.get("num_fewshot"), batch_size=eval_cfg.get("batch_size", 8),
                                max_length=eval_cfg.get("max_length", 2048), progress=progress))
     eff = eval_cfg.get("efficiency") or {}
     if eff.get("enabled"):
-        from analysis.efficiency import measure_efficiency
-
         out["efficiency"] = measure_efficiency(model, **{k: v for k, v in eff.items() if k != "enabled"})
     return out

@@ -25,9 +25,9 @@ from typing import Any, Iterable, Optional
 import pandas as pd
 
 from analysis.results_table import collect, find_metrics, read_record, split_completed
-from core.errors import DataError
-from core.io import atomic_write_text
-from core.record import run_status
+from core.run.errors import DataError
+from core.run.io import atomic_write_text
+from core.run.record import run_status
 
 log = logging.getLogger(__name__)
 
@@ -271,7 +271,7 @@ def write_report(runs: list[str | Path], out: Path, *, title: Optional[str] = No
                  exclude: Iterable[str | Path] = (), max_embed_bytes: int = MAX_EMBED_BYTES) -> Path:
     """Write the HTML report of every run under ``runs`` (sweep dirs, folders of runs, run dirs) to ``out``
     (atomically) and return its path. ``exclude``: run dirs to leave out (the report run's own). Raises
-    :class:`core.errors.DataError` when there is no run record at all."""
+    :class:`core.run.errors.DataError` when there is no run record at all."""
     sources = [Path(r).expanduser() for r in runs]
     roots = [(p if p.is_dir() else p.parent).resolve() for p in sources]
     records = _records(sources, {Path(e).resolve() for e in exclude})

@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
-from core.errors import ConfigError
+from core.run.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -100,7 +100,7 @@ def _unknown_message(missing: list[str], local: set[str]) -> str:
 
 def _task_manager(names: list[str]):
     """TaskManager over prunelab's dir only; lm-eval's registry too when a name is not ours."""
-    from lm_eval.tasks import TaskManager
+    from lm_eval.tasks import TaskManager  # lm_eval: seconds; this module is read at config validation
 
     local = set(local_task_names())
     unknown = [n for n in names if n not in local]
@@ -150,7 +150,7 @@ def task_errors(tasks: list[str], limit: Any) -> list[str]:
 
 
 def _counting_lm_class():
-    from lm_eval.models.huggingface import HFLM
+    from lm_eval.models.huggingface import HFLM  # lm_eval + torch: seconds, and read at config validation
 
     class CountingHFLM(HFLM):
         """HFLM that counts loglikelihood requests and non-finite scores per task (NaN -> failed)."""
@@ -207,7 +207,7 @@ def run_lm_eval(
     parsed = parse_task_specs(tasks, num_fewshot)
     if not parsed:
         return {}
-    from lm_eval import evaluator
+    from lm_eval import evaluator  # lm_eval: seconds; this module is read at config validation
 
     tm = _task_manager([n for n, _ in parsed])
     lm = make_lm(model, tokenizer, max_length=max_length, batch_size=batch_size)
@@ -327,7 +327,7 @@ def rolling_nll(lm: Any, windows: list[list[int]]) -> tuple[float, int]:
     ``HFLM.loglikelihood_rolling`` does for a string; taking the tokens directly (not a
     string) makes it comparable with a perplexity loop on the same ids.
     """
-    from lm_eval import utils as lm_utils
+    from lm_eval import utils as lm_utils  # lm_eval: seconds; this module is read at config validation
 
     reqs = []
     for w in windows:
@@ -339,7 +339,7 @@ def rolling_nll(lm: Any, windows: list[list[int]]) -> tuple[float, int]:
 
 def results_frame(result: dict, model_label: str = "model"):
     """One row per task (and MMLU category/average): for ``RunContext.log_table`` and CSVs."""
-    import pandas as pd
+    import pandas as pd  # not at config validation, which reads this module
 
     rows = []
     for name, e in result.get("tasks", {}).items():

@@ -6,6 +6,7 @@ import math
 
 import torch
 import torch.nn.functional as F
+from tqdm.auto import tqdm
 
 
 @torch.no_grad()
@@ -16,8 +17,6 @@ def perplexity(model: torch.nn.Module, tokens: torch.Tensor, seq_len: int, batch
     Returns ``{"value", "nll", "seq_len", "windows", "tokens", "source", "status"}``; a non-finite
     result is reported with ``status: "failed"`` and ``value: None``, never as a number.
     """
-    from tqdm.auto import tqdm
-
     device = next(model.parameters()).device
     n_win = tokens.shape[1] // seq_len
     if n_win == 0:

@@ -18,7 +18,7 @@ from analysis.compare import ArchitectureMismatch, compare
 from analysis.plots import module_heatmap, sparsity_bars
 from analysis.size import compare_sizes, size_report
 from analysis.structure import ModelStructure
-from core.io import atomic_write_json, atomic_write_text
+from core.run.io import atomic_write_json, atomic_write_text
 
 log = logging.getLogger(__name__)
 

@@ -6,12 +6,12 @@ run gives its model. ``ratio`` and ``unit`` come from the record's ``compression
 in which unit: a group ratio never sorts together with a sparsity). The base model rows come first, then the compressed models sorted by
 method, ratio and layer ranges. Missing keys are empty cells, never errors.
 
-Only ``completed`` runs give results. Every other run (``core.record.run_status``: failed, killed, interrupted,
+Only ``completed`` runs give results. Every other run (``core.run.record.run_status``: failed, killed, interrupted,
 ``dead`` for a ``running`` record whose process is gone, or still ``running``) gets exactly one row after all
 results: what it was (model, method, ratio, layers), its honest status and the first line of its error, never a
 number (its model was never saved). The Markdown lists them under their own heading, the CSV with ``status``
 filled, the LaTeX table (meant for a paper) leaves them out and says so in a comment. :func:`remove_orphans`
-deletes the unfinished checkpoint dirs (``.<name>.partial-*``, see ``core.io.atomic_dir``) of runs that ended.
+deletes the unfinished checkpoint dirs (``.<name>.partial-*``, see ``core.run.io.atomic_dir``) of runs that ended.
 """
 
 from __future__ import annotations
@@ -28,7 +28,8 @@ from typing import Any, Iterable, Mapping, Optional
 import pandas as pd
 
 from analysis.lm_eval_tasks import HEADLINE_METRIC
-from core.record import run_status
+from core.run.io import atomic_write_text
+from core.run.record import run_status
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +39,7 @@ INCOMPLETE_HEADING = "## Runs that did not complete"
 # statuses whose process has ended without finishing: nothing will ever complete their partial dirs
 ENDED_STATUSES = ("dead", "killed", "interrupted", "failed")
 ORPHAN_GRACE_S = 3600.0  # another host's run: partial dirs removed only once its heartbeat is this old
-PARTIAL_GLOB = ".*.partial-*"  # core.io.atomic_dir's temp dirs, beside their target in the run dir
+PARTIAL_GLOB = ".*.partial-*"  # core.run.io.atomic_dir's temp dirs, beside their target in the run dir
 
 
 def find_metrics(paths: Iterable[str | Path]) -> list[Path]:
@@ -169,6 +170,8 @@ def incomplete_row(m: dict, source: str, status: Optional[str] = None, note: Opt
     notes = []
     if status == "dead" and m.get("heartbeat"):
         notes.append(f"last heartbeat {m['heartbeat']}")
+    if status == "dry_run":
+        notes.append("dry_run=true: a plan only, nothing was loaded (its plan is in metrics.json)")
     if note:
         notes.append(note)
     return {"run": source, "status": status, "task": m.get("task"), "model": _model_name(m, cfg),
@@ -327,8 +330,6 @@ def write_tables(df: pd.DataFrame, out_dir: str | Path, stem: str = "results") -
 
     The CSV holds every row (``status`` tells results from the rest); the Markdown shows the results, then the
     runs that did not complete under :data:`INCOMPLETE_HEADING`; the LaTeX holds the results only."""
-    from core.io import atomic_write_text
-
     out_dir = Path(out_dir)
     done, incomplete = split_completed(df)
     if len(incomplete):  # their empty cells made integer columns (params) floats: the results keep their integers

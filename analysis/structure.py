@@ -4,7 +4,7 @@ Everything is computed from a ``name -> TensorInfo(shape, dtype[, nonzero])`` ma
 optional config dict, so a safetensors checkpoint is analysed from its JSON header without
 reading a single weight. Sources accepted by :func:`structure_of`: an ``nn.Module``, a state
 dict, a ``name -> (shape, dtype)`` mapping, or a path (prunelab / HF dir, bare safetensors,
-legacy pickles through ``core.legacy``). Non-zero counts (unstructured sparsity) are optional
+legacy pickles through ``core.models.legacy``). Non-zero counts (unstructured sparsity) are optional
 and streamed one tensor at a time.
 
 Llama naming (other decoder-only models with ``layers.N.`` / ``h.N.`` / ``blocks.N.`` work too):
@@ -26,9 +26,9 @@ from typing import Any, Iterator, Mapping, Optional
 
 import torch
 
-from core.errors import LoadError
-from core.legacy import detect_format, load_legacy
-from core.llama import head_dim
+from core.models.legacy import detect_format, load_legacy
+from core.models.llama import head_dim
+from core.run.errors import LoadError
 
 # safetensors dtype codes -> (torch-style name, bytes per element)
 ST_DTYPES = {
@@ -257,7 +257,7 @@ def _classify(rest: str) -> tuple[str, str]:
 
 
 def _head_dim(config: dict) -> Optional[int]:
-    """``core.llama.head_dim``, or None for a config without the keys (structure is still read from shapes)."""
+    """``core.models.llama.head_dim``, or None for a config without the keys (structure is still read from shapes)."""
     try:
         return head_dim(config)
     except (KeyError, TypeError, ValueError, ZeroDivisionError):

@@ -79,8 +79,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional, Protocol, Sequence
 
-from core.errors import UserError
-from core.io import atomic_write_text
+from core.run.errors import UserError
+from core.run.io import atomic_write_text
 
 Candidate = tuple[int, ...]
 Fidelity = Optional[float]  # None: the only (full) level

@@ -27,7 +27,7 @@ from typing import Any, Iterator, Optional
 import torch
 from torch import nn
 
-from core.llama import count_params, decoder_layers, head_dim
+from core.models.llama import count_params, decoder_layers, head_dim
 from export.decilm_files.configuration_decilm import DeciLMConfig, ffn_mult_to_intermediate_size
 from export.hf import DirReport, base_config, top_weights, write_model_dir
 from export.layout import ExportError, LayerShape, check_expressible, head_padding, layer_shapes, pad_layer, round_up

@@ -21,9 +21,10 @@ from typing import Any, Callable, Iterable, Iterator, Optional
 import torch
 from safetensors.torch import save_file
 from torch import nn
+from transformers import LlamaConfig
 
-from core.io import atomic_dir, atomic_write_json
-from core.llama import count_params, decoder_layers, head_dim
+from core.models.llama import count_params, decoder_layers, head_dim
+from core.run.io import atomic_dir, atomic_write_json
 from export.layout import ExportError, check_expressible, head_padding, layer_shapes, pad_layer
 
 SHARD_BYTES = 5 * 1024**3
@@ -122,8 +123,6 @@ def write_model_dir(out: Path, tensors: Iterable[tuple[str, torch.Tensor]], conf
 def write_hf(model: nn.Module, tokenizer: Any, out: str | Path, *, dtype: Optional[torch.dtype] = None,
              info: Optional[dict] = None) -> DirReport:
     """Write ``model`` as a stock Llama directory at ``out`` (refused first if it cannot be one)."""
-    from transformers import LlamaConfig
-
     check_expressible(model, "hf")
     out = Path(out)
     dtype = dtype or next(model.parameters()).dtype

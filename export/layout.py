@@ -18,8 +18,8 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-from core.errors import UserError
-from core.llama import Geometry, decoder_layers, head_dim, layer_types_of
+from core.models.llama import Geometry, decoder_layers, head_dim, layer_types_of
+from core.run.errors import UserError
 
 FORMAT_NAMES = {"gguf": "GGUF (llama.cpp)", "decilm": "the DeciLM layout (vLLM)", "hf": "a stock transformers Llama"}
 

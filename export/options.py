@@ -10,7 +10,7 @@ import importlib.util
 from dataclasses import dataclass
 from typing import ClassVar, Optional
 
-from core.errors import ConfigError
+from core.run.errors import ConfigError
 
 # Written by export.to_gguf itself (numpy / gguf-py): its OUT_TYPES. Named here so that checking a config
 # imports neither torch nor gguf.

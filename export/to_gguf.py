@@ -36,7 +36,7 @@ from gguf import (GGML_QUANT_SIZES, GGML_QUANT_VERSION, GGMLQuantizationType, GG
 from gguf.quants import quant_shape_to_byte_shape, quantize
 from torch import nn
 
-from core.llama import decoder_layers, head_dim
+from core.models.llama import decoder_layers, head_dim
 from export.layout import ExportError, LayerShape, check_expressible, layer_shapes, round_up, rope_settings
 from export.tokenizer import GGUFTokenizer
 

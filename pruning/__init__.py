@@ -2,16 +2,16 @@
 
 A pruner's option file ``conf/pruner/<name>.yaml`` names its class with ``_target_``; its fields are the
 option's keys, bound by ``hydra.utils.instantiate`` before any weight loads (an unknown key is a
-``TypeError`` there, a bad value a :class:`~core.errors.ConfigError` from ``__post_init__``). The package
+``TypeError`` there, a bad value a :class:`~core.run.errors.ConfigError` from ``__post_init__``). The package
 takes plain arguments only (a model, a token tensor) and imports ``core``, never a sibling package.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Optional, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, ClassVar, Optional, Protocol, runtime_checkable
 
-from core.errors import UserError
+from core.run.errors import UserError
 
 if TYPE_CHECKING:  # a pruner's options bind (config validation) without importing torch
     import torch
@@ -28,8 +28,8 @@ class PruneResult:
 
     params_before: int
     params_after: int
-    # What was compressed in which unit, e.g. {"unit": "group_ratio", "amount": 0.25}: the results table
-    # never compares a group ratio with a sparsity.
+    # What was compressed in which unit, e.g. {"unit": "groups", "amount": 0.25}: the unit is the pruner's
+    # ratio_target (a key of its RATIO), so the results table never compares a group ratio with a sparsity.
     compression: dict[str, Any]
     ranges: dict[str, list[int]] = field(default_factory=dict)  # {"attention": [start, end), "mlp": [...]}
     layers: list[dict] = field(default_factory=list)  # per-layer widths before/after
@@ -46,7 +46,12 @@ class PruneResult:
 class Pruner(Protocol):
     """The interface every ``conf/pruner/*.yaml`` target implements."""
 
+    # What `ratio` means, per `ratio_target` unit: {unit: one line}, the first the default (docs/options.md's
+    # table is generated from these). A pruner resolves ratio_target None to its default while it is built, and
+    # refuses a unit it cannot honour with these options (pruning.options.resolve_ratio_target).
+    RATIO: ClassVar[dict[str, str]]
     name: str  # the method's label in records and tables
+    ratio_target: str  # the unit `ratio` is read in, resolved: what the record says
 
     @property
     def needs_calibration(self) -> bool: ...

@@ -15,7 +15,9 @@ from contextlib import contextmanager
 from typing import Callable, Iterator, Mapping
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+from tqdm.auto import tqdm
 from transformers.activations import SiLUActivation
 
 
@@ -74,8 +76,6 @@ def lm_loss_backward(model: nn.Module, ids: torch.Tensor, scale: float = 1.0) ->
     ``[tokens, vocab]`` fp32 logits and their gradient never exist all at once (10 x 64 tokens of a
     49k-token vocabulary: 126 MB each).
     """
-    import torch.nn.functional as F
-
     hidden = model.model(input_ids=ids, use_cache=False).last_hidden_state[:, :-1]
     if not hidden.requires_grad:
         return
@@ -96,8 +96,6 @@ def gradient_passes(model: nn.Module, batch: torch.Tensor, weights: list[nn.Para
 
     Each weight's gradient is handed over by a post-accumulate hook and freed at once.
     """
-    from tqdm.auto import tqdm
-
     device = next(model.parameters()).device
     flags = [p.requires_grad for p in model.parameters()]
     for p in model.parameters():

@@ -33,14 +33,19 @@ mean_t x[removed]``, is added as a bias of ``o_proj`` / ``down_proj`` (created w
 checkpoint records ``o_proj_bias`` / ``down_proj_bias`` per layer and plain transformers loads it), so each pruned
 sub-block's output keeps its dense mean on the calibration tokens.
 
-Cost: one streamed pass (:class:`pruning.streaming.LayerStream`) through the layers up to the last one in
-range, every layer run once on the dense hidden states (FLAP scores the unpruned model: the dense outputs are
-carried forward), with per-channel mean and variance of the ``o_proj`` / ``down_proj`` inputs accumulated in
-float64 (Chan et al.'s pairwise update, over blocks of tokens). Memory: the model, the carried hidden states and
+Cost: one streamed pass (:func:`pruning.stats.collect`, over :class:`pruning.streaming.LayerStream`) through the
+layers up to the last one in range, every layer run once on the dense hidden states (FLAP scores the unpruned
+model: the dense outputs are carried forward), with per-channel mean and variance of the ``o_proj`` / ``down_proj``
+inputs accumulated in float64 (:class:`pruning.stats.Moments`: Chan et al.'s pairwise update, over blocks of
+tokens). Memory: the model, the carried hidden states and
 one layer's activations; the statistics are a few vectors per layer. No LM head, no gradients. Deviations from
 the reference: the variance is the plain sample variance over all calibration tokens (the reference's running
 update drops its first sample and aliases the old mean), and ``ratio`` counts this model's true parameters.
 Reference: github.com/CASIA-IVA-Lab/FLAP, ``lib/prune.py`` (``prune_flap``, ``compress``), ``lib/layerwrapper.py``.
+
+Imports: ``core`` (errors, Llama anatomy), ``pruning`` (its result and error), ``pruning.options``,
+``pruning.ranges``, ``pruning.stats`` (the scores, shared with pruning/obs/); ``pruning.streaming`` and
+``pruning.surgery`` inside the functions that need torch.
 """
 
 from __future__ import annotations
@@ -49,13 +54,14 @@ import logging
 import math
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Optional
+from typing import TYPE_CHECKING, Any, ClassVar, Optional
 
-from core.errors import ConfigError
-from core.llama import Geometry, count_params, decoder_layers, layer_configs
+from core.run.errors import ConfigError
+from core.models.llama import Geometry, count_params, decoder_layers, layer_configs
 from pruning import PruneError, PruneResult
-from pruning.options import as_range, range_order_errors, stream_option_errors
+from pruning.options import as_range, range_order_errors, resolve_ratio_target, stream_option_errors
 from pruning.ranges import resolve_range
+from pruning.stats import KINDS, collect, standardise
 
 if TYPE_CHECKING:
     import torch
@@ -66,8 +72,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 _CHOICES = {"metric": ("WIFV", "WIFN", "IFV"), "structure": ("AL-AM", "AL-MM", "UL-UM")}
-KINDS = ("attention", "mlp")
-_BLOCK_BYTES = 4 * 2**20  # float64 block of tokens in the moment accumulator (its only temporary)
 
 
 @dataclass(frozen=True)
@@ -75,10 +79,19 @@ class FLAP:
     """Remove the KV groups and MLP channels whose output fluctuates least; compensate their mean with a bias.
 
     ``ratio``: the share of the attention + MLP parameters inside the layer ranges that is removed (FLAP's
-    ``pruning_ratio``). Ranges are ``(start, end)``, end exclusive, negative counting from the last layer.
+    ``pruning_ratio``); with ``structure=UL-UM``, of each layer's KV groups and channels (:attr:`RATIO`).
+    Ranges are ``(start, end)``, end exclusive, negative counting from the last layer.
     """
 
+    RATIO: ClassVar[dict[str, str]] = {
+        "prunable_params": "share of the attention + MLP parameters inside the layer ranges removed (FLAP's "
+                           "pruning_ratio; structure=AL-MM: of each block type's own)",
+        "groups": "structure=UL-UM (the default unit there): share of the KV groups and of the MLP channels removed "
+                  "in every layer of the ranges (floor)",
+    }
+
     ratio: float = 0.2
+    ratio_target: Optional[str] = None  # prunable_params | groups (RATIO); None = the one `structure` implies
     name: str = "flap"
     metric: str = "WIFV"  # WIFV | WIFN | IFV
     structure: str = "AL-AM"  # AL-AM | AL-MM | UL-UM
@@ -90,6 +103,7 @@ class FLAP:
     batch_size: int = 8  # calibration samples per layer forward; 0 = all
     offload: bool = False  # keep the model on its device, move one layer at a time to `device`
     device: Optional[str] = None  # where layers run (e.g. "cuda"); None = where the model is
+    states: str = "auto"  # where the calibration hidden states live: auto | device | host | disk (docs/scale.md)
     seed: int = 0  # recorded only: FLAP is deterministic
 
     def __post_init__(self) -> None:
@@ -105,8 +119,13 @@ class FLAP:
             v = getattr(self, key)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 errors.append(f"pruner.{key}={v!r} must be an integer >= 1")
-        errors += stream_option_errors(self.batch_size, self.offload, self.device)
+        errors += stream_option_errors(self.batch_size, self.offload, self.device, self.states)
         errors += range_order_errors(attention=self.attention_layers, mlp=self.mlp_layers)
+        uniform = self.structure == "UL-UM"
+        errors += resolve_ratio_target(self, {"prunable_params": "structure=UL-UM removes the same share of every "
+                                              "layer's KV groups and channels (ratio_target=groups)"} if uniform else
+                                       {"groups": f"it needs structure=UL-UM; {self.structure} removes a share of the "
+                                                  "prunable parameters (ratio_target=prunable_params)"})
         if errors:
             raise ConfigError("; ".join(errors))
 
@@ -125,9 +144,45 @@ class FLAP:
     def check(self, depth: int) -> None:
         self.ranges(depth)
 
-    def __call__(self, model: nn.Module, calibration: Optional[torch.Tensor]) -> PruneResult:
-        import torch
+    def footprint(self, cfg: dict, tokens: int, dtype: str, device: str, *, seq_len: int = 128,
+                  free: Optional[tuple[Optional[int], Optional[int]]] = None) -> Any:
+        """Peak memory and work of this prune on a model of ``config.json`` ``cfg`` (torch-free; core/run/plan.py):
+        the layer stream (pruning/memory.py: weights, the carried hidden states (one copy, where ``states`` puts them), one layer's forward on a
+        micro-batch; the moments are a few vectors per layer), then one layer's surgery. One forward of every layer
+        up to the last one in range. The budget is checked here (:func:`check_budget`), before any weight loads."""
+        from core.run.plan import dtype_bytes, geometry, span
+        from pruning.memory import layer_weight_params, layers_up_to, stream
 
+        geo = geometry(cfg)
+        ranges = self.ranges(geo.depth)
+        check_budget(geo, ranges, float(self.ratio), self.structure, self.min_groups, self.min_channels)
+        p = stream(cfg, tokens=tokens, seq_len=seq_len, batch_size=self.batch_size, dtype=dtype, model_device=device,
+                   device=self.device, offload=self.offload, states=self.states, device_free=(free or (None,))[0],
+                   host_free=(free or (None, None))[1])
+        p.add(**{"one layer's surgery (new weights)":
+                 max(layer_weight_params(geo, l) for l in range(geo.depth)) * dtype_bytes(dtype, cfg)})
+        last = max((e - 1 for s, e in ranges.values() if e > s), default=-1) if self.ratio > 0 else -1
+        widths = None
+        if self.structure == "UL-UM":
+            cut = {k: {l: min(math.floor(float(self.ratio) * unit_costs(geo, k, l)[0] + 1e-9),
+                              unit_costs(geo, k, l)[0] - (self.min_groups if k == "attention" else self.min_channels))
+                       for l in range(*ranges[k])} for k in KINDS}
+            removes = [f"{sum(cut['attention'].values())} KV groups in layers {span(ranges['attention'])}, "
+                       f"{sum(cut['mlp'].values()):,} MLP channels in layers {span(ranges['mlp'])} (UL-UM: floor("
+                       f"{self.ratio} x each layer's units))"]
+            widths = [{"layer": l, "kv_heads": [geo.kv_heads[l], geo.kv_heads[l] - cut["attention"].get(l, 0)],
+                       "intermediate_size": [geo.widths[l], geo.widths[l] - cut["mlp"].get(l, 0)]}
+                      for l in range(geo.depth)]
+        else:
+            prunable = prunable_params(geo, ranges)
+            removes = [f"{self.ratio} of the {prunable:,} attention + MLP parameters in layers.attention "
+                       f"{span(ranges['attention'])} / layers.mlp {span(ranges['mlp'])} ({self.structure}: about "
+                       f"{int(self.ratio * prunable):,}); which KV groups and channels, and so the per-layer widths, "
+                       f"follow from the {self.metric} scores of the calibration pass"]
+        return p.footprint(layer_forwards=layers_up_to(last), tokens=int(tokens), removes=removes, widths=widths)
+
+    def __call__(self, model: nn.Module, calibration: Optional[torch.Tensor]) -> PruneResult:
+        # local: imports torch, and config validation imports this module
         from pruning.streaming import check_calibration, check_llama_layout, check_stream_device
 
         check_llama_layout(model, "flap")
@@ -146,7 +201,8 @@ class FLAP:
         try:
             t0 = time.perf_counter()
             scores, means = (collect(model, calibration, ranges, self.metric, batch_size=self.batch_size,
-                                     device=self.device, offload=self.offload, seconds=timings)
+                                     device=self.device, offload=self.offload, states=self.states,
+                                     seconds=timings)
                              if self.ratio > 0 else ({k: {} for k in KINDS}, {k: {} for k in KINDS}))
             timings["calibration_s"] = time.perf_counter() - t0
             t0 = time.perf_counter()
@@ -191,7 +247,8 @@ class FLAP:
                  removed / prunable if prunable else 0.0, self.ratio)
         return PruneResult(
             params_before=params_before, params_after=params_after,
-            compression={"unit": "params", "amount": 1.0 - params_after / params_before},
+            compression={"unit": self.ratio_target, "amount": float(self.ratio),
+                         "params_removed": 1.0 - params_after / params_before},
             ranges={k: list(v) for k, v in ranges.items()}, layers=per_layer, notes=notes,
             details={"metric": self.metric, "structure": self.structure, "bias_compensation": self.bias_compensation,
                      "ratio": float(self.ratio), "prunable_params": prunable, "removed_prunable_params": removed,
@@ -254,100 +311,7 @@ def check_budget(geo: Geometry, ranges: dict[str, tuple[int, int]], ratio: float
                          "can be removed; lower the ratio or the minimums")
 
 
-# --------------------------------------------------------------------------- statistics
-
-
-class _Moments:
-    """Per-channel count, mean and sum of squared deviations of ``[..., channels]`` inputs, in float64.
-
-    Blocks of tokens are merged with Chan et al.'s pairwise update, so no sum of squares of raw values is
-    ever formed (no cancellation) and the float64 copy is one block at a time.
-    """
-
-    def __init__(self) -> None:
-        self.n = 0
-        self.mean: Optional[torch.Tensor] = None
-        self.m2: Optional[torch.Tensor] = None
-
-    def add(self, x: torch.Tensor) -> None:
-        x = x.reshape(-1, x.shape[-1])
-        rows = max(1, _BLOCK_BYTES // (8 * x.shape[1]))
-        for s in range(0, x.shape[0], rows):
-            b = x[s:s + rows].double()
-            nb, mb = b.shape[0], b.mean(0)
-            m2b = b.sub_(mb).pow_(2).sum(0)
-            if self.n == 0:
-                self.n, self.mean, self.m2 = nb, mb, m2b
-                continue
-            n = self.n + nb
-            d = mb - self.mean
-            self.mean = self.mean + d * (nb / n)
-            self.m2 = self.m2 + m2b + d.pow(2) * (self.n * nb / n)
-            self.n = n
-
-    @property
-    def variance(self) -> torch.Tensor:
-        """Sample variance over tokens (``N - 1``, as the paper's fluctuation)."""
-        return self.m2 / max(self.n - 1, 1)
-
-    @property
-    def mean_square(self) -> torch.Tensor:
-        return self.m2 / self.n + self.mean.pow(2)
-
-
-def channel_scores(moments: _Moments, weight: torch.Tensor, metric: str) -> torch.Tensor:
-    """Score of each input channel of a projection ``weight`` ``[out, in]`` (float64 ``[in]``)."""
-    w = weight.detach().double()
-    if metric == "IFV":
-        return moments.variance
-    if metric == "WIFV":
-        return moments.variance * w.pow(2).sum(0)
-    return w.abs().mean(0) * moments.mean_square.sqrt()  # WIFN
-
-
-def collect(model: nn.Module, calibration: torch.Tensor, ranges: dict[str, tuple[int, int]], metric: str, *,
-            batch_size: int = 0, device: Optional[str] = None, offload: bool = False,
-            seconds: Optional[dict[str, float]] = None
-            ) -> tuple[dict[str, dict[int, torch.Tensor]], dict[str, dict[int, torch.Tensor]]]:
-    """One streamed pass over the dense model: per kind and layer in range, the channel scores (attention scores
-    squared, as the reference) and the mean input of ``o_proj`` / ``down_proj`` (float64, on the CPU)."""
-    from pruning.calibration import capture_inputs
-    from pruning.streaming import LayerStream
-
-    scores: dict[str, dict[int, torch.Tensor]] = {k: {} for k in KINDS}
-    means: dict[str, dict[int, torch.Tensor]] = {k: {} for k in KINDS}
-    last = max((e for s, e in ranges.values() if e > s), default=0)
-    if last == 0:
-        return scores, means
-    stream = LayerStream(model, calibration, batch_size=batch_size, device=device, offload=offload)
-    for i, layer in stream:
-        if i >= last:
-            break  # nothing in range beyond: the rest of the model is never run
-        watch = {}
-        if ranges["attention"][0] <= i < ranges["attention"][1]:
-            watch["attention"] = layer.self_attn.o_proj
-        if ranges["mlp"][0] <= i < ranges["mlp"][1]:
-            watch["mlp"] = layer.mlp.down_proj
-        moments = {k: _Moments() for k in watch}
-        with capture_inputs(watch, lambda k, x: moments[k].add(x)):
-            out = stream.forward()
-        stream.advance(out)  # the dense outputs: every layer is scored on the unpruned model's states
-        for k, m in moments.items():
-            s = channel_scores(m, watch[k].weight, metric)
-            scores[k][i] = (s.pow(2) if k == "attention" else s).cpu()
-            means[k][i] = m.mean.cpu()
-    if seconds is not None:
-        seconds.update({"embed_s": stream.seconds["embed"], "layers_s": stream.seconds["layers"]})
-    return scores, means
-
-
 # --------------------------------------------------------------------------- selection
-
-
-def standardise(s: torch.Tensor) -> torch.Tensor:
-    """``(s - mean) / std`` over one layer's channels (all zeros when they do not vary)."""
-    std = s.std() if s.numel() > 1 else s.new_zeros(())
-    return (s - s.mean()) / std if std > 0 else s.new_zeros(s.shape)
 
 
 def group_scores(z: torch.Tensor, kv_heads: int) -> torch.Tensor:
@@ -365,6 +329,7 @@ def allocate(z: dict[str, dict[int, torch.Tensor]], geo: Geometry, ranges: dict[
     to ``ratio`` of the pool's parameters is taken (the reference's ``argmin |cumsum - target|``). UL-UM takes
     ``floor(ratio * n)`` per layer and kind instead, as the reference does.
     """
+    # local: imports torch, and config validation imports this module
     import torch
 
     keep = {"attention": min_groups, "mlp": min_channels}
@@ -418,6 +383,7 @@ def _removed_mean(lin: nn.Linear, cols: torch.Tensor, mean: torch.Tensor) -> tor
 
 def _add_bias(lin: nn.Linear, extra: torch.Tensor) -> None:
     """``lin.bias += extra``, creating the bias where ``lin`` has none."""
+    # local: imports torch, and config validation imports this module
     from torch import nn
 
     extra = extra.to(device=lin.weight.device, dtype=lin.weight.dtype)
@@ -431,6 +397,7 @@ def cut(model: nn.Module, drop: dict[str, dict[int, list[int]]], means: dict[str
         geo: Geometry, bias_compensation: bool) -> dict[str, set[int]]:
     """Remove the chosen KV groups and channels; with compensation, add ``W[:, removed] @ mean[removed]`` to the
     output projection's bias first. Returns the layers that gained a bias, per kind."""
+    # local: imports torch, and config validation imports this module
     import torch
 
     from pruning.surgery import remove_channels, remove_kv_groups

@@ -19,7 +19,7 @@ with H the diagonal Fisher (mean over samples of the per-sample squared gradient
 
 Cost: one forward+backward over the calibration batch (param_second/mix: one per sample), streamed by
 :func:`pruning.calibration.gradient_passes` (each weight's gradient becomes per-row scores the moment it is
-ready). This module is importance and selection only: anatomy lives in ``core.llama``, the cuts in
+ready). This module is importance and selection only: anatomy lives in ``core.models.llama``, the cuts in
 ``pruning.surgery``.
 """
 
@@ -30,12 +30,12 @@ import logging
 import math
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Optional
+from typing import TYPE_CHECKING, Any, ClassVar, Optional
 
-from core.errors import ConfigError
-from core.llama import Geometry, count_params, decoder_layers, layer_configs
+from core.run.errors import ConfigError
+from core.models.llama import Geometry, count_params, decoder_layers, layer_configs
 from pruning import PruneError, PruneResult
-from pruning.options import as_range, range_order_errors
+from pruning.options import as_range, range_order_errors, resolve_ratio_target
 from pruning.ranges import resolve_range
 
 if TYPE_CHECKING:
@@ -49,18 +49,31 @@ log = logging.getLogger(__name__)
 
 IMPORTANCES = ("taylor", "l1", "l2", "random")
 TAYLOR_VARIANTS = ("vectorize", "param_first", "param_second", "param_mix")
+# footprint(): what the backward of one Taylor pass saves per token and decoder layer, in elements of the model's
+# dtype (sdpa attention, the lean SwiGLU MLP of pruning.calibration): the inputs of the norms, of q/k/v, o_proj and
+# gate/up, q and k around RoPE, q/k/v and the output of attention (10 x hidden, 3 x kv width), gate and up
+# (2 x intermediate); a half-precision model's norms keep float32 copies (TAYLOR_NORM_FLOAT32 x hidden).
+TAYLOR_SAVED_PER_TOKEN = {"hidden": 10, "kv": 3, "intermediate": 2}
+TAYLOR_NORM_FLOAT32 = 4
+TAYLOR_SCORE_TEMPS = 3  # float32 temporaries of one weight's per-row score (w, w * g, its abs)
 _CHOICES = {"importance": IMPORTANCES, "taylor": TAYLOR_VARIANTS, "group_reduction": ("sum", "mean", "max"),
-            "rounding": ("floor", "nearest", "ceil"), "ratio_target": ("groups", "params")}
+            "rounding": ("floor", "nearest", "ceil")}
 
 
 @dataclass(frozen=True)
 class LLMPruner:
     """Remove whole KV groups and MLP channels inside layer ranges, ranked by ``importance``.
 
-    ``ratio`` is LLM-Pruner's ``--pruning_ratio``: the share of KV groups / MLP channels removed in each
-    layer of the ranges (``ratio_target=params``: the share of *all* parameters, solved for a group ratio).
-    Ranges are ``(start, end)``, end exclusive, negative counting from the last layer, ``None`` = the end.
+    ``ratio`` is read as :attr:`RATIO` says for ``ratio_target``. Ranges are ``(start, end)``, end exclusive,
+    negative counting from the last layer, ``None`` = the end.
     """
+
+    RATIO: ClassVar[dict[str, str]] = {
+        "groups": "share of the KV groups and of the MLP channels removed in each layer of the ranges "
+                  "(LLM-Pruner's --pruning_ratio; pruner.attention_ratio / mlp_ratio override it per block type)",
+        "params": "share of ALL the model's parameters removed; the group ratio that reaches it is solved for "
+                  "(ratios fixed by pruner.attention_ratio / mlp_ratio stay fixed)",
+    }
 
     ratio: float = 0.25
     name: str = "taylor"
@@ -76,7 +89,7 @@ class LLMPruner:
     round_to: int = 1  # MLP width removed in multiples of this
     rounding: str = "floor"  # floor | nearest | ceil: whole KV groups / round_to channel multiples
     batch_size: int = 0  # calibration micro-batch; 0 = all samples in one pass
-    ratio_target: str = "groups"  # groups | params
+    ratio_target: Optional[str] = None  # a unit of RATIO; None = the first (groups)
     seed: int = 0
     progress: bool = True
 
@@ -93,8 +106,18 @@ class LLMPruner:
             if getattr(self, key) < low:
                 errors.append(f"pruner.{key}={getattr(self, key)} must be >= {low}")
         errors += range_order_errors(attention=self.attention_layers, mlp=self.mlp_layers)
+        errors += resolve_ratio_target(self)
+        errors += self._ignored()
         if errors:
             raise ConfigError("; ".join(errors))
+
+    def _ignored(self) -> list[str]:
+        """Options set away from their default where these settings would not read them. (``taylor`` is not
+        checked: like LLM-Pruner's ``--taylor`` it is carried by l1 / l2 / random, which never read it.)"""
+        if self.batch_size != 0 and not (self.importance == "taylor" and self.taylor in ("vectorize", "param_first")):
+            return [f"pruner.batch_size={self.batch_size} applies to taylor=vectorize | param_first only "
+                    "(param_second / param_mix take one sample per backward pass; l1, l2, random none)"]
+        return []
 
     @property
     def needs_calibration(self) -> bool:
@@ -114,6 +137,69 @@ class LLMPruner:
 
     def check(self, depth: int) -> None:
         self.resolved(depth)
+
+    def footprint(self, cfg: dict, tokens: int, dtype: str, device: str, *, seq_len: int = 128,
+                  free: Any = None) -> Any:
+        """Peak memory and work of this prune on a model of ``config.json`` ``cfg`` (torch-free; core/run/plan.py).
+
+        ``l1`` / ``l2`` / ``random``: the weights, one linear's float32 scores, one layer's surgery. ``taylor``: a
+        full forward + backward (pruning.calibration.gradient_passes) on the model's device: the weights, the
+        activations every layer saves for backward (:data:`TAYLOR_SAVED_PER_TOKEN` per token and layer) for one
+        pass (``param_second`` / ``param_mix``: one sample per pass; ``vectorize`` / ``param_first``:
+        ``batch_size`` samples, 0 = all), one weight's gradient at a time, and for ``param_mix`` the float32 mean
+        gradient and Fisher diagonal of every scored weight. Nothing is streamed: a model larger than one GPU
+        needs ``model.device_map=auto`` (accelerate spreads the layers, and their activations, over the GPUs)."""
+        from core.run.plan import (LOGITS_LIVE_TENSORS, Placement, accelerator, dtype_bytes, geometry, hidden_bytes,
+                                   model_bytes, model_params, span)
+
+        geo = geometry(cfg)
+        spec = self.resolved(geo.depth)
+        if self.ratio_target == "params":
+            spec = solve_params_ratio(geo, spec, float(self.ratio), model_params(cfg),
+                                      fixed_attention=self.attention_ratio is not None,
+                                      fixed_mlp=self.mlp_ratio is not None)
+        heads, chans, notes = plan_counts(geo, spec)
+        b = dtype_bytes(dtype, cfg)
+        largest = max(geo.hidden * max(geo.widths or (0,)), geo.hidden * max(geo.heads or (0,)) * geo.head_dim)
+        on_device = accelerator(device)
+        p = Placement({"weights": model_bytes(cfg, dtype)}, {}, on_device, device)
+        p.add(**{"one linear's float32 scores": TAYLOR_SCORE_TEMPS * 4 * largest})
+        layer_max = max((geo.group_params(l) * geo.kv_heads[l] + geo.channel_params() * geo.widths[l]
+                         for l in range(geo.depth)), default=0)
+        p.add(**{"one layer's surgery (new weights)": layer_max * b})
+        forwards = 0
+        samples = max(1, math.ceil(int(tokens) / max(1, int(seq_len)))) if tokens else 0
+        if self.importance == "taylor":
+            per_sample = self.taylor in ("param_second", "param_mix")
+            micro = 1 if per_sample else (self.batch_size if self.batch_size and self.batch_size < samples else samples)
+            t = micro * int(seq_len)
+            h, k, i = geo.hidden, max(geo.kv_heads or (0,)) * geo.head_dim, max(geo.widths or (0,))
+            saved = t * geo.depth * (TAYLOR_SAVED_PER_TOKEN["hidden"] * h + TAYLOR_SAVED_PER_TOKEN["kv"] * k
+                                     + TAYLOR_SAVED_PER_TOKEN["intermediate"] * i) * b
+            if b < 4:  # RMSNorm computes in float32: its saved input and output are float32 copies
+                saved += t * geo.depth * TAYLOR_NORM_FLOAT32 * h * (4 - b)
+            p.add(**{"activations saved for backward (all layers)": saved,
+                     "one weight's gradient": largest * b,
+                     "LM-head loss chunk": LOGITS_LIVE_TENSORS * 8 * 2**20 + 2 * hidden_bytes(t, cfg, dtype)})
+            if self.taylor == "param_mix":
+                scored = sum(4 * geo.group_params(l) * geo.kv_heads[l] for l in range(*spec.attention_layers)) \
+                    + sum(4 * geo.channel_params() * geo.widths[l] for l in range(*spec.mlp_layers))
+                p.add(**{"mean gradient + Fisher diagonal (float32)": 2 * scored})
+            passes = samples if per_sample else math.ceil(samples / max(1, micro))
+            forwards = 2 * geo.depth * passes * self.iterative_steps  # forward + backward
+            notes = notes + [
+                f"taylor needs a full backward pass: weights + the activations of all {geo.depth} layers for "
+                f"{micro} sample(s) x {seq_len} tokens + one gradient at a time, all on the model's device; spread a "
+                "model larger than one GPU with model.device_map=auto (accelerate), as users of LLM-Pruner do"]
+        removed_h, removed_c = sum(heads.values()), sum(chans.values())
+        removes = [f"{removed_h} KV groups in layers {span(spec.attention_layers)} (group ratio "
+                   f"{spec.attention_ratio:.4g}), {removed_c:,} MLP channels in layers {span(spec.mlp_layers)} "
+                   f"(group ratio {spec.mlp_ratio:.4g}), {self.importance}"
+                   + (f" ({self.taylor})" if self.importance == "taylor" else "")]
+        widths = [{"layer": l, "kv_heads": [geo.kv_heads[l], geo.kv_heads[l] - heads.get(l, 0)],
+                   "intermediate_size": [geo.widths[l], geo.widths[l] - chans.get(l, 0)]} for l in range(geo.depth)]
+        return p.footprint(layer_forwards=forwards, tokens=int(tokens) if self.needs_calibration else 0, notes=notes,
+                           removes=removes, widths=widths)
 
     def __call__(self, model: nn.Module, calibration: Optional[torch.Tensor]) -> PruneResult:
         spec = self.resolved(len(decoder_layers(model)))
@@ -249,6 +335,7 @@ def _row_scores(w: torch.Tensor, g: Optional[torch.Tensor], h: Optional[torch.Te
 def importance(model: nn.Module, batch: Optional[torch.Tensor], spec: LLMPruner, progress: bool = True
                ) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor]]:
     """Group scores: ``{layer: [kv_groups]}`` for attention and ``{layer: [width]}`` for MLP."""
+    # local: imports torch, and config validation imports this module
     import torch
 
     from pruning.calibration import gradient_passes
@@ -315,6 +402,7 @@ def importance(model: nn.Module, batch: Optional[torch.Tensor], spec: LLMPruner,
 def _select(scores: dict[int, torch.Tensor], counts: dict[int, int], global_ranking: bool, round_to: int,
             min_keep: int) -> dict[int, torch.Tensor]:
     """Indices to remove per layer: lowest scores per layer, or lowest across layers (global)."""
+    # local: imports torch, and config validation imports this module
     import torch
 
     if not global_ranking:
@@ -344,6 +432,7 @@ def _select(scores: dict[int, torch.Tensor], counts: dict[int, int], global_rank
 
 def prune(model: nn.Module, batch: Optional[torch.Tensor], spec: LLMPruner) -> PruneResult:
     """Prune ``model`` in place with a resolved ``spec`` (absolute ranges); ``batch``: ``[n, seq_len]`` ids."""
+    # local: imports torch, and config validation imports this module
     from pruning.surgery import remove_channels, remove_kv_groups
 
     progress = spec.progress
@@ -394,7 +483,7 @@ def prune(model: nn.Module, batch: Optional[torch.Tensor], spec: LLMPruner) -> P
     ranges = {"attention": list(spec.attention_layers), "mlp": list(spec.mlp_layers)}
     return PruneResult(
         params_before=params_before, params_after=params_after,
-        compression={"unit": "params" if spec.ratio_target == "params" else "group_ratio",
+        compression={"unit": spec.ratio_target,
                      "amount": float(spec.ratio), "attention_group_ratio": spec.attention_ratio,
                      "mlp_group_ratio": spec.mlp_ratio, "params_removed": 1.0 - params_after / params_before},
         ranges=ranges, layers=per_layer, notes=list(notes),

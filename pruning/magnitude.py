@@ -28,10 +28,10 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Optional
+from typing import TYPE_CHECKING, Any, ClassVar, Optional
 
-from core.errors import ConfigError
-from core.llama import Geometry, count_params
+from core.run.errors import ConfigError
+from core.models.llama import Geometry, count_params
 from pruning import PruneResult
 from pruning.options import as_range
 from pruning.sparsity import (TARGETS, Plan, apply_mask, check_nm_widths, count_of, count_zeros, global_threshold,
@@ -53,11 +53,17 @@ class Magnitude:
     """Zero the smallest ``|W|`` of the targeted linears (unstructured, N:M), or remove the KV groups and MLP
     channels of smallest weight norm (structured), inside the layer ranges.
 
-    ``ratio``: unstructured, the share of each targeted linear's weights zeroed (``scope=global``: of all of
-    them together); structured, the share of KV groups / MLP channels removed per layer; N:M, the pattern fixes
-    the sparsity at N/M and a ratio of 0 skips a block type. Ranges are ``(start, end)`` or ``{start, end}``,
-    end exclusive, negative counting from the last layer, ``None`` = the end.
+    ``ratio`` is read as :attr:`RATIO` says: ``sparsity`` for unstructured and N:M patterns, ``groups`` for
+    ``pattern=structured``. Ranges are ``(start, end)`` or ``{start, end}``, end exclusive, negative counting
+    from the last layer, ``None`` = the end.
     """
+
+    RATIO: ClassVar[dict[str, str]] = {
+        "sparsity": "share of each targeted linear's weights zeroed (scope=row: of each output row's; scope=global: "
+                    "of all targeted linears together); N:M: the pattern fixes it at N/M, and 0 skips a block type",
+        "groups": "pattern=structured (the default unit there): share of the KV groups / MLP channels removed in "
+                  "each layer of the ranges, rounded to whole units",
+    }
 
     ratio: float = 0.5
     name: str = "magnitude"
@@ -70,7 +76,7 @@ class Magnitude:
     mlp_layers: Any = (0, None)
     norm: str = "l2"  # structured: l1 | l2 over a unit's coupled weights
     rounding: str = "floor"  # structured: floor | nearest to whole KV groups / channels
-    ratio_target: str = "groups"  # only `groups` (the meaning above); `params` is the taylor pruner's
+    ratio_target: Optional[str] = None  # sparsity | groups (RATIO); None = the one `pattern` implies
     seed: int = 0  # recorded only: every choice is deterministic (ties go by position)
 
     def __post_init__(self) -> None:
@@ -80,6 +86,9 @@ class Magnitude:
         errors = option_errors(self, SCOPES)
         if self.norm not in NORMS:
             errors.append(f"pruner.norm={self.norm!r} is not one of {', '.join(NORMS)}")
+        elif self.norm != "l2" and self.ratio_target == "sparsity":  # resolved: the pattern is not structured
+            errors.append(f"pruner.norm={self.norm} applies to pattern=structured only (unstructured and N:M "
+                          "patterns score each weight by |W|)")
         if errors:
             raise ConfigError("; ".join(errors))
         object.__setattr__(self, "pattern", str(parse_pattern(self.pattern)))
@@ -91,7 +100,27 @@ class Magnitude:
     def check(self, depth: int) -> None:
         Plan.of(self, depth)
 
+    def footprint(self, cfg: dict, tokens: int, dtype: str, device: str, *, seq_len: int = 128,
+                  free: Any = None) -> Any:
+        """Peak memory of this prune on a model of ``config.json`` ``cfg`` (torch-free; core/run/plan.py): the
+        weights where the model is, one linear's float32 ``|W|`` and boolean mask (unstructured, N:M; a
+        half-precision ``|W|`` first), or one layer's surgery (structured). No calibration, no forward."""
+        from core.run.plan import Placement, accelerator, dtype_bytes, geometry, model_bytes
+        from pruning.memory import largest_linear, layer_weight_params, weight_level_summary
+
+        geo = geometry(cfg)
+        plan = Plan.of(self, geo.depth)
+        b = dtype_bytes(dtype, cfg)
+        p = Placement({"weights": model_bytes(cfg, dtype)}, {}, accelerator(device), device)
+        if plan.pattern.kind == "structured":
+            p.add(**{"one layer's surgery (new weights)": max(layer_weight_params(geo, l) for l in range(geo.depth)) * b})
+        else:
+            p.add(**{"one linear's |W| score and mask": largest_linear(geo) * (4 + 1 + (b if b < 4 else 0))})
+        removes, widths = weight_level_summary(plan, geo, self.rounding)
+        return p.footprint(removes=removes, widths=widths)
+
     def __call__(self, model: nn.Module, calibration: Optional[torch.Tensor] = None) -> PruneResult:
+        # local: imports torch, and config validation imports this module
         from pruning.streaming import check_llama_layout
 
         check_llama_layout(model, f"pruner={self.name}")
@@ -148,7 +177,8 @@ class Magnitude:
             if g or c:
                 removed[l] = remove_lowest(layer, group_norms(layer, geo0.head_dim, self.norm) if g else None,
                                            channel_norms(layer, self.norm) if c else None, g, c, geo0.head_dim)
-        params_after, compression, layers, details = structured_record(model, geo0, removed, params_before, plan)
+        params_after, compression, layers, details = structured_record(model, geo0, removed, params_before, plan,
+                                                                       self.ratio)
         return PruneResult(params_before=params_before, params_after=params_after, compression=compression,
                            ranges=plan.ranges, layers=layers,
                            details={**details, "score": f"{self.norm} norm of the coupled weights",

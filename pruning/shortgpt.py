@@ -17,7 +17,7 @@ all keep the config's widths saves as a stock Llama checkpoint.
 the residual stream entering it (attention: the layer input; MLP: the layer input plus the attention output),
 and removes the ``n`` lowest of the attention sub-blocks in ``attention_layers`` and the MLP sub-blocks in
 ``mlp_layers`` together: a removed sub-block becomes ``RemovedAttention`` / ``RemovedMLP``
-(``core.modeling.pruned_llama``, adding nothing to the residual), a layer losing both is removed entirely.
+(``core.models.modeling_pruned``, adding nothing to the residual), a layer losing both is removed entirely.
 
 How many: ``num_layers`` = exactly n units (layers; sub-blocks for ``sublayer``). ``num_layers=null`` reads
 ``ratio`` as the share of ALL the model's parameters to remove and takes the units in increasing BI until
@@ -32,9 +32,9 @@ whose last entry is after the final norm; here the last layer's raw output is us
 Scores come from one pass over the dense model, removal happens once (not iteratively), as in the paper.
 
 Cost: one forward of the decoder layers over the calibration tokens (no LM head), streamed one layer at a time
-by :class:`pruning.streaming.LayerStream`: memory is the model plus two copies of the calibration hidden
-states plus one micro-batch of one layer's activations (``batch_size``; ``offload`` + ``device`` run each layer
-on ``device`` while the model stays where it is). Cosines are taken in float32, their sums kept in float64.
+by :class:`pruning.streaming.LayerStream`: memory is the model plus one copy of the calibration hidden
+states (where ``states`` puts them) plus one micro-batch of one layer's activations (``batch_size``;
+``offload`` + ``device`` run each layer on ``device`` while the model stays where it is). Cosines are taken in float32, their sums kept in float64.
 """
 
 from __future__ import annotations
@@ -43,12 +43,12 @@ import logging
 import math
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Optional
+from typing import TYPE_CHECKING, Any, ClassVar, Optional
 
-from core.errors import ConfigError
-from core.llama import count_params, decoder_layers, head_dim, layer_configs
+from core.run.errors import ConfigError
+from core.models.llama import count_params, decoder_layers, head_dim, layer_configs
 from pruning import PruneError, PruneResult
-from pruning.options import as_range, range_order_errors, stream_option_errors
+from pruning.options import as_range, range_order_errors, resolve_ratio_target, stream_option_errors
 from pruning.ranges import resolve_range
 
 if TYPE_CHECKING:
@@ -69,10 +69,19 @@ class ShortGPT:
     """Remove the ``num_layers`` least influential layers (or sub-blocks), or the fewest reaching ``ratio`` of
     all parameters; candidates are the layers inside both ranges (``sublayer``: attention sub-blocks of
     ``attention_layers``, MLP sub-blocks of ``mlp_layers``). Ranges are ``(start, end)``, end exclusive,
-    negative counting from the last layer, ``None`` = the end."""
+    negative counting from the last layer, ``None`` = the end. ``ratio`` is read as :attr:`RATIO` says."""
+
+    RATIO: ClassVar[dict[str, str]] = {
+        "params": "share of ALL the model's parameters removed: the fewest least influential layers (sub-blocks) "
+                  "whose parameters reach it, so the count rounds up (pruner.num_layers=null)",
+        "layers": "unused: pruner.num_layers=n removes exactly n whole layers (the unit whenever num_layers is set)",
+        "sublayers": "unused: pruner.num_layers=n with granularity=sublayer removes exactly n attention / MLP "
+                     "sub-blocks",
+    }
 
     num_layers: Optional[int] = None  # None: remove `ratio` of all parameters
     ratio: float = 0.25
+    ratio_target: Optional[str] = None  # params | layers | sublayers (RATIO); None = the one num_layers implies
     name: str = "shortgpt"
     granularity: str = "layer"  # layer | sublayer
     attention_layers: Any = (0, None)  # (start, end) or {start, end}
@@ -80,7 +89,8 @@ class ShortGPT:
     seed: int = 0  # recorded only: ShortGPT draws nothing at random
     batch_size: int = 8  # calibration samples per layer forward; 0 = all at once
     offload: bool = False  # keep the model where it is, run each layer on `device`
-    device: Optional[str] = None  # where layers run and hidden states live (None: the model's device)
+    device: Optional[str] = None  # where layers run (None: the model's device)
+    states: str = "auto"  # where the calibration hidden states live: auto | device | host | disk (docs/scale.md)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "attention_layers", as_range(self.attention_layers))
@@ -98,8 +108,18 @@ class ShortGPT:
             what = "removes no layers" if float(self.ratio) <= 0 else "would remove every parameter"
             errors.append(f"ratio={self.ratio} with pruner.num_layers=null {what}: ratio is the share of all "
                           "parameters to remove, in (0, 1); or set pruner.num_layers=n")
-        errors += stream_option_errors(self.batch_size, self.offload, self.device)
+        errors += stream_option_errors(self.batch_size, self.offload, self.device, self.states)
         errors += range_order_errors(attention=self.attention_layers, mlp=self.mlp_layers)
+        count = "sublayers" if self.granularity == "sublayer" else "layers"
+        if n is None:
+            refused = {u: "it counts removed units: set pruner.num_layers=n (then `ratio` is unused)"
+                       for u in ("layers", "sublayers")}
+        else:
+            refused = {"params": f"pruner.num_layers={n} fixes how many units go, so `ratio` is unused; "
+                                 "pruner.num_layers=null removes `ratio` of all parameters",
+                       ("sublayers" if count == "layers" else "layers"):
+                           f"granularity={self.granularity} counts {count} (ratio_target={count})"}
+        errors += resolve_ratio_target(self, refused)
         if errors:
             raise ConfigError("; ".join(errors))
 
@@ -136,7 +156,38 @@ class ShortGPT:
             raise PruneError(f"pruner.num_layers={n} asks for more {what} than the layer ranges hold "
                              f"({len(units)} candidates); widen layers.attention / layers.mlp or lower it")
 
+    def footprint(self, cfg: dict, tokens: int, dtype: str, device: str, *, seq_len: int = 128,
+                  free: Optional[tuple[Optional[int], Optional[int]]] = None) -> Any:
+        """Peak memory and work of this prune on a model of ``config.json`` ``cfg`` (torch-free; core/run/plan.py):
+        the layer stream (pruning/memory.py: weights, the carried hidden states (one copy, where ``states`` puts them), one layer's forward on a
+        micro-batch) and the float32 copies of one micro-batch the cosines are taken on. Every layer runs once."""
+        from core.run.plan import layer_params, model_params
+        from pruning.memory import micro_batch, stream
+
+        depth = int(cfg["num_hidden_layers"])
+        self.check(depth)
+        units = self.candidates(depth)
+        p = stream(cfg, tokens=tokens, seq_len=seq_len, batch_size=self.batch_size, dtype=dtype, model_device=device,
+                   device=self.device, offload=self.offload, states=self.states, device_free=(free or (None,))[0],
+                   host_free=(free or (None, None))[1])
+        b = micro_batch(tokens, seq_len, self.batch_size)
+        p.add(**{"float32 cosines of a micro-batch": 3 * b * int(seq_len) * int(cfg["hidden_size"]) * 4})
+        what = "layers" if self.granularity == "layer" else "sub-blocks (attention / MLP)"
+        if self.num_layers is not None:
+            removes = [f"the {self.num_layers} {what} of least Block Influence among {len(units)} candidates"]
+        else:
+            sizes = sorted({layer_params(cfg, i) for i, _ in units})
+            goal = float(self.ratio) * model_params(cfg)
+            fewest, most = math.ceil(goal / sizes[-1]), math.ceil(goal / sizes[0])
+            count = f"{fewest}" if fewest == most else f"{fewest} to {most}"
+            removes = [f"the fewest {what} of least Block Influence whose parameters reach ratio={self.ratio} of all "
+                       f"{model_params(cfg):,}: {count} whole layer(s) of this size" if self.granularity == "layer" else
+                       f"the fewest {what} of least Block Influence whose parameters reach ratio={self.ratio} of all "
+                       f"{model_params(cfg):,}"]
+        return p.footprint(layer_forwards=depth, tokens=int(tokens), removes=removes)
+
     def __call__(self, model: nn.Module, calibration: Optional[torch.Tensor]) -> PruneResult:
+        # local: imports torch, and config validation imports this module
         from pruning.streaming import check_llama_layout, check_stream_device
 
         check_llama_layout(model, "shortgpt")
@@ -145,7 +196,8 @@ class ShortGPT:
         check_stream_device(model, self.device, self.offload)
         t0 = time.perf_counter()
         scores = block_influence(model, calibration, sublayer=self.granularity == "sublayer",
-                                 batch_size=self.batch_size, device=self.device, offload=self.offload)
+                                 batch_size=self.batch_size, device=self.device, offload=self.offload,
+                                 states=self.states)
         t_score = time.perf_counter() - t0
         units = self.candidates(depth)
         params_before = count_params(model)
@@ -167,6 +219,7 @@ class ShortGPT:
 
 def _cosine_sum(a: torch.Tensor, b: torch.Tensor) -> float:
     """Sum over tokens of ``cos(a, b)`` (``a, b``: ``[batch, tokens, hidden]``), computed in float32."""
+    # local: imports torch, and config validation imports this module
     import torch.nn.functional as F
 
     return float(F.cosine_similarity(a.float(), b.float(), dim=-1).sum())
@@ -183,15 +236,17 @@ def layer_pieces(layer: nn.Module, x: torch.Tensor, kwargs: dict[str, Any]) -> t
 
 
 def block_influence(model: nn.Module, calibration: Optional[torch.Tensor], *, sublayer: bool = False,
-                    batch_size: int = 0, device: Optional[str] = None, offload: bool = False) -> dict[str, list[float]]:
+                    batch_size: int = 0, device: Optional[str] = None, offload: bool = False,
+                    states: str = "auto") -> dict[str, list[float]]:
     """BI of every decoder layer over ``calibration`` (``[samples, tokens]`` ids), one streamed dense pass.
 
     ``{"layer": [BI per layer]}``; with ``sublayer`` also ``"attention"`` and ``"mlp"``: ``1 - mean cos(h, h + f(h))``
     with ``h`` the residual stream entering the sub-block. The model is not changed.
     """
+    # local: imports torch, and config validation imports this module
     from pruning.streaming import LayerStream
 
-    stream = LayerStream(model, calibration, batch_size=batch_size, device=device, offload=offload)
+    stream = LayerStream(model, calibration, batch_size=batch_size, device=device, offload=offload, states=states)
     tokens = stream.tokens
     out: dict[str, list[float]] = {"layer": []}
     if sublayer:
@@ -201,22 +256,23 @@ def block_influence(model: nn.Module, calibration: Optional[torch.Tensor], *, su
     try:
         for _i, layer in stream:
             sums = dict.fromkeys(out, 0.0)  # Python floats: float64 sums of each micro-batch's cosines
-            if sublayer:
-                def pieces(x: torch.Tensor, kw: dict[str, Any]) -> torch.Tensor:
+            def step(x: torch.Tensor, kw: dict[str, Any]) -> torch.Tensor:
+                if sublayer:
                     h, y = layer_pieces(layer, x, kw)
                     sums["attention"] += _cosine_sum(x, h)
                     sums["mlp"] += _cosine_sum(h, y)
-                    sums["layer"] += _cosine_sum(x, y)
-                    return y
-                outputs = stream.run(pieces)
-            else:
-                outputs = stream.forward()
-                sums["layer"] = sum(_cosine_sum(x, y) for x, y in zip(stream.hidden, outputs))
+                else:
+                    y = layer(x, **kw)
+                    y = y[0] if isinstance(y, tuple) else y
+                sums["layer"] += _cosine_sum(x, y)
+                return y
+
+            stream.update(step)  # each micro-batch's outputs replace its inputs: one copy of the states
             for k, s in sums.items():
                 out[k].append(1.0 - s / tokens)
-            stream.advance(outputs)
     finally:
         model.train(was_training)
+        stream.close()
     return out
 
 
@@ -280,9 +336,10 @@ def remove_units(model: nn.Module, chosen: list[Unit]) -> list[int]:
     ``num_hidden_layers``, ``layer_types`` (when a list), ``layer_configs``, and ``removed_layers`` (indices in
     the original model, counting layers an earlier removal recorded there).
     """
+    # local: imports torch, and config validation imports this module
     from torch import nn
 
-    from core.modeling.pruned_llama import RemovedAttention, RemovedMLP
+    from core.models.modeling_pruned import RemovedAttention, RemovedMLP
 
     layers = decoder_layers(model)
     depth = len(layers)
@@ -333,7 +390,9 @@ def _result(spec: ShortGPT, scores: dict[str, list[float]], chosen: list[Unit], 
                      "checkpoint needs its modeling file (layer_configs with 0 heads / 0 MLP width)")
     return PruneResult(
         params_before=params_before, params_after=params_after,
-        compression={"unit": "layers" if spec.granularity == "layer" else "sublayers", "amount": len(chosen),
+        compression={"unit": spec.ratio_target,
+                     "amount": float(spec.ratio) if spec.num_layers is None else len(chosen),
+                     **({spec.granularity + "s": len(chosen)} if spec.num_layers is None else {}),
                      "params_removed": 1.0 - params_after / params_before},
         ranges={"attention": list(resolve_range(*spec.attention_layers, depth, "attention", 0.0)),
                 "mlp": list(resolve_range(*spec.mlp_layers, depth, "mlp", 0.0))},

@@ -6,7 +6,7 @@ As in github.com/microsoft/TransformerCompression (``layernorm_fusion.fuse_modul
 ``rotate.rotate_and_slice_sequential``, ``ConstSlicingScheduler``, ``experiments/run_slicegpt.py``):
 
 1. Each RMSNorm's scale is fused into the linears that read its output (q/k/v, gate/up, the LM head); the norms
-   become weightless and divide by the original hidden size (``core.modeling.sliced_llama.SlicedRMSNorm``), so
+   become weightless and divide by the original hidden size (``core.models.modeling_sliced.SlicedRMSNorm``), so
    an orthogonal ``Q`` on the residual stream commutes with them.
 2. The stream is sliced at every point where it is stored: after the embedding, after each attention block,
    after each MLP block. At each point the calibration activations *of the already sliced prefix*, in the
@@ -52,11 +52,12 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING, Any, ClassVar, Optional
 
-from core.errors import ConfigError
+from core.models.llama import count_params, is_uniform
+from core.run.errors import ConfigError
 from pruning import PruneError, PruneResult
-from pruning.options import stream_option_errors
+from pruning.options import resolve_ratio_target, stream_option_errors
 
 if TYPE_CHECKING:
     import torch
@@ -66,13 +67,25 @@ log = logging.getLogger(__name__)
 
 ORIENTATIONS = ("random", "pca")
 BLOCK_BYTES = 8 * 2**20  # float64 bytes of one row block of a rotated weight / activation / covariance input
+# footprint(): float64 hidden x hidden matrices alive at once around a PCA (covariance, its damped copy and
+# eigendecomposition workspace, the eigenvectors, the sorted rotation)
+PCA_MATRICES = 4
 
 
 @dataclass(frozen=True)
 class SliceGPT:
-    """Slice the hidden dimension to ``1 - sparsity`` of its width after PCA rotations (all layers)."""
+    """Slice the hidden dimension to ``1 - sparsity`` of its width after PCA rotations (all layers).
+
+    ``sparsity`` is the top-level ``ratio`` (conf/pruner/slicegpt.yaml), read as :attr:`RATIO` says.
+    """
+
+    RATIO: ClassVar[dict[str, str]] = {
+        "slicing": "share of the hidden size sliced away, in every layer and the embedding: width "
+                   "int((1 - ratio) * hidden), rounded down to a multiple of pruner.round_interval (pruner.sparsity)",
+    }
 
     sparsity: float = 0.25
+    ratio_target: Optional[str] = None  # slicing, the one unit (RATIO)
     name: str = "slicegpt"
     round_interval: int = 8  # sliced widths are multiples of this
     final_orientation: str = "random"  # random | pca: basis of each kept subspace
@@ -81,6 +94,7 @@ class SliceGPT:
     batch_size: int = 0  # calibration samples per layer forward (0 = all)
     offload: bool = False  # keep the model where it is, move one layer at a time to `device`
     device: Optional[str] = None  # where layers run and PCA is computed (None = the model's device)
+    states: str = "auto"  # where the calibration hidden states live: auto | device | host | disk (docs/scale.md)
     progress: bool = True
 
     def __post_init__(self) -> None:
@@ -97,9 +111,15 @@ class SliceGPT:
         for key in ("slice_head", "progress"):
             if not isinstance(getattr(self, key), bool):
                 errors.append(f"pruner.{key}={getattr(self, key)!r} must be true or false")
-        errors += stream_option_errors(self.batch_size, self.offload, self.device)
+        errors += stream_option_errors(self.batch_size, self.offload, self.device, self.states)
+        errors += resolve_ratio_target(self)
         if errors:
             raise ConfigError("; ".join(errors))
+
+    @property
+    def ratio(self) -> float:
+        """``sparsity``, under the name every pruner's ``ratio`` has (the run record's)."""
+        return float(self.sparsity)
 
     @property
     def needs_calibration(self) -> bool:
@@ -115,7 +135,7 @@ class SliceGPT:
         return d - d % self.round_interval
 
     def plan(self, hidden: int, depth: int) -> dict:
-        """``config.slicing`` of the sliced model (``core.modeling.sliced_llama``); PruneError for a width of 0
+        """``config.slicing`` of the sliced model (``core.models.modeling_sliced``); PruneError for a width of 0
         or, with ``sparsity > 0``, the full width."""
         d = self.width(hidden)
         raw = int((1.0 - float(self.sparsity)) * hidden)
@@ -133,8 +153,38 @@ class SliceGPT:
         layers[-1]["mlp_output"] = last
         return {"embedding_dimension": d, "lm_head_dimension": last, "layers": layers}
 
+    def footprint(self, cfg: dict, tokens: int, dtype: str, device: str, *, seq_len: int = 128,
+                  free: Optional[tuple[Optional[int], Optional[int]]] = None) -> Any:
+        """Peak memory and work of this slicing on a model of ``config.json`` ``cfg`` (torch-free;
+        core/run/plan.py): the layer stream (pruning/memory.py: weights, the carried hidden states (one copy, where ``states`` puts them), one
+        layer's forward on a micro-batch), the rotated copy of a micro-batch, the float64 covariance, its
+        eigendecomposition and the rotation (:data:`PCA_MATRICES` x ``hidden^2`` x 8 bytes) where the layers run,
+        and the new embedding matrix beside the old one where the model is. Every layer runs once."""
+        from core.run.plan import dtype_bytes, hidden_bytes
+        from pruning.memory import micro_batch, stream
+
+        hidden, depth, vocab = int(cfg["hidden_size"]), int(cfg["num_hidden_layers"]), int(cfg["vocab_size"])
+        slicing = self.plan(hidden, depth)
+        d = slicing["embedding_dimension"]
+        p = stream(cfg, tokens=tokens, seq_len=seq_len, batch_size=self.batch_size, dtype=dtype, model_device=device,
+                   device=self.device, offload=self.offload, states=self.states, device_free=(free or (None,))[0],
+                   host_free=(free or (None, None))[1])
+        b = micro_batch(tokens, seq_len, self.batch_size)
+        p.add(**{"rotated micro-batch": hidden_bytes(b * int(seq_len), cfg, "float32"),
+                 "PCA (float64 covariance, eigenvectors)": PCA_MATRICES * hidden * hidden * 8})
+        new_embedding = vocab * d * dtype_bytes(dtype, cfg)
+        if p.on_device and (self.offload and self.device):
+            p.add_host(**{"new embedding": new_embedding})
+        else:
+            p.add(**{"new embedding": new_embedding})
+        removes = [f"hidden size {hidden} -> {d} everywhere the residual stream is stored (sparsity {self.sparsity}, "
+                   f"multiples of {self.round_interval}); LM head input {slicing['lm_head_dimension']}; "
+                   f"+2 x {d}^2 shortcut parameters per layer"]
+        widths = [{"layer": i, **{k: [hidden, v] for k, v in lc.items()}} for i, lc in enumerate(slicing["layers"])]
+        return p.footprint(layer_forwards=depth, tokens=int(tokens), removes=removes, widths=widths)
+
     def __call__(self, model: nn.Module, calibration: Optional[torch.Tensor]) -> PruneResult:
-        from core.llama import is_uniform
+        # local: imports torch, and config validation imports this module
         from pruning.streaming import check_calibration, check_llama_layout, check_stream_device
 
         check_llama_layout(model, f"pruner={self.name}")
@@ -163,6 +213,7 @@ def _times(w: torch.Tensor, q: torch.Tensor, scale: Optional[torch.Tensor] = Non
 
     ``w``: ``[rows, n]`` anywhere; ``q``: ``[n, k]`` on the compute device; ``scale``: ``[n]``, the fused norm weight.
     """
+    # local: imports torch, and config validation imports this module
     import torch
 
     q = q.to(torch.promote_types(w.dtype, torch.float32))
@@ -179,6 +230,7 @@ def _times(w: torch.Tensor, q: torch.Tensor, scale: Optional[torch.Tensor] = Non
 
 
 def _set_weight(lin: nn.Linear, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> None:
+    # local: imports torch, and config validation imports this module
     from torch import nn
 
     lin.weight = nn.Parameter(weight, requires_grad=False)
@@ -211,6 +263,7 @@ def principal_axes(xs: list[torch.Tensor], keep: int, orientation: str, gen: tor
     """SliceGPT's ``pca_calc``: eigenvectors of ``sum x^T x`` + 1% of its mean diagonal, by decreasing eigenvalue
     (float64 ``[n, n]`` on ``device``); ``random`` then turns the first ``keep`` columns by a random orthogonal
     matrix (``random_orthogonal_upper_left``)."""
+    # local: imports torch, and config validation imports this module
     import torch
 
     n = xs[0].shape[-1]
@@ -237,12 +290,12 @@ def rotate_and_slice(model: nn.Module, calibration: torch.Tensor, spec: SliceGPT
     """Slice ``model`` in place to ``slicing``'s widths (``SliceGPT.plan``); ``calibration``: ``[n, seq_len]`` ids.
 
     The model keeps its class; its layers become ``SlicedLlamaDecoderLayer``, its norms ``SlicedRMSNorm``, and
-    ``config.slicing`` is set, which is what ``core.checkpoint.save_checkpoint`` saves as a sliced checkpoint.
+    ``config.slicing`` is set, which is what ``core.models.checkpoint.save_checkpoint`` saves as a sliced checkpoint.
     """
+    # local: imports torch, and config validation imports this module
     import torch
 
-    from core.llama import count_params
-    from core.modeling.sliced_llama import SlicedLlamaDecoderLayer, SlicedRMSNorm
+    from core.models.modeling_sliced import SlicedLlamaDecoderLayer, SlicedRMSNorm
     from pruning.streaming import LayerStream
 
     cfg, inner = model.config, model.model
@@ -253,7 +306,7 @@ def rotate_and_slice(model: nn.Module, calibration: torch.Tensor, spec: SliceGPT
     was_training = model.training
     model.eval()
     stream = LayerStream(model, calibration, batch_size=spec.batch_size, device=spec.device, offload=spec.offload,
-                         progress=spec.progress)
+                         progress=spec.progress, states=spec.states)
     dev = stream.device
     gen = torch.Generator().manual_seed(spec.seed)
     t_pca = t_rot = 0.0
@@ -288,7 +341,7 @@ def rotate_and_slice(model: nn.Module, calibration: torch.Tensor, spec: SliceGPT
             inner.layers[i] = sliced
             t_rot += time.perf_counter() - t0
             # Attention half: the residual after it, back in the original basis (o_proj not rotated yet).
-            stream.hidden = stream.run(lambda x, kw: sliced.attention_block(_in_basis(x, q_in), **kw))
+            stream.update(lambda x, kw: sliced.attention_block(_in_basis(x, q_in), **kw))  # in place
             q_attn = axes(stream.hidden, d_attn)[:, :d_attn]
             t0 = time.perf_counter()
             sliced.attn_shortcut_Q = torch.nn.Parameter((q_in.T @ q_attn).to(dtype), requires_grad=False)
@@ -298,7 +351,7 @@ def rotate_and_slice(model: nn.Module, calibration: torch.Tensor, spec: SliceGPT
             sliced.mlp_shortcut_Q = torch.nn.Parameter(q_attn.T.to(dtype).contiguous(), requires_grad=False)
             t_rot += time.perf_counter() - t0
             # MLP half on the sliced stream: the layer's output, back in the original basis (down_proj not rotated).
-            stream.hidden = stream.run(lambda h, kw: sliced.mlp_block(_in_basis(h, q_attn)))
+            stream.update(lambda h, kw: sliced.mlp_block(_in_basis(h, q_attn)))
             q = axes(stream.hidden, d_out)
             t0 = time.perf_counter()
             sliced.mlp_shortcut_Q = torch.nn.Parameter((q_attn.T @ q[:, :d_out]).to(dtype), requires_grad=False)
@@ -312,6 +365,7 @@ def rotate_and_slice(model: nn.Module, calibration: torch.Tensor, spec: SliceGPT
         _set_weight(head, _times(w, q[:, :d_head], inner.norm.weight, out=w if d_head == w.shape[1] else None))
         inner.norm = SlicedRMSNorm(hidden, eps)
         t_rot += time.perf_counter() - t0
+    stream.close()
     cfg.slicing = slicing
     cfg.tie_word_embeddings = False
     model.train(was_training)
@@ -336,7 +390,7 @@ def rotate_and_slice(model: nn.Module, calibration: torch.Tensor, spec: SliceGPT
                      "on this model the shortcuts and the untied head outweigh what slicing removes")
     return PruneResult(
         params_before=params_before, params_after=params_after,
-        compression={"unit": "slicing", "amount": float(spec.sparsity), "hidden_kept": d / hidden,
+        compression={"unit": spec.ratio_target, "amount": float(spec.sparsity), "hidden_kept": d / hidden,
                      "params_removed": 1.0 - params_after / params_before},
         ranges={"attention": [0, depth], "mlp": [0, depth]}, layers=per_layer, notes=notes,
         details={"sparsity": float(spec.sparsity), "round_interval": spec.round_interval, "hidden_size": hidden,

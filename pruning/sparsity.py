@@ -6,7 +6,11 @@ Three kinds of request, one meaning each (the options of both pruners, parsed an
   output row (``scope=row``, Wanda's comparison group) or of all targeted linears together (``scope=global``).
   Counts are exact: ``floor(sparsity * n)`` entries per group, ties broken by position (first ones go).
 - ``N:M``: in every run of M consecutive input columns of every row, zero the N lowest-scoring entries (Wanda's
-  ``prune_n:prune_m`` convention; 2:4 and 4:8 read the same as NVIDIA's "N kept of M").
+  ``prune_n:prune_m`` convention; 2:4 and 4:8 read the same as NVIDIA's "N kept of M"). The pattern fixes the
+  sparsity at N/M, so a ratio only switches a block type on (0 skips it). ``pruner.attention_ratio`` /
+  ``mlp_ratio`` other than 0 or N/M are errors; ``ratio`` itself is not checked, because the top-level ``ratio``
+  (default 0.25) reaches every pruner and a typed value cannot be told from that default (the record's
+  ``compression`` gives the sparsity reached).
 - ``structured``: remove whole KV groups (1 KV head + the query heads sharing it) and MLP channels per layer, the
   lowest-scoring ``ratio`` of them (rounded to whole units), with ``pruning.surgery``.
 
@@ -24,13 +28,14 @@ import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Optional
 
-from core.errors import ConfigError
-from core.llama import Geometry, count_params, layer_configs
+from core.run.errors import ConfigError
+from core.models.llama import Geometry, count_params, layer_configs
 from pruning import PruneError
-from pruning.options import range_order_errors
+from pruning.options import range_order_errors, resolve_ratio_target
 from pruning.ranges import resolve_range
 
 if TYPE_CHECKING:
+    # local: imports torch, and config validation imports this module
     import torch
     from torch import nn
 
@@ -89,9 +94,6 @@ def option_errors(p: Any, scopes: tuple[str, ...]) -> list[str]:
         if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.0 <= float(v) < 1.0):
             errors.append(f"{'ratio' if key == 'ratio' else 'pruner.' + key}={v!r} must be a number in [0, 1)")
     ratios_ok = not errors
-    if p.ratio_target != "groups":
-        errors.append(f"ratio_target={p.ratio_target!r} is not supported by pruner={p.name}: `ratio` is the share "
-                      "of weights zeroed (unstructured) or of KV groups / MLP channels removed per layer (structured)")
     if p.scope not in scopes:
         errors.append(f"pruner.scope={p.scope!r} is not one of {', '.join(scopes)}")
     if p.rounding not in ROUNDINGS:
@@ -110,11 +112,34 @@ def option_errors(p: Any, scopes: tuple[str, ...]) -> list[str]:
                       "pruner.mlp_ratio=0")
     if pattern is not None and pattern.kind != "unstructured" and p.scope == "global":
         errors.append(f"pruner.scope='global' applies to pattern=unstructured only, not {pattern}")
+    elif pattern is not None and pattern.kind != "unstructured" and p.scope != _default(p, "scope"):
+        errors.append(f"pruner.scope={p.scope!r} applies to pattern=unstructured only, not {pattern} "
+                      f"({'rows of M consecutive weights' if pattern.kind == 'nm' else 'whole units'} are compared)")
+    if pattern is not None and pattern.kind != "structured" and p.rounding != _default(p, "rounding"):
+        errors.append(f"pruner.rounding={p.rounding!r} applies to pattern=structured only (whole KV groups / "
+                      f"channels), not {pattern}")
+    if pattern is not None and pattern.kind == "nm":
+        for key in ("attention_ratio", "mlp_ratio"):
+            v = getattr(p, key)
+            if ratios_ok and v is not None and v > 0 and abs(v - pattern.sparsity) > 1e-9:
+                errors.append(f"pruner.{key}={v} cannot be honoured with pattern={pattern}: the pattern fixes each "
+                              f"pruned linear's sparsity at {pattern.sparsity:g}; 0 skips the block type, null "
+                              "follows `ratio`")
+    if pattern is not None:
+        refused = {"groups": f"it needs pattern=structured; pattern={pattern} zeroes weights (ratio_target=sparsity)"}
+        if pattern.kind == "structured":
+            refused = {"sparsity": "pattern=structured removes whole KV groups / MLP channels (ratio_target=groups)"}
+        errors += resolve_ratio_target(p, refused)
     ratios = [p.ratio if r is None else r for r in (p.attention_ratio, p.mlp_ratio)]
     if p.scope == "global" and ratios_ok and 0 < ratios[0] != ratios[1] > 0:
         errors.append("pruner.scope='global' ranks every targeted weight against one threshold: attention_ratio and "
                       "mlp_ratio must be equal (or 0 to skip a block type)")
     return errors + range_order_errors(attention=p.attention_layers, mlp=p.mlp_layers)
+
+
+def _default(p: Any, key: str) -> Any:
+    """The class default of option ``key`` of pruner ``p`` (a value set away from it was asked for)."""
+    return type(p).__dataclass_fields__[key].default
 
 
 def count_of(n: int, fraction: float) -> int:
@@ -163,6 +188,7 @@ def lowest_last(score: torch.Tensor, k: int) -> torch.Tensor:
     A partial selection (``topk``, ~3x faster than a sort) gives each row's k-th value; the rare rows with
     more entries equal to it than needed are fixed by position.
     """
+    # local: imports torch, and config validation imports this module
     import torch
 
     t = score.topk(k, dim=-1, largest=False, sorted=False).values.amax(-1, keepdim=True)
@@ -179,6 +205,7 @@ def lowest_last(score: torch.Tensor, k: int) -> torch.Tensor:
 def unstructured_mask(score: torch.Tensor, sparsity: float, per_row: bool) -> torch.Tensor:
     """The ``floor(sparsity * n)`` lowest entries of each row (``per_row``) or of the whole matrix, exactly
     (ties: the first positions, row-major)."""
+    # local: imports torch, and config validation imports this module
     import torch
 
     rows, cols = score.shape
@@ -193,6 +220,7 @@ def unstructured_mask(score: torch.Tensor, sparsity: float, per_row: bool) -> to
 
 def nm_mask(score: torch.Tensor, n: int, m: int) -> torch.Tensor:
     """In every run of ``m`` consecutive columns of every row, the ``n`` lowest entries (ties: the first ones)."""
+    # local: imports torch, and config validation imports this module
     import torch
 
     rows, cols = score.shape
@@ -217,6 +245,7 @@ class Threshold:
 
 def _keys(score: torch.Tensor) -> torch.Tensor:
     """Order-preserving int32 keys of float32 scores >= 0 (the float bits read as an integer)."""
+    # local: imports torch, and config validation imports this module
     import torch
 
     keys = score.detach().reshape(-1).to(torch.float32).contiguous().view(torch.int32)
@@ -232,6 +261,7 @@ def global_threshold(scores: Callable[[], Iterable[torch.Tensor]], k: int) -> Th
     time; they need not exist all at once. First pass: a histogram of the top 15 bits of each key; second: the
     low 16 bits of the keys in the bin holding the k-th entry. Exact for any ties; ``k = 0`` selects nothing.
     """
+    # local: imports torch, and config validation imports this module
     import torch
 
     if k <= 0:
@@ -273,6 +303,7 @@ def threshold_mask(score: torch.Tensor, th: Threshold) -> torch.Tensor:
 def apply_mask(linear: nn.Linear, mask: torch.Tensor) -> None:
     """Zero ``linear.weight`` where ``mask`` is True (in place; shape and dtype unchanged). A multiply by the
     complement, 5x faster than ``masked_fill_`` on CPU; a weight that is inf or NaN would not become 0."""
+    # local: imports torch, and config validation imports this module
     import torch
 
     with torch.no_grad():
@@ -281,6 +312,7 @@ def apply_mask(linear: nn.Linear, mask: torch.Tensor) -> None:
 
 def count_zeros(t: torch.Tensor) -> int:
     """Entries of ``t`` equal to 0 (``-0.0`` included)."""
+    # local: imports torch, and config validation imports this module
     import torch
 
     return int(torch.count_nonzero(t == 0))
@@ -288,6 +320,7 @@ def count_zeros(t: torch.Tensor) -> int:
 
 def lowest(scores: torch.Tensor, count: int) -> torch.Tensor:
     """Indices of the ``count`` lowest scores (ties: the first ones), sorted ascending."""
+    # local: imports torch, and config validation imports this module
     import torch
 
     return torch.sort(torch.sort(scores, stable=True).indices[:count]).values
@@ -426,17 +459,19 @@ def mask_record(model: nn.Module, plan: Plan, stats: list[dict],
 
 
 def structured_record(model: nn.Module, geo0: Geometry, removed: dict[int, list[int]], params_before: int,
-                      plan: Plan) -> tuple[int, dict, list[dict], dict]:
+                      plan: Plan, ratio: float) -> tuple[int, dict, list[dict], dict]:
     """``(params_after, compression, layers, details)`` of a structured run; ``geo0``: the geometry before,
-    ``removed``: the KV-group ids removed per layer. Also writes ``config.layer_configs`` for the checkpoint."""
+    ``removed``: the KV-group ids removed per layer, ``ratio``: the pruner's (``ratio_target=groups``). Also
+    writes ``config.layer_configs`` for the checkpoint."""
     model.config.layer_configs = layer_configs(model)
     geo1 = Geometry.of(model)
     layers = [{"layer": l, "heads": [geo0.heads[l], geo1.heads[l]], "kv_heads": [geo0.kv_heads[l], geo1.kv_heads[l]],
                "intermediate_size": [geo0.widths[l], geo1.widths[l]], "removed_kv_groups": removed.get(l, [])}
               for l in range(geo0.depth)]
     params_after = count_params(model)
-    compression = {"unit": "params", "amount": 1.0 - params_after / params_before, "pattern": "structured",
-                   "attention_group_ratio": plan.attention_ratio, "mlp_group_ratio": plan.mlp_ratio}
+    compression = {"unit": "groups", "amount": float(ratio), "pattern": "structured",
+                   "attention_group_ratio": plan.attention_ratio, "mlp_group_ratio": plan.mlp_ratio,
+                   "params_removed": 1.0 - params_after / params_before}
     details = {"pattern": "structured", "attention_layers": plan.ranges["attention"], "mlp_layers": plan.ranges["mlp"],
                "attention_ratio": plan.attention_ratio, "mlp_ratio": plan.mlp_ratio,
                "heads_pruned": any(e["kv_heads"][0] != e["kv_heads"][1] for e in layers)}
@@ -448,6 +483,7 @@ def remove_lowest(layer: nn.Module, group_scores: Optional[torch.Tensor], channe
     """Remove the ``groups`` lowest-scoring KV groups and ``channels`` lowest MLP channels of ``layer``
     (``pruning.surgery``, GQA-consistent); returns the removed group ids. A score is only read (and may be
     None) when its count is positive."""
+    # local: imports torch, and config validation imports this module
     from pruning.surgery import remove_channels, remove_kv_groups
 
     drop: list[int] = []

@@ -31,11 +31,12 @@ from __future__ import annotations
 
 import logging
 import time
+from contextlib import closing
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Optional
+from typing import TYPE_CHECKING, Any, ClassVar, Optional
 
-from core.errors import ConfigError
-from core.llama import Geometry, count_params
+from core.run.errors import ConfigError
+from core.models.llama import Geometry, count_params
 from pruning import PruneResult
 from pruning.options import as_range, stream_option_errors
 from pruning.sparsity import (TARGETS, Plan, apply_mask, check_nm_widths, count_zeros, linear, mask_record,
@@ -59,10 +60,16 @@ class Wanda:
     """Zero the weights of smallest ``|W| * ||x||`` (unstructured per row or per linear, N:M), or remove the KV
     groups and MLP channels of smallest summed score (structured, Wanda-sp), inside the layer ranges.
 
-    ``ratio``: unstructured, the share of each row's (``scope=layer``: each linear's) weights zeroed;
-    structured, the share of KV groups / MLP channels removed per layer; N:M, the pattern fixes the sparsity
-    at N/M and a ratio of 0 skips a block type.
+    ``ratio`` is read as :attr:`RATIO` says: ``sparsity`` for unstructured and N:M patterns, ``groups`` for
+    ``pattern=structured``.
     """
+
+    RATIO: ClassVar[dict[str, str]] = {
+        "sparsity": "share of each output row's weights zeroed (scope=layer: of each targeted linear's); N:M: the "
+                    "pattern fixes it at N/M, and 0 skips a block type",
+        "groups": "pattern=structured, Wanda-sp (the default unit there): share of the KV groups / MLP channels "
+                  "removed in each layer of the ranges, rounded to whole units",
+    }
 
     ratio: float = 0.5
     name: str = "wanda"
@@ -78,7 +85,8 @@ class Wanda:
     batch_size: int = 8  # calibration samples per layer forward (0 = all)
     offload: bool = False  # keep the model where it is, move one layer at a time to `device`
     device: Optional[str] = None  # where layers run (None = the model's device)
-    ratio_target: str = "groups"  # only `groups` (the meaning above); `params` is the taylor pruner's
+    states: str = "auto"  # where the calibration hidden states live: auto | device | host | disk (docs/scale.md)
+    ratio_target: Optional[str] = None  # sparsity | groups (RATIO); None = the one `pattern` implies
     seed: int = 0  # recorded only: every choice is deterministic (ties go by position)
     progress: bool = True
 
@@ -87,7 +95,7 @@ class Wanda:
         object.__setattr__(self, "mlp_layers", as_range(self.mlp_layers))
         object.__setattr__(self, "targets", (self.targets,) if isinstance(self.targets, str) else tuple(self.targets))
         errors = option_errors(self, SCOPES)
-        errors += stream_option_errors(self.batch_size, self.offload, self.device)
+        errors += stream_option_errors(self.batch_size, self.offload, self.device, self.states)
         for key in ("sequential", "progress"):
             if not isinstance(getattr(self, key), bool):
                 errors.append(f"pruner.{key}={getattr(self, key)!r} must be true or false")
@@ -102,7 +110,39 @@ class Wanda:
     def check(self, depth: int) -> None:
         Plan.of(self, depth)
 
+    def footprint(self, cfg: dict, tokens: int, dtype: str, device: str, *, seq_len: int = 128,
+                  free: Optional[tuple[Optional[int], Optional[int]]] = None) -> Any:
+        """Peak memory and work of this prune on a model of ``config.json`` ``cfg`` (torch-free; core/run/plan.py):
+        the layer stream (pruning/memory.py: weights, the carried hidden states (one copy, where ``states`` puts them), one layer's forward on a
+        micro-batch), then one linear's float32 score and mask. Forwards: every layer up to the last pruned one
+        (``sequential``: the pruned ones twice)."""
+        from core.run.plan import dtype_bytes, geometry
+        from pruning.memory import largest_linear, layer_weight_params, layers_up_to, stream, weight_level_summary
+
+        geo = geometry(cfg)
+        plan = Plan.of(self, geo.depth)
+        removes, widths = weight_level_summary(plan, geo, self.rounding)
+        last = plan.last_layer
+        if widths is not None:
+            last = max((w["layer"] for w in widths if w["kv_heads"][0] != w["kv_heads"][1]
+                        or w["intermediate_size"][0] != w["intermediate_size"][1]), default=-1)
+        p = stream(cfg, tokens=tokens, seq_len=seq_len, batch_size=self.batch_size, dtype=dtype, model_device=device,
+                   device=self.device, offload=self.offload, states=self.states, device_free=(free or (None,))[0],
+                   host_free=(free or (None, None))[1])
+        b = dtype_bytes(dtype, cfg)
+        if plan.pattern.kind == "structured":
+            p.add(**{"one layer's scores and surgery": max(layer_weight_params(geo, l) for l in range(geo.depth)) * b
+                     + largest_linear(geo) * 8})
+        else:
+            p.add(**{"one linear's score and mask": largest_linear(geo) * (4 + 4 + 1)})
+        pruned = len([l for l in range(last + 1) if plan.names(l)]) if widths is None else \
+            len([w for w in widths if w["kv_heads"][0] != w["kv_heads"][1]
+                 or w["intermediate_size"][0] != w["intermediate_size"][1]])
+        forwards = layers_up_to(last) + (pruned if self.sequential else 0)
+        return p.footprint(layer_forwards=forwards, tokens=int(tokens), removes=removes, widths=widths)
+
     def __call__(self, model: nn.Module, calibration: Optional[torch.Tensor]) -> PruneResult:
+        # local: imports torch, and config validation imports this module
         import torch
 
         from pruning.streaming import check_calibration, check_llama_layout, check_stream_device
@@ -131,7 +171,8 @@ class Wanda:
                 "offload": self.offload, "device": self.device, "seed": self.seed,
                 "calibration": {"samples": int(calibration.shape[0]), "tokens": int(calibration.numel())}}
         if plan.pattern.kind == "structured":
-            params_after, compression, layers, details = structured_record(model, geo0, run.removed, params_before, plan)
+            params_after, compression, layers, details = structured_record(model, geo0, run.removed, params_before,
+                                                                           plan, self.ratio)
             notes = ["Wanda-sp: a KV group scores the sum over its query heads' o_proj columns of |W| * ||x||, an "
                      "MLP channel the sum over its down_proj column"]
             details = {**details, **base, "rounding": self.rounding}
@@ -155,8 +196,7 @@ class _Run:
         self.timings: dict[str, float] = {}
 
     def go(self) -> None:
-        from contextlib import closing
-
+        # local: imports torch, and config validation imports this module
         from pruning.calibration import capture_inputs
         from pruning.streaming import LayerStream
 
@@ -168,7 +208,7 @@ class _Run:
         spec, prune_s = self.spec, 0.0
         try:
             stream = LayerStream(self.model, self.calibration, batch_size=spec.batch_size, device=spec.device,
-                                 offload=spec.offload, progress=spec.progress)
+                                 offload=spec.offload, progress=spec.progress, states=spec.states)
             with closing(iter(stream)) as layers:
                 for i, layer in layers:
                     work = self._inputs_needed(i)
@@ -185,14 +225,18 @@ class _Run:
                         layer(x, **kw)  # (sequential: the next layer's inputs come from the pruned layer)
 
                     with capture_inputs({key: linear(layer, key) for key in work}, accumulate):
-                        dense_out = stream.run(statistics_only) if spec.sequential else stream.forward()
+                        if spec.sequential:
+                            stream.run(statistics_only)
+                        else:  # the dense layer's outputs replace its inputs before it is pruned
+                            stream.advance()
                     t1 = time.perf_counter()
                     norms = {key: s.sqrt() for key, s in sums.items()}
                     self._prune_layer(i, layer, norms)
                     prune_s += time.perf_counter() - t1
                     if i == self.last:
                         break  # later layers are unchanged: no need to run them
-                    stream.advance(None if spec.sequential else dense_out)
+                    if spec.sequential:
+                        stream.advance()  # the pruned layer's outputs
         finally:
             self.model.train(was_training)
         self.timings = {"embed_s": stream.seconds["embed"], "layer_forward_s": stream.seconds["layers"],

@@ -19,13 +19,20 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sys
 from pathlib import Path
 from typing import Any, Optional
 
 from hydra.experimental.callback import Callback
+from omegaconf import OmegaConf
 
+from core.models.ref import ModelRef
+from core.run.record import run_status
+from recipes._common import structure_for_ref
+
+log = logging.getLogger(__name__)
 _CLAIMED: dict[str, str] = {}
 
 
@@ -57,18 +64,17 @@ def ratio_tag(ratio: float) -> str:
 
 def sweep_summary(sweep: Path, jobs: list[Path]) -> list[str]:
     """The results table of every job and the batch analysis of their saved models, written into ``sweep``.
-    Returns the files written. A summary that fails is logged, never fatal: the jobs' own records stand."""
-    import logging
-
-    log = logging.getLogger(__name__)
+    Returns the files written. A summary that fails is logged, never fatal: the jobs' own records stand.
+    (pandas, matplotlib and the analysis modules are imported here, when a sweep ends, not at start-up.)"""
     written: list[str] = []
     try:
+        # local: pandas/matplotlib/torch, only when a sweep ends (validation imports this module)
         from analysis.results_table import collect, write_tables
 
         df = collect([str(j) for j in jobs])
         if not df.empty:
             written += list(write_tables(df, sweep).values())
-            from analysis.plots import pareto, range_heatmap
+            from analysis.plots import pareto, range_heatmap  # local: matplotlib, see above
 
             for y in ("ppl", "avg"):  # the trade-off, one line per method
                 p = pareto(df, sweep / f"pareto_{y}.png", y=y, log_y=y == "ppl")
@@ -87,7 +93,7 @@ def sweep_summary(sweep: Path, jobs: list[Path]) -> list[str]:
     if models:
         written += _batch_analysis(sweep, models)
     try:  # last: the page embeds the table and every plot above
-        from analysis.html_report import write_report
+        from analysis.html_report import write_report  # local: pandas, see above
 
         written.append(str(write_report([sweep], sweep / "report.html")))
     except Exception as e:  # noqa: BLE001
@@ -97,13 +103,9 @@ def sweep_summary(sweep: Path, jobs: list[Path]) -> list[str]:
 
 def _batch_analysis(sweep: Path, models: list[Path]) -> list[str]:
     """The batch analysis of the jobs' saved models against the base model, in the sweep dir."""
-    import logging
-
-    log = logging.getLogger(__name__)
     try:
+        # local: pandas/matplotlib/torch, only when a sweep ends (validation imports this module)
         from analysis.batch import batch_analyze
-        from core.models import ModelRef
-        from recipes._common import structure_for_ref
 
         m = json.loads((models[0] / "metrics.json").read_text())
         model_cfg = (m.get("config") or {}).get("model") or {}
@@ -119,8 +121,6 @@ def _batch_analysis(sweep: Path, models: list[Path]) -> list[str]:
 def _study_convergence(sweep: Path, jobs: list[Path]) -> Optional[Path]:
     """``convergence.png`` for an optimisation study (a sweeper other than Hydra's basic grid): every trial's
     ``optimized_metric`` in launch order and the best so far; failed trials marked. None for grid sweeps."""
-    from omegaconf import OmegaConf
-
     sweeper = ""
     for cfg_file in [sweep / "multirun.yaml", *(j / ".hydra" / "hydra.yaml" for j in jobs)]:
         try:  # the basic sweeper writes multirun.yaml; every job keeps the hydra config it ran with
@@ -140,6 +140,7 @@ def _study_convergence(sweep: Path, jobs: list[Path]) -> Optional[Path]:
         target = m.get("optimized_metric") or {}
         metric, direction = target.get("name") or metric, target.get("direction") or direction
         trials.append((number, target.get("value") if m.get("status") == "completed" else None))
+    # local: pandas/matplotlib/torch, only when a sweep ends (validation imports this module)
     from analysis.plots import study_convergence
 
     return study_convergence(trials, sweep / "convergence.png", metric=metric, direction=direction)
@@ -181,8 +182,6 @@ class RunGuard(Callback):
         _usable(path, "hydra.sweep.dir")
 
     def on_multirun_end(self, config: Any, **kwargs: Any) -> None:
-        from core.record import run_status
-
         sweep = Path(str(config.hydra.sweep.dir))
         jobs = sorted((p for p in sweep.iterdir() if p.is_dir() and _holds_run(p)), key=lambda p: p.name)
         bad = []
@@ -193,7 +192,7 @@ class RunGuard(Callback):
                 reason = " ".join(((m.get("error") or {}).get("message") or "").split())
             except (OSError, ValueError):
                 status, reason = "no record", ""
-            if status != "completed":
+            if status not in ("completed", "dry_run"):  # dry_run: a plan, printed and recorded (recipes/_plan.py)
                 bad.append(f"job {job.name} {status}" + (f" ({reason[:200]})" if reason else ""))
         if not jobs:
             _fail(f"sweep {sweep}: no job ran (do the sweep's parameters name existing options?)")

@@ -2,17 +2,24 @@
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import json
 import logging
+import shlex
+import sys
 from pathlib import Path
 from typing import Any, Optional
 
+from hydra.core.hydra_config import HydraConfig
+from hydra.errors import InstantiationException
+from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from core.data import TextSpec
-from core.errors import ConfigError, LoadError, UserError
-from core.models import ModelRef
+from core.data.text import TextSpec
+from core.models.card import write_model_card
+from core.models.ref import ModelRef
+from core.run.errors import ConfigError, LoadError, UserError
 
 log = logging.getLogger(__name__)
 
@@ -25,7 +32,37 @@ def plain(node: Any) -> Any:
 
 
 def model_ref(node: Any) -> ModelRef:
-    return ModelRef.of(plain(node))
+    return _placed(ModelRef.of(plain(node)))
+
+
+def _placed(ref: ModelRef) -> ModelRef:
+    """``device: auto`` -> the device it means here: cuda when present, else cpu (recipes/_plan.py)."""
+    if ref.device != "auto":
+        return ref
+    return dataclasses.replace(ref, device=resolve_device(ref.device))
+
+
+def _no_gpu_files() -> bool:
+    """True when no GPU device node exists (no NVIDIA or ROCm driver): there is no CUDA without importing torch."""
+    dev = Path("/dev")
+    return not ((dev / "nvidiactl").exists() or (dev / "kfd").exists() or any(dev.glob("nvidia[0-9]*")))
+
+
+def cuda_count(import_torch: bool = True) -> int:
+    """CUDA devices here (torch's count). ``import_torch=False`` answers 0 without torch where there is no GPU
+    device node, and imports torch otherwise."""
+    if not import_torch and "torch" not in sys.modules and _no_gpu_files():
+        return 0
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def resolve_device(device: Any, count: Optional[int] = None) -> str:
+    """``auto`` -> ``cuda`` when CUDA is present, else ``cpu``; anything else as given."""
+    if str(device) != "auto":
+        return str(device)
+    return "cuda" if (cuda_count(import_torch=False) if count is None else count) > 0 else "cpu"
 
 
 def text_spec(node: Any) -> TextSpec:
@@ -51,7 +88,7 @@ def resolve_model(name_or_path: str) -> ModelRef:
     option = CONF_DIR / "model" / f"{name_or_path}.yaml"
     if "/" not in name_or_path and option.is_file():
         merged = OmegaConf.merge(OmegaConf.structured(ModelRef), OmegaConf.load(option))
-        return OmegaConf.to_object(merged)  # type: ignore[return-value]
+        return _placed(OmegaConf.to_object(merged))  # type: ignore[arg-type]
     path = Path(name_or_path).expanduser()
     if not path.exists():
         raise LoadError(f"'{name_or_path}' is neither a model name ({', '.join(model_names())}) nor an existing path")
@@ -60,9 +97,9 @@ def resolve_model(name_or_path: str) -> ModelRef:
 
 def donor_dir(ref: ModelRef, cache_dir: str) -> Path:
     """The safetensors checkpoint dir of a model reference (the embedded GGUF: its cached conversion)."""
-    from core.models import cached_gguf_dir
-
     if ref.kind == "gguf":
+        from core.models.load import cached_gguf_dir  # local: torch + transformers, and validation imports this module
+
         return cached_gguf_dir(ref, cache_dir)
     if ref.kind != "hf" or not ref.path or not Path(ref.path).is_dir():
         raise ConfigError(f"donor {ref.name}: layers are read from a checkpoint directory; give a path or a model "
@@ -74,7 +111,7 @@ def tokenizer_or_donors(tok: Any, donor_path: Path) -> Any:
     """A base without tokenizer files (Cartesia's Llamba ships none) uses the donor's (Llama-3's, for Llamba)."""
     if tok is not None:
         return tok
-    from transformers import AutoTokenizer
+    from transformers import AutoTokenizer  # local: validation imports this module
 
     try:
         return AutoTokenizer.from_pretrained(donor_path)
@@ -85,9 +122,6 @@ def tokenizer_or_donors(tok: Any, donor_path: Path) -> Any:
 
 def build(node: Any, group: str) -> Any:
     """Instantiate an option's ``_target_`` with its keys; a bad key or value is one ConfigError line."""
-    from hydra.errors import InstantiationException
-    from hydra.utils import get_class, instantiate
-
     d = plain(node) or {}
     target = d.get("_target_")
     if not target:
@@ -124,20 +158,57 @@ def checkpoint_info(ref: ModelRef) -> dict:
 def structure_for_ref(ref: ModelRef, *, cache_dir: str, count_nonzero: bool = False, allow_pickle: bool = False,
                       fallback_config: Optional[dict] = None):
     """(structure, model dir or None) of a model; checkpoints are read from headers, not loaded."""
-    from analysis.structure import structure_of
-    from core.models import build_tiny, cached_gguf_dir
+    from analysis.structure import structure_of  # local: torch, and validation imports this module
 
     if ref.kind == "tiny":
-        import dataclasses
+        from core.models.load import build_tiny  # local: transformers (seconds), only to build a model
 
         model, _ = build_tiny(**dataclasses.asdict(ref.tiny))
         return structure_of(model, name=ref.name, count_nonzero=count_nonzero), None
     if ref.kind == "gguf":
+        from core.models.load import cached_gguf_dir  # local: transformers (seconds), only for the GGUF
+
         path = cached_gguf_dir(ref, cache_dir)  # converts once (~20 s), then a safetensors dir
+    elif ref.kind == "shape":
+        from core.models.shape import shape_path
+
+        path = shape_path(ref, cache_dir, header_ok=True)  # model.num_layers=null: the full depth, header only
     else:
         if not ref.path:
             raise ConfigError(f"model '{ref.name}' has no path: give model=<path> or a model name")
         path = Path(ref.path)
+    _check_readable_structure(ref, path, count_nonzero)
     s = structure_of(path, name=ref.name, count_nonzero=count_nonzero, allow_pickle=allow_pickle,
                      fallback_config=fallback_config)
     return s, Path(s.model_dir) if s.model_dir else path
+
+
+def _check_readable_structure(ref: ModelRef, path: Path, count_nonzero: bool) -> None:
+    """Before any header is walked: config.json's sizes bounds-checked (an absurd config is one line, never gigabytes
+    of layer records), and no non-zero count over a header-only shape's sparse file (its weights are not written)."""
+    from core.models.ref import read_checked_config
+    from core.models.shape import is_header_only_dir
+
+    if path.is_dir() and (path / "config.json").is_file():
+        read_checked_config(path)
+    if count_nonzero and path.is_dir() and is_header_only_dir(path):
+        raise ConfigError(f"model={ref.name} is header-only (no weight bytes, {path}): count_nonzero=false reads "
+                          "its parameters from the header; model.num_layers=N builds N layers of real weights")
+
+
+def run_command() -> Optional[str]:
+    """``python run.py <this job's overrides>`` (shell-quoted) when Hydra launched the run, else None."""
+    if not HydraConfig.initialized():
+        return None
+    return " ".join(["python run.py", *(shlex.quote(str(o)) for o in HydraConfig.get().overrides.task)])
+
+
+def write_card(model_dir: Path, ctx: Any, *, settings: tuple[str, ...] = (), label: Optional[str] = None) -> None:
+    """Refresh the model card (``README.md``, ``core.models.card``) of a checkpoint this run saved, once the run's
+    record holds its evaluations: the metrics with their protocol, the ``settings`` config groups, the command
+    line, how to evaluate it. ``label``: which of the record's evaluated models it is (default: the last one).
+    The checkpoint is complete without it, so a failure is a warning."""
+    evaluate = ("```bash\npython run.py task=evaluate model=path/to/this/folder eval=zeroshot\n```\n\n"
+                "`eval=mmlu`, `eval=full` or `eval.tasks=[...]` for other benchmarks; `eval.limit=N` for a quick look.")
+    write_model_card(model_dir, dict(getattr(ctx, "metrics", None) or {}), warn=True, settings=settings, label=label,
+                     command=run_command(), sections={"Evaluate it with prunelab": evaluate})

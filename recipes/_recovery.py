@@ -7,6 +7,7 @@ write the curves (:func:`recover`), and the ``recovery`` entry of ``checkpoint_i
 from __future__ import annotations
 
 import gc
+import json
 import logging
 import shutil
 import time
@@ -16,7 +17,15 @@ from typing import Any, Optional
 
 from omegaconf import DictConfig
 
+from core.data.text import TextSpec, load_documents
+from core.models.llama import count_params
+from core.run.errors import ConfigError, UserError
+from core.run.io import atomic_write_json
+from core.run.record import run_status
 from recipes._common import build
+from recovery.data import (check_disjoint, describe_rows, heldout_rows, load_corpus, rows_per_epoch, steps_for,
+                           training_rows)
+from recovery.lora import attach, merge, resolve_targets, save_adapter, trainable_parameters
 
 log = logging.getLogger(__name__)
 
@@ -36,8 +45,6 @@ def spec_of(cfg: DictConfig) -> Any:
 
 def recovery_errors(cfg: DictConfig) -> list[str]:
     """The recovery options bound to their class: a typo or a bad value fails before any weight loads."""
-    from core.errors import UserError
-
     try:
         spec_of(cfg)
     except UserError as e:
@@ -57,8 +64,6 @@ class Prepared:
     resume_source: Optional[Path] = None  # the state dir to continue from (recovery.resume), checked against spec
 
     def record(self) -> dict:
-        from recovery.data import describe_rows
-
         return {"source": self.corpus.name, "description": self.corpus.description, "kind": self.corpus.kind,
                 "spec": self.spec.data.to_dict(), "seq_len": self.spec.seq_len, "packing": self.spec.packing,
                 "train": describe_rows(self.rows), "heldout": {"windows": len(self.heldout.ids),
@@ -70,10 +75,6 @@ def prepare(spec: Any, model: Any, tok: Any, *, cache_dir: str, evaluation: list
     """Check the targets against ``model``, read and split the training text, refuse overlap with the
     ``evaluation`` texts (TextSources), build the rows, find the state to resume (``recovery.resume``) and check it
     against the options: every bad input fails here, before any evaluation runs."""
-    from core.errors import ConfigError
-    from recovery.data import check_disjoint, heldout_rows, load_corpus, rows_per_epoch, steps_for, training_rows
-    from recovery.lora import resolve_targets
-
     resolve_targets(model, spec)  # (task=prune checks again after pruning: widths may have shrunk below the rank)
     context = getattr(model.config, "max_position_embeddings", None)
     if context and spec.seq_len > context:
@@ -90,7 +91,7 @@ def prepare(spec: Any, model: Any, tok: Any, *, cache_dir: str, evaluation: list
              corpus.name, total, spec.rows_per_step, spec.seq_len, rows.epochs, len(held.ids))
     source = _resume_source(spec.resume, outputs_root, run_dir) if run_dir is not None else None
     if source is not None:
-        from recovery.train import check_state
+        from recovery.train import check_state  # local: torch; validation imports this module
 
         source = check_state(source, spec, total)
     return Prepared(spec, corpus, rows, held, total, source)
@@ -98,14 +99,12 @@ def prepare(spec: Any, model: Any, tok: Any, *, cache_dir: str, evaluation: list
 
 def check_targets(model: Any, prep: Prepared) -> None:
     """The recovery targets and rank against ``model`` as it is now (after pruning, widths may be below the rank)."""
-    from recovery.lora import resolve_targets
-
     resolve_targets(model, prep.spec)
 
 
 def heldout_ppl(model: Any, prep: Prepared, tok: Any) -> float:
     """The held-out perplexity of any model on the stage's validation windows (the dense base, for the damage)."""
-    from recovery.train import heldout_ppl as ppl
+    from recovery.train import heldout_ppl as ppl  # local: torch; validation imports this module
 
     return ppl(model, prep.heldout, prep.spec.micro_batch, _pad_id(tok))
 
@@ -120,11 +119,7 @@ def _pad_id(tok: Any) -> int:
 def _resume_source(resume: Any, outputs_root: str, run_dir: Path) -> Optional[Path]:
     """The state dir to continue from: ``true`` = the newest unfinished run under ``outputs_root`` with a recovery
     state; a path = that run dir (its recovery/state) or that state dir."""
-    import json
-
-    from core.errors import ConfigError
-    from core.record import run_status
-    from recovery.train import latest_state
+    from recovery.train import latest_state  # local: torch; validation imports this module
 
     if resume is False or resume is None or str(resume).lower() in ("false", "no", ""):
         return None
@@ -153,8 +148,6 @@ def _resume_source(resume: Any, outputs_root: str, run_dir: Path) -> Optional[Pa
 
 def _copy_state(step_dir: Path, state_dir: Path) -> Path:
     """Copy a saved state (``step-<n>/``) into this run's state dir (the earlier run is never modified)."""
-    from core.io import atomic_write_json
-
     state_dir.mkdir(parents=True, exist_ok=True)
     shutil.copytree(step_dir, state_dir / step_dir.name)
     atomic_write_json(state_dir / "latest.json", {"step": int(step_dir.name.split("-")[-1]), "dir": step_dir.name})
@@ -164,10 +157,10 @@ def _copy_state(step_dir: Path, state_dir: Path) -> Path:
 def _plots(run_dir: Path, result: Any, refs: dict[str, Optional[float]]) -> list[Path]:
     """``recovery/loss.png`` (training loss per step) and ``recovery/heldout_ppl.png`` (held-out perplexity against
     training minutes, with the dense and pre-recovery levels)."""
-    import matplotlib
+    import matplotlib  # local: heavy, needed only once training is done; validation imports this module
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # after choosing the backend
 
     h = result.history
     out = []
@@ -196,7 +189,7 @@ def _plots(run_dir: Path, result: Any, refs: dict[str, Optional[float]]) -> list
 
 def _save_plot(fig: Any, ax: Any, path: Path) -> Path:
     """The recovery plots' common finish: grid, legend, tight layout, PNG at 120 dpi, figure closed."""
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # local: as in _plots
 
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
@@ -217,8 +210,7 @@ def recover(model: Any, tok: Any, prep: Prepared, ctx: Any, *, run_dir: Path, id
             dense_heldout: Optional[float] = None, base_description: str = "") -> tuple[Any, dict]:
     """Attach adapters, train (resuming when asked), save them unmerged, merge. Returns the merged model and the
     summary recorded in the run record and in ``checkpoint_info.json``."""
-    from core.llama import count_params
-    from recovery.lora import attach, merge, resolve_targets, save_adapter, trainable_parameters
+    # local: torch, and validation imports this module; looked up here, so tests can monkeypatch recovery.train.train
     from recovery.train import train
 
     spec = prep.spec
@@ -301,8 +293,6 @@ def checkpoint_entry(summary: dict, eval_before: dict, eval_after: dict, eval_ba
 
 def evaluation_texts(cfg: DictConfig, eval_src: Any, cache_dir: str) -> list:
     """The texts training must not contain: the perplexity text and BoolQ's passages when BoolQ is a task."""
-    from core.data import TextSpec, load_documents
-
     texts = [eval_src]
     if any(str(t).split(":")[0] == "boolq" for t in cfg.eval.tasks):
         texts.append(load_documents(TextSpec("boolq"), cache_dir))

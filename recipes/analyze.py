@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 from omegaconf import DictConfig
 
-from analysis.report import write_analysis
-from analysis.structure import ModelStructure
 from recipes._common import model_ref, resolve_model, structure_for_ref
+
+if TYPE_CHECKING:
+    from analysis.structure import ModelStructure
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +49,8 @@ def _ranges_from_info(meta: dict) -> Optional[dict]:
 
 def run(cfg: DictConfig, ctx: Any) -> dict:
     """Analyse ``model`` (any format), compared with ``base`` when given; outputs in <run_dir>/analysis/."""
+    from analysis.report import write_analysis  # local: torch, pandas, matplotlib; validation imports this module
+
     count_nonzero = bool(cfg.count_nonzero)
     base, base_dir = _base_structure(cfg, count_nonzero)
     ref = model_ref(cfg.model)

@@ -14,6 +14,7 @@ from typing import Any
 
 from omegaconf import DictConfig
 
+from core.run.errors import DataError
 from recipes._common import resolve_model, structure_for_ref
 
 log = logging.getLogger(__name__)
@@ -31,8 +32,7 @@ def validate(cfg: DictConfig) -> list[str]:
 
 
 def run(cfg: DictConfig, ctx: Any) -> dict:
-    from analysis.batch import batch_analyze
-    from core.errors import DataError
+    from analysis.batch import batch_analyze  # local: torch, pandas, matplotlib; validation imports this module
 
     count_nonzero = bool(cfg.count_nonzero)
     base, base_dir = (structure_for_ref(resolve_model(str(cfg.base)), cache_dir=cfg.paths.cache_dir,

@@ -4,13 +4,14 @@
     (base may be left out when SliceGPT copied the base's config.json beside the .pt: a local --model-path)
 
 Reads ``<model>_<sparsity>.pt`` with torch's tensors-only unpickler (no dill, no slicegpt package) and its
-``<model>_<sparsity>.json`` slicing config, checks both against the base model's config (``core.slicegpt``), and
-writes ``<run dir>/model``: a sliced prunelab checkpoint (``core.modeling.sliced_llama``, SliceGPT's tensors
+``<model>_<sparsity>.json`` slicing config, checks both against the base model's config (``core.models.slicegpt``), and
+writes ``<run dir>/model``: a sliced prunelab checkpoint (``core.models.modeling_sliced``, SliceGPT's tensors
 unchanged) with the same logits. The base model gives the config and the tokenizer; its weights are not read.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from pathlib import Path
@@ -18,11 +19,15 @@ from typing import Any
 
 from omegaconf import DictConfig
 
-from recipes._common import model_ref, plain, resolve_model
+from core.models.llama import count_params, params_from_config
+from core.models.ref import read_config_json, tiny_config
+from recipes._common import model_ref, plain, resolve_model, write_card
+from recipes._plan import plan_convert
 
 log = logging.getLogger(__name__)
 
 METRICS = {"params_kept_pct": "minimize"}
+plan = plan_convert  # dry_run=true prints it; a run checks it before loading (recipes/_plan.py)
 
 
 def validate(cfg: DictConfig) -> list[str]:
@@ -43,11 +48,10 @@ def validate(cfg: DictConfig) -> list[str]:
 
 def _base(name: str, cache_dir: str) -> tuple[dict, Any, dict]:
     """(config.json dict, tokenizer, ModelRef dict) of the base model: a model name or a path."""
-    import dataclasses
-
+    # local: torch + transformers; validation imports this module
     from transformers import AutoTokenizer
 
-    from core.models import byte_tokenizer, cached_gguf_dir, read_config_json, tiny_config
+    from core.models.load import byte_tokenizer, cached_gguf_dir
 
     ref = resolve_model(name)
     if ref.kind == "tiny":
@@ -57,10 +61,10 @@ def _base(name: str, cache_dir: str) -> tuple[dict, Any, dict]:
 
 
 def run(cfg: DictConfig, ctx: Any) -> dict:
-    from core.checkpoint import check_free_space, save_checkpoint
-    from core.llama import count_params, params_from_config
-    from core.models import read_config_json, torch_dtype
-    from core.slicegpt import SliceGPTFiles, load_slicegpt
+    # local: torch + transformers; validation imports this module
+    from core.models.checkpoint import check_free_space, save_checkpoint
+    from core.models.load import torch_dtype
+    from core.models.slicegpt import SliceGPTFiles, load_slicegpt
 
     ref = model_ref(cfg.model)
     run_dir = Path(cfg.paths.output_dir)
@@ -101,5 +105,6 @@ def run(cfg: DictConfig, ctx: Any) -> dict:
     ctx.log("checkpoint", {"path": str(out), "bytes": sum(f.stat().st_size for f in out.iterdir()),
                            "dtype": cfg.save_dtype or str(next(model.parameters()).dtype).removeprefix("torch.")})
     ctx.log("timings", {"load_s": t_load, "save_s": time.perf_counter() - t0})
+    write_card(out, ctx)
     log.info("checkpoint: %s", out)
     return {"params_kept_pct": 100.0 * params / base_params}

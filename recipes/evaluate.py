@@ -13,26 +13,30 @@ from typing import Any, Optional
 
 from omegaconf import DictConfig
 
-from core.data import TextSpec
-from core.models import ModelRef
+from analysis.lm_eval_tasks import results_frame, task_errors
+from core.data.text import TextSpec, calibration_and_eval_sources, eval_tokens, load_documents
+from core.models.llama import count_nonzero, count_params
+from core.models.ref import ModelRef, model_config
+from core.run.errors import ConfigError
+from core.run.io import atomic_write_text
+from core.run.wandb_view import WandbView
 from recipes._common import checkpoint_info, headline_metrics, model_ref, plain, text_spec
+from recipes._plan import plan_evaluate
 
 log = logging.getLogger(__name__)
 
 METRICS = {"ppl": "minimize", "avg_acc": "maximize", "mmlu": "maximize"}
+WANDB_VIEW = WandbView(uncompressed="base")  # a model without checkpoint_info, evaluated alone: W&B method "base"
+plan = plan_evaluate  # dry_run=true prints it; a run checks it before loading (recipes/_plan.py)
 
 
 def validate(cfg: DictConfig) -> list[str]:
     """Unknown lm-eval task names or a bad limit fail here, before any model loads."""
-    from analysis.lm_eval_tasks import task_errors
-
     return task_errors(list(cfg.eval.tasks), cfg.eval.limit)
 
 
 def _ppl_tokens(tokenizer, eval_cfg: dict, calib: Optional[TextSpec], cache_dir: str):
     """Evaluation tokens ``[1, n]`` and the sources used (never overlapping the calibration text)."""
-    from core.data import calibration_and_eval_sources, eval_tokens, load_documents
-
     ppl = eval_cfg["ppl"]
     if not ppl["enabled"]:
         return None, {}
@@ -50,10 +54,10 @@ def _ppl_tokens(tokenizer, eval_cfg: dict, calib: Optional[TextSpec], cache_dir:
 
 def _evaluate_one(ref: ModelRef, eval_cfg: dict, calib: Optional[TextSpec], cache_dir: str,
                   allow_pickle: bool) -> tuple[dict, dict, dict]:
+    # local: torch + transformers; validation imports this module
     from analysis.efficiency import size_stats
     from analysis.evaluate import evaluate_model
-    from core.llama import count_nonzero, count_params
-    from core.models import load_model
+    from core.models.load import load_model
 
     model, tok = load_model(ref, cache_dir=cache_dir, allow_pickle=allow_pickle)
     ppl, data = _ppl_tokens(tok, eval_cfg, calib, cache_dir)
@@ -69,8 +73,6 @@ def _evaluate_one(ref: ModelRef, eval_cfg: dict, calib: Optional[TextSpec], cach
 
 
 def _log_results(label: str, result: dict) -> None:
-    from analysis.lm_eval_tasks import results_frame
-
     ppl = result.get("ppl")
     if ppl:
         log.info("[%s] PPL %s (seq_len %s, %s tokens of %s)", label,
@@ -88,12 +90,7 @@ def _log_results(label: str, result: dict) -> None:
 
 def run(cfg: DictConfig, ctx: Any) -> dict:
     """Evaluate ``cfg.model`` (and its base model when ``eval.compare_base``) into ``ctx.run_dir``."""
-    import pandas as pd
-
-    from analysis.lm_eval_tasks import results_frame
-
-    from core.errors import ConfigError
-    from core.models import model_config
+    import pandas as pd  # local: pandas; validation imports this module
 
     eval_cfg, ref, cache_dir = plain(cfg.eval), model_ref(cfg.model), cfg.paths.cache_dir
     config = model_config(ref, cache_dir) or {}
@@ -140,8 +137,6 @@ def run(cfg: DictConfig, ctx: Any) -> dict:
     ctx.log("params", params_entry)
     table = pd.concat([f for f in frames if len(f)], ignore_index=True) if any(len(f) for f in frames) else None
     if table is not None:
-        from core.io import atomic_write_text
-
         atomic_write_text(Path(ctx.run_dir) / "eval_results.csv", table.to_csv(index=False))
         ctx.log_table("eval/results", table)
     return headline_metrics(result)

@@ -15,6 +15,7 @@ gets the logit error relative to the logit scale and the greedy-token agreement.
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
 import time
@@ -24,11 +25,16 @@ from typing import Any, Optional
 import yaml
 from omegaconf import DictConfig
 
+from core.data.text import TextSpec, calibration_and_eval_sources, eval_tokens, load_documents
+from core.models.ref import ModelRef, gguf_path
+from core.run.errors import ConfigError, UserError
 from recipes._common import CONF_DIR, build, checkpoint_info, model_ref, plain, text_spec
+from recipes._plan import plan_export
 
 log = logging.getLogger(__name__)
 
 METRICS = {"logit_error": "minimize", "greedy_agreement": "maximize", "size_mb": "minimize"}
+plan = plan_export  # dry_run=true prints it; a run checks it before loading (recipes/_plan.py)
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 
 
@@ -36,8 +42,6 @@ def options(node: Any) -> Any:
     """The built export options. ``export.format=X`` on top of another format's option file switches to
     ``conf/export/X.yaml``, keeping the keys both options share (output, verify, ...) from the command line; a
     key changed on the command line that X does not have is an error, never silently dropped."""
-    from core.errors import ConfigError
-
     d = plain(node) or {}
     fmt = d.get("format")
     files = {p.stem: yaml.safe_load(p.read_text()) or {} for p in sorted((CONF_DIR / "export").glob("*.yaml"))}
@@ -55,8 +59,6 @@ def options(node: Any) -> Any:
 
 
 def validate(cfg: DictConfig) -> list[str]:
-    from core.errors import UserError
-
     try:
         opts = options(cfg.export)
     except UserError as e:
@@ -77,7 +79,7 @@ def validate(cfg: DictConfig) -> list[str]:
 
 def llama_cpp_model(path: str | Path, n_ctx: int, *, f32_cache: bool = True, threads: Optional[int] = None):
     """A llama-cpp-python ``Llama`` with logits on every position (f32 KV cache unless ``f32_cache`` is false)."""
-    import llama_cpp
+    import llama_cpp  # local: an optional dependency (pip install llama-cpp-python)
 
     kw = {"type_k": llama_cpp.GGML_TYPE_F32, "type_v": llama_cpp.GGML_TYPE_F32} if f32_cache else {}
     return llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, logits_all=True, verbose=False, n_batch=n_ctx,
@@ -105,9 +107,9 @@ def llama_cpp_greedy(llm: Any, prompt: list[int], n: int) -> list[int]:
 
 def llama_cpp_quantize(src: str | Path, dst: str | Path, out_type: str, threads: Optional[int] = None) -> None:
     """llama.cpp's own quantiser (the code behind llama-quantize), ``src`` (f32 GGUF) -> ``dst``."""
-    import llama_cpp
+    import llama_cpp  # local: an optional dependency (pip install llama-cpp-python)
 
-    from export.layout import ExportError
+    from export.layout import ExportError  # local: torch; validation imports this module
 
     dst = Path(dst)
     params = llama_cpp.llama_model_quantize_default_params()
@@ -120,7 +122,7 @@ def llama_cpp_quantize(src: str | Path, dst: str | Path, out_type: str, threads:
 
 def compare(ref, got) -> dict:
     """Logit error relative to the logit scale (max |reference logit|) and greedy-token agreement."""
-    import numpy as np
+    import numpy as np  # local: numpy; validation imports this module
 
     ref, got = np.asarray(ref, dtype=np.float64), np.asarray(got, dtype=np.float64)
     err = float(np.abs(ref - got).max())
@@ -134,8 +136,6 @@ def compare(ref, got) -> dict:
 
 def _held_out_tokens(tok: Any, cfg: DictConfig, info: dict, n: int) -> tuple[list[int], dict]:
     """``n`` tokens of ``eval.ppl``'s text, never the checkpoint's calibration text."""
-    from core.data import TextSpec, calibration_and_eval_sources, eval_tokens, load_documents
-
     spec = TextSpec(cfg.eval.ppl.source, cfg.eval.ppl.path, cfg.eval.ppl.text_field)
     calib_cfg = (info.get("config") or {}).get("data")
     if calib_cfg:
@@ -148,8 +148,6 @@ def _held_out_tokens(tok: Any, cfg: DictConfig, info: dict, n: int) -> tuple[lis
 
 def _source_gguf(ref: Any, info: dict) -> Optional[Path]:
     """The GGUF file the model (or the model it was pruned from) was read from, if any."""
-    from core.models import ModelRef, gguf_path
-
     for r in (ref, ModelRef.of(info["base_model"]) if info.get("base_model") else None):
         if r is not None and r.kind == "gguf" and r.gguf_package and r.gguf_file:
             return gguf_path(r.gguf_package, r.gguf_file)
@@ -157,6 +155,7 @@ def _source_gguf(ref: Any, info: dict) -> Optional[Path]:
 
 
 def _gguf_tokenizer(opts: Any, ref: Any, info: dict, tok: Any):
+    # local: torch, gguf; validation imports this module
     from export.layout import ExportError
     from export.tokenizer import from_gguf, from_hf, same_vocabulary
 
@@ -175,9 +174,7 @@ def _gguf_tokenizer(opts: Any, ref: Any, info: dict, tok: Any):
 
 
 def _verify_gguf(path: Path, model: Any, tok: Any, ids: list[int], out_type: str, threads: Optional[int]) -> dict:
-    import importlib.util
-
-    import torch
+    import torch  # local: torch; validation imports this module
 
     if importlib.util.find_spec("llama_cpp") is None:
         return {"skipped": "llama-cpp-python is not installed (pip install llama-cpp-python)"}
@@ -205,6 +202,7 @@ def _verify_gguf(path: Path, model: Any, tok: Any, ids: list[int], out_type: str
 
 
 def _verify_dir(path: Path, model: Any, ids: list[int], remote_code: bool) -> dict:
+    # local: torch + transformers; validation imports this module
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -219,9 +217,8 @@ def _verify_dir(path: Path, model: Any, ids: list[int], remote_code: bool) -> di
 
 
 def run(cfg: DictConfig, ctx: Any) -> dict:
-    import importlib.util
-
-    from core.models import load_model, torch_dtype
+    # local: torch, transformers, gguf; validation imports this module
+    from core.models.load import load_model, torch_dtype
     from export.decilm import write_decilm
     from export.hf import write_hf
     from export.layout import check_expressible

@@ -21,7 +21,13 @@ from typing import Any, Optional
 
 from omegaconf import DictConfig
 
-from recipes._common import checkpoint_info, headline_metrics, model_ref, plain, text_spec
+from analysis.lm_eval_tasks import task_errors
+from core.data.text import TextSpec, calibration_and_eval_sources, eval_tokens, load_documents
+from core.models.llama import count_nonzero, count_params, flops_per_token, params_from_config
+from core.models.ref import ModelRef, model_config
+from core.run.errors import ConfigError, LoadError
+from recipes._common import checkpoint_info, headline_metrics, model_ref, plain, text_spec, write_card
+from recipes._plan import plan_finetune
 from recipes._recovery import (checkpoint_entry, enabled, evaluation_texts, heldout_ppl, prepare, recover,
                                recovery_errors, spec_of)
 
@@ -29,13 +35,10 @@ log = logging.getLogger(__name__)
 
 METRICS = {"ppl": "minimize", "ppl_before_recovery": "minimize", "avg_acc": "maximize", "mmlu": "maximize",
            "damage_closed": "maximize"}
-
-
+plan = plan_finetune  # dry_run=true prints it; a run checks it before loading (recipes/_plan.py)
 
 
 def validate(cfg: DictConfig) -> list[str]:
-    from analysis.lm_eval_tasks import task_errors
-
     errors = task_errors(list(cfg.eval.tasks), cfg.eval.limit)
     if not enabled(cfg):
         return errors + ["task=finetune needs a recovery option: recovery=lora (or recovery=lora_cpu10)"]
@@ -47,14 +50,9 @@ def validate(cfg: DictConfig) -> list[str]:
 
 def _check_base(ref: Any, cache_dir: str) -> Optional[dict]:
     """config.json of the model to fine-tune; a ConfigError unless it is a prunelab checkpoint or a HF model dir."""
-    from core.errors import ConfigError
-    from core.models import model_config
-
     if ref.kind == "hf":
         path = Path(ref.path or "")
         if not path.exists():
-            from core.errors import LoadError
-
             raise LoadError(f"model.path {path} does not exist")
         if not (path.is_dir() and (path / "config.json").is_file()):
             raise ConfigError(f"model={path}: recovery fine-tunes a prunelab checkpoint or a HF model dir (config.json "
@@ -65,8 +63,6 @@ def _check_base(ref: Any, cache_dir: str) -> Optional[dict]:
 
 def _eval_source(info: dict, cfg: DictConfig, cache_dir: str) -> Any:
     """The perplexity text, split off the checkpoint's calibration text when both are the same (as task=evaluate)."""
-    from core.data import TextSpec, calibration_and_eval_sources, load_documents
-
     ppl = cfg.eval.ppl
     spec = TextSpec(ppl.source, ppl.path, ppl.text_field)
     calib = (info.get("config") or {}).get("data")
@@ -76,11 +72,10 @@ def _eval_source(info: dict, cfg: DictConfig, cache_dir: str) -> Any:
 
 
 def run(cfg: DictConfig, ctx: Any) -> dict:
+    # local: torch + transformers; validation imports this module
     from analysis.evaluate import evaluate_model
-    from core.checkpoint import check_free_space, save_checkpoint
-    from core.data import eval_tokens
-    from core.llama import count_nonzero, count_params, flops_per_token, params_from_config
-    from core.models import ModelRef, load_model, torch_dtype
+    from core.models.checkpoint import check_free_space, save_checkpoint
+    from core.models.load import load_model, torch_dtype
 
     t_start = time.perf_counter()
     spec = spec_of(cfg)
@@ -175,6 +170,7 @@ def run(cfg: DictConfig, ctx: Any) -> dict:
         ctx.log("checkpoint", {"path": str(out), "bytes": sum(f.stat().st_size for f in out.iterdir()),
                                "dtype": cfg.save_dtype or str(next(model.parameters()).dtype).removeprefix("torch.")})
         log.info("checkpoint: %s", out)
+        write_card(out, ctx, settings=("recovery",))
     ctx.log("timings", {"load_s": t_load, "eval_s": t_eval, "recovery_s": summary["seconds"],
                         "save_s": time.perf_counter() - t0, "recipe_s": time.perf_counter() - t_start})
     for side in ("base", "pruned", "recovered"):

@@ -11,12 +11,22 @@ from __future__ import annotations
 
 import gc
 import logging
+import resource
 import time
 from pathlib import Path
+from typing import Any
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
-from recipes._common import build, headline_metrics, model_ref, plain, text_spec
+from analysis.lm_eval_tasks import task_errors
+from core.data.text import calibration_and_eval_sources, calibration_batch, eval_tokens, mix_record
+from core.models.llama import count_nonzero, count_params, flops_per_token, params_from_config
+from core.models.ref import model_config, model_depth
+from core.run.errors import ConfigError, UserError
+from core.run.wandb_view import WandbView
+from recipes import _recovery as recovery_stage
+from recipes._common import build, headline_metrics, model_ref, plain, text_spec, write_card
+from recipes._plan import plan_prune
 
 log = logging.getLogger(__name__)
 
@@ -25,6 +35,8 @@ METRICS = {"ppl": "minimize", "ppl_base": "minimize", "avg_acc": "maximize", "mm
            # recovery=lora: ppl / avg_acc / mmlu are the recovered model's; these are the pruned model's and the share
            # of the perplexity damage (pruned - base) recovery closed
            "ppl_before_recovery": "minimize", "damage_closed": "maximize"}
+WANDB_VIEW = WandbView(method_key="pruner.name", layers_key="layers")  # W&B: the pruner and the configured ranges
+plan = plan_prune  # dry_run=true prints it; a run checks it before loading (recipes/_plan.py)
 
 DENSE_ZEROS_NOTE = ("unstructured / N:M sparsity keeps dense shapes: these dense kernels gain no speed or memory "
                     "from the zeros (2:4 needs semi-structured sparse kernels on an Ampere+ GPU, "
@@ -32,14 +44,14 @@ DENSE_ZEROS_NOTE = ("unstructured / N:M sparsity keeps dense shapes: these dense
 
 
 def validate(cfg: DictConfig) -> list[str]:
-    """The pruner's options bound to its class, and the eval tasks: a typo or a bad value fails before any weight loads."""
-    from analysis.lm_eval_tasks import task_errors
-    from core.errors import UserError
-    from recipes import _recovery as recovery_stage
+    """The pruner's options bound to its class, and the eval tasks: a typo or a bad value fails before any weight loads.
 
+    The unit the pruner reads ``ratio`` in is written back into ``cfg`` (:func:`resolve_ratio_target`), so the
+    record composed from it says what is used.
+    """
     errors = task_errors(list(cfg.eval.tasks), cfg.eval.limit)
     try:
-        build(cfg.pruner, "pruner")
+        resolve_ratio_target(cfg, build(cfg.pruner, "pruner"))
     except UserError as e:
         errors.append(str(e))
     if recovery_stage.enabled(cfg):
@@ -47,10 +59,18 @@ def validate(cfg: DictConfig) -> list[str]:
     return errors
 
 
+def resolve_ratio_target(cfg: DictConfig, pruner: Any) -> None:
+    """``cfg.ratio_target`` (null: the pruner's default) becomes the unit ``pruner`` resolved it to, a plain
+    string; ``pruner.ratio_target`` (``${ratio_target}``) follows. The config the run records, the W&B config and
+    the checkpoint's then say what the pruner used, never the top-level default."""
+    with read_write(cfg), open_dict(cfg):
+        cfg.ratio_target = str(pruner.ratio_target)
+        if OmegaConf.select(cfg, "pruner.ratio_target", default=None) != cfg.ratio_target:
+            cfg.pruner.ratio_target = cfg.ratio_target
+
+
 def check_model_config(config: dict, cfg: DictConfig) -> None:
     """Settings that must fit the model: calibration and evaluation windows within its context."""
-    from core.errors import ConfigError
-
     context = config.get("max_position_embeddings")
     if context and cfg.data.seq_len > context:
         raise ConfigError(f"data.seq_len={cfg.data.seq_len} is longer than the model's context of {context} tokens")
@@ -65,25 +85,37 @@ def _bytes_per_param(dtype: str, config: dict) -> int:
 
 
 def _peak_mib() -> float:
-    import resource
-
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
 def run(cfg: DictConfig, ctx) -> dict:
+    """The prune task. The objects that exist once torch and transformers are imported (~400k, alive until exit) are
+    frozen out of the cyclic collector for the run: each collection (the one after pruning, Python's own) then
+    walks only what the run made, not the imports again (what is freed does not change)."""
+    import core.models.checkpoint  # noqa: F401 - torch + transformers, imported before freezing
+    import core.models.load  # noqa: F401
+
+    gc.freeze()
+    try:
+        return _run(cfg, ctx)
+    finally:
+        gc.unfreeze()
+
+
+def _run(cfg: DictConfig, ctx) -> dict:
+    # local: torch + transformers; validation imports this module
     import torch
 
     from analysis.evaluate import evaluate_model
     from analysis.structure import structure_of
-    from core.checkpoint import check_free_space, save_checkpoint
-    from core.data import calibration_and_eval_sources, calibration_batch, eval_tokens, mix_record
-    from core.llama import count_nonzero, count_params, flops_per_token, params_from_config
-    from core.models import cached_gguf_dir, load_model, model_config, model_depth, torch_dtype
-    from recipes import _recovery as recovery_stage
+    from core.models.checkpoint import check_free_space, save_checkpoint
+    from core.models.load import cached_gguf_dir, load_model, torch_dtype
 
     t_start = time.perf_counter()
     torch.manual_seed(cfg.seed)
     pruner = build(cfg.pruner, "pruner")
+    resolve_ratio_target(cfg, pruner)  # (validate did it; a record composed before validation gets it here)
+    ctx.log("config", {"ratio_target": cfg.ratio_target, "pruner": plain(cfg.pruner)})
     ref = model_ref(cfg.model)
     cache_dir, run_dir = cfg.paths.cache_dir, Path(cfg.paths.output_dir)
     eval_cfg = plain(cfg.eval)
@@ -110,14 +142,16 @@ def run(cfg: DictConfig, ctx) -> dict:
     if cfg.save_model:  # known exactly now (a GGUF's first conversion, a legacy file): still before pruning
         check_free_space(run_dir, sum(p.numel() for p in model.parameters())
                          * (torch_dtype(cfg.save_dtype).itemsize if cfg.save_dtype else next(model.parameters()).element_size()))
-    # a pruner that needs a given amount of text (pruner=obs: tokens x seq_len) says so; others take `data`'s
-    samples, seq_len = getattr(pruner, "calibration_shape", None) or (cfg.data.num_samples, cfg.data.seq_len)
+    # a pruner that needs a given amount of text says so (pruner=obs: its token rule on the model's geometry, and
+    # how the number was derived); others take `data`'s
+    plan = pruner.calibration_plan(model.config.to_dict()) if hasattr(pruner, "calibration_plan") else None
+    samples, seq_len = plan.shape if plan is not None else (cfg.data.num_samples, cfg.data.seq_len)
     batch = calibration_batch(tok, calib_src, samples, seq_len, cfg.data.seed) if pruner.needs_calibration else None
     ppl_tokens = eval_tokens(tok, eval_src, cfg.eval.ppl.max_tokens) if cfg.eval.ppl.enabled else None
     ctx.log("data", {
         "calibration": {"source": calib_src.name, "description": calib_src.description,
                         "num_samples": samples, "seq_len": seq_len, "tokens": samples * seq_len, "seed": cfg.data.seed,
-                        **mix_record(calib_src, samples, cfg.data.seed)}
+                        **({"rule": plan.rule} if plan is not None else {}), **mix_record(calib_src, samples, cfg.data.seed)}
         if calib_src else {"source": None, "description": f"{pruner.name} uses no calibration text"},
         "evaluation": {"source": eval_src.name, "description": eval_src.description,
                        "tokens": int(ppl_tokens.shape[1])} if eval_src else {"source": None, "tokens": 0},
@@ -191,7 +225,7 @@ def run(cfg: DictConfig, ctx) -> dict:
     if prep is not None:
         t0 = time.perf_counter()
         identity = {"model": ref.path or ref.name, "pruner": plain(cfg.pruner), "ratio": float(cfg.ratio),
-                    "ratio_target": str(cfg.ratio_target), "layers": plain(cfg.layers), "data": plain(cfg.data),
+                    "ratio_target": pruner.ratio_target, "layers": plain(cfg.layers), "data": plain(cfg.data),
                     "seed": int(cfg.seed), "params": result.params_after}
         model, summary = recovery_stage.recover(model, tok, prep, ctx, run_dir=run_dir, identity=identity,
                                                 dense_heldout=dense_heldout,
@@ -210,7 +244,8 @@ def run(cfg: DictConfig, ctx) -> dict:
 
     # 6. Checkpoint (atomic) and analysis.
     t0 = time.perf_counter()
-    info = {"method": pruner.name, "ratio": float(cfg.ratio), "ratio_target": str(cfg.ratio_target),
+    # ratio, unit and compression as the pruner used them (slicegpt's ratio is pruner.sparsity)
+    info = {"method": pruner.name, "ratio": float(pruner.ratio), "ratio_target": pruner.ratio_target,
             "compression": result.compression, "layer_ranges": result.ranges, "base_model": ref.to_dict(),
             "params": {"base": params_base, "pruned": result.params_after},
             "scores": {k: (v.get("ppl") or {}).get("value") for k, v in results.items()},
@@ -250,4 +285,6 @@ def run(cfg: DictConfig, ctx) -> dict:
         metrics["ppl_base"] = results["base"]["ppl"]["value"]
     metrics["params_kept_pct"] = 100.0 * result.params_after / params_base
     metrics["nonzero_kept_pct"] = 100.0 * nonzero / nonzero_base
+    if cfg.save_model:  # the model card, now that the record holds every evaluation
+        write_card(run_dir / "model", ctx, settings=("pruner", "recovery"))
     return metrics

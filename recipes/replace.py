@@ -6,7 +6,7 @@
 
 The checkpoint (``<run dir>/model``) loads in plain transformers with trust_remote_code; ``checkpoint_info.json``
 has the seed's fields (replaced_layers, score with its metric, description, creation_time, base, donor) and
-``README.txt`` says how to load and test it.
+``README.txt`` says how to load and test it (the seed's note, kept); ``README.md`` is the model card.
 """
 
 from __future__ import annotations
@@ -18,11 +18,20 @@ from typing import Any
 
 from omegaconf import DictConfig
 
-from recipes._common import build, donor_dir, headline_metrics, plain, resolve_model, tokenizer_or_donors
+from core.data.text import TextSpec, eval_tokens, load_documents
+from core.models.ref import model_config
+from core.run.errors import UserError
+from core.run.io import atomic_write_text
+from core.run.wandb_view import WandbView
+from recipes._common import (build, donor_dir, headline_metrics, plain, resolve_model, tokenizer_or_donors,
+                             write_card)
+from recipes._plan import plan_replace
 
 log = logging.getLogger(__name__)
 
 METRICS = {"ppl": "minimize", "avg_acc": "maximize", "mmlu": "maximize"}
+WANDB_VIEW = WandbView(method="replace")  # W&B method of every hybrid; layer_range: the replaced layers
+plan = plan_replace  # dry_run=true prints it; a run checks it before loading (recipes/_plan.py)
 
 README = """Hybrid model made by prunelab (task=replace)
 
@@ -45,8 +54,6 @@ checkpoint_info.json holds the layers, the scores measured by the run, the base,
 
 
 def validate(cfg: DictConfig) -> list[str]:
-    from core.errors import UserError
-
     try:
         spec = build(cfg.replacement, "replacement")
     except UserError as e:
@@ -55,11 +62,10 @@ def validate(cfg: DictConfig) -> list[str]:
 
 
 def run(cfg: DictConfig, ctx: Any) -> dict:
+    # local: torch + transformers; validation imports this module
     from analysis.evaluate import evaluate_model
-    from core.checkpoint import save_checkpoint
-    from core.data import TextSpec, eval_tokens, load_documents
-    from core.io import atomic_write_text
-    from core.models import load_model, model_config, torch_dtype
+    from core.models.checkpoint import save_checkpoint
+    from core.models.load import load_model, torch_dtype
     from replacement.hybrid import DonorLayers, assemble, check_compatible, check_layers
 
     spec = build(cfg.replacement, "replacement")
@@ -113,6 +119,7 @@ def run(cfg: DictConfig, ctx: Any) -> dict:
         atomic_write_text(out / "README.txt", README.format(
             base=spec.base, donor=spec.donor, layers=layers, path=out.resolve(),
             description=f"description: {spec.description}\n" if spec.description else ""))
+        write_card(out, ctx, settings=("replacement",))  # README.md: the model card (README.txt: the seed's note)
         ctx.log("checkpoint", {"path": str(out), "bytes": sum(f.stat().st_size for f in out.iterdir())})
         log.info("checkpoint: %s", out)
     return metrics

@@ -48,7 +48,7 @@ def validate(cfg: DictConfig) -> list[str]:
 
 
 def run(cfg: DictConfig, ctx: Any) -> dict:
-    from analysis.html_report import write_report
+    from analysis.html_report import write_report  # local: pandas; validation imports this module
 
     sources = _sources(cfg)
     path = write_report(sources, _out_path(sources), exclude=[ctx.run_dir])

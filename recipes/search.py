@@ -23,16 +23,25 @@ from typing import Any, Optional
 
 from omegaconf import DictConfig
 
-from recipes._common import build, donor_dir, plain, resolve_model, tokenizer_or_donors, text_spec
+from analysis.lm_eval_tasks import run_lm_eval
+from core.data.text import calibration_and_eval_sources, calibration_batch, eval_tokens, mix_record
+from core.models.ref import model_config
+from core.run.errors import ConfigError, UserError
+from core.run.io import atomic_write_json
+from core.run.record import run_status
+from core.run.wandb_view import WandbView
+from core.search import Subsets, search
+from recipes._common import build, donor_dir, plain, resolve_model, tokenizer_or_donors, text_spec, write_card
+from recipes._plan import plan_search
 
 log = logging.getLogger(__name__)
 
 METRICS = {"fitness": "minimize"}  # the best fitness found at the largest k
+WANDB_VIEW = WandbView(method="search")  # W&B method of every search run
+plan = plan_search  # dry_run=true prints it; a run checks it before loading (recipes/_plan.py)
 
 
 def validate(cfg: DictConfig) -> list[str]:
-    from core.errors import UserError
-
     errors = []
     for group in ("replacement", "search"):
         try:
@@ -44,9 +53,6 @@ def validate(cfg: DictConfig) -> list[str]:
 
 def _resume_dir(resume: str, outputs_root: str, here: Path) -> Path:
     """The killed search to continue: ``latest`` = the newest unfinished search run under outputs_root."""
-    from core.errors import ConfigError
-    from core.record import run_status
-
     if resume != "latest":
         path = Path(resume).expanduser()
         if not (path / "search" / "state").is_dir():
@@ -68,13 +74,11 @@ def _resume_dir(resume: str, outputs_root: str, here: Path) -> Path:
 
 
 def run(cfg: DictConfig, ctx: Any) -> dict:
+    # local: torch + transformers; validation imports this module (analysis.plots: matplotlib)
+    from analysis.perplexity import perplexity
     from analysis.plots import convergence
-    from core.checkpoint import save_checkpoint
-    from core.data import calibration_and_eval_sources, calibration_batch, mix_record
-    from core.errors import ConfigError
-    from core.io import atomic_write_json
-    from core.models import load_model, model_config, torch_dtype
-    from core.search import Subsets, search
+    from core.models.checkpoint import save_checkpoint
+    from core.models.load import load_model, torch_dtype
     from replacement.fitness import HybridFitness, donor_logprobs
     from replacement.hybrid import DonorLayers, adopt_attention, check_compatible, swapped
 
@@ -159,9 +163,6 @@ def run(cfg: DictConfig, ctx: Any) -> dict:
 
     # 4. Held-out perplexity of the base, each k's best hybrid and the donor: how much damage each k recovers.
     if cfg.eval.ppl.enabled:
-        from analysis.perplexity import perplexity
-        from core.data import eval_tokens
-
         _, src = calibration_and_eval_sources(text_spec(cfg.data), text_spec(cfg.eval.ppl), cache_dir,
                                               calibration=False)  # never overlaps the calibration text
         held_out = eval_tokens(tok, src, cfg.eval.ppl.max_tokens)
@@ -192,14 +193,14 @@ def run(cfg: DictConfig, ctx: Any) -> dict:
                     "base": rspec.base, "donor": rspec.donor, "base_model": base_ref.to_dict(),
                     "donor_model": donor_ref.to_dict(), "config": plain(cfg)})
             model.config.layer_sources = None
+            write_card(out, ctx, settings=("replacement", "search"), label=f"k{k}")
             log.info("k=%d best hybrid saved: %s", k, out)
     return {"fitness": best_overall[max(best_overall)][0]}
 
 
 def _lm_eval_fitness(model: Any, tok: Any, donor: Any, sspec: Any):
     """1 - accuracy of the hybrid on ``search.task`` (one fidelity: the task with ``search.limit`` examples)."""
-    from analysis.lm_eval_tasks import run_lm_eval
-    from replacement.hybrid import swapped
+    from replacement.hybrid import swapped  # local: torch; validation imports this module
 
     def fitness(candidate: tuple[int, ...], fidelity: Optional[int] = None) -> float:
         with swapped(model, {i: donor[i] for i in candidate}):
@@ -208,7 +209,7 @@ def _lm_eval_fitness(model: Any, tok: Any, donor: Any, sspec: Any):
         if acc is None:
             acc = (out.get("mmlu") or {}).get("average")
         if acc is None:
-            task = (out.get("tasks") or {}).get(sspec.task) or {}
+            task = (out.get("tasks") or {}).get(str(sspec.task).partition(":")[0]) or {}  # "<task>:<shots>"
             acc = task.get("acc")
         return 1.0 - float(acc)
     return fitness

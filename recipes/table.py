@@ -16,6 +16,8 @@ from typing import Any
 
 from omegaconf import DictConfig
 
+from core.run.errors import DataError
+
 log = logging.getLogger(__name__)
 
 METRICS: dict[str, str] = {}
@@ -28,8 +30,8 @@ def validate(cfg: DictConfig) -> list[str]:
 
 
 def run(cfg: DictConfig, ctx: Any) -> dict:
+    # local: pandas; validation imports this module
     from analysis.results_table import collect, find_metrics, remove_orphans, split_completed, write_tables
-    from core.errors import DataError
 
     sources = [str(Path(r).expanduser()) for r in (list(cfg.runs) or [cfg.paths.outputs_root])]
     found = [f for f in find_metrics(sources) if f.parent.resolve() != Path(ctx.run_dir).resolve()]

@@ -1,7 +1,7 @@
 """Training text for recovery fine-tuning: rows of token ids, and a held-out split of the same text.
 
 Sources (``recovery.data.source``):
-- the project's offline texts (``austen``, ``boolq``, ``sciq``, ``qa``, ``news``, ``mix``; :mod:`core.data`) and a
+- the project's offline texts (``austen``, ``boolq``, ``sciq``, ``qa``, ``news``, ``mix``; :mod:`core.data.text`) and a
   local ``text_file`` (``.txt`` paragraphs or ``.jsonl`` with ``text_field``): running text, packed into rows of
   ``seq_len`` tokens (documents joined by EOS) or one document per row (``packing=false``);
 - ``instructions``: a local JSONL of ``{"instruction", "input", "output"}`` records (Alpaca's layout), each turned
@@ -10,7 +10,7 @@ Sources (``recovery.data.source``):
 
 Every text is split once: training reads the first 90% of its paragraphs (of each component of a mix; of the
 records of an instruction file) and the held-out text (validation perplexity, early stopping) the last 10%, the
-same cut :mod:`core.data` uses for evaluation, so when the evaluation text is the training source itself, it is
+same cut :mod:`core.data.text` uses for evaluation, so when the evaluation text is the training source itself, it is
 the held-out split, which training never reads. :func:`check_disjoint` refuses training text that also occurs in
 an evaluation text. Rows are a deterministic function of the text, the tokenizer and the seed: a resumed run
 rebuilds them and continues at its step.
@@ -26,9 +26,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional, Sequence
 
-from core.data import (HOLDOUT_FRACTION, TextSource, TextSpec, eval_tokens, load_documents,
+from core.data.text import (HOLDOUT_FRACTION, TextSource, TextSpec, eval_tokens, load_documents,
                        mix_counts, mix_weights)
-from core.errors import ConfigError, DataError
+from core.run.errors import ConfigError, DataError
 
 if TYPE_CHECKING:
     import torch
@@ -68,7 +68,7 @@ class DataSpec:
                 raise ConfigError(str(e).replace("data.mix", "recovery.data.mix")) from None
 
     def text_spec(self) -> TextSpec:
-        """The :class:`core.data.TextSpec` of a running-text source (instructions have none)."""
+        """The :class:`core.data.text.TextSpec` of a running-text source (instructions have none)."""
         if self.source == "instructions":
             raise ValueError("instruction data is not a core text source")
         mix = tuple((str(k), float(v)) for k, v in self.mix.items()) if self.source == "mix" else ()
@@ -267,7 +267,7 @@ def _check_one_batch(tokenizer: Any, docs: Sequence[str], need: int, name: str) 
 
 def text_rows(tokenizer: Any, corpus: Corpus, n_rows: int, seq_len: int, *, packing: bool, seed: int,
               batch_tokens: int) -> Rows:
-    """``n_rows`` rows of running text; a mix gives each component its share of the rows (:func:`core.data.mix_counts`)
+    """``n_rows`` rows of running text; a mix gives each component its share of the rows (:func:`core.data.text.mix_counts`)
     in a seeded order, each component a stream of its own (seeded by its name, so one component's rows stay the same
     when another's weight changes)."""
     src: TextSource = corpus.train
@@ -357,7 +357,7 @@ def rows_per_epoch(tokenizer: Any, corpus: Corpus, seq_len: int, packing: bool) 
 def heldout_rows(tokenizer: Any, corpus: Corpus, seq_len: int, max_tokens: int) -> Rows:
     """Validation rows from the held-out split: running text as non-overlapping windows of ``seq_len`` tokens (a
     mix: each component its weight's share of ``max_tokens``, from the start of its held-out paragraphs, as
-    :func:`core.data.eval_tokens` reads an evaluation text); instructions as one row per record (prompt masked)
+    :func:`core.data.text.eval_tokens` reads an evaluation text); instructions as one row per record (prompt masked)
     until ``max_tokens``."""
     if corpus.kind == "instructions":
         ids, plen, total = [], [], 0
@@ -392,7 +392,7 @@ def collate(rows: Rows, start: int, size: int,
             pad_id: int) -> tuple["torch.Tensor", "torch.Tensor", Optional["torch.Tensor"]]:
     """(input_ids, labels, attention_mask) of rows ``start .. start + size``, right-padded to the longest; labels
     are -100 on padding and on prompts; the mask is None when no row is padded."""
-    import torch
+    import torch  # not at config validation, which reads DataSpec from this module
 
     chunk = rows.ids[start:start + size]
     plen = rows.prompt_len[start:start + size]

@@ -17,12 +17,15 @@ head and embeddings are never targets (LLM-Pruner's recipe; peft's ``all-linear`
 
 from __future__ import annotations
 
+import math
 import warnings
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional
 
-from core.errors import ConfigError
+from core.models.llama import decoder_layers
+from core.run.errors import ConfigError
+from core.run.io import atomic_dir
 from recovery.data import DataSpec
 
 if TYPE_CHECKING:
@@ -31,8 +34,14 @@ if TYPE_CHECKING:
 SCHEDULES = ("cosine", "linear", "constant")
 PRECISIONS = ("auto", "fp32", "bf16")
 ALL_LINEAR = "all-linear"
+# The training text's default: the calibration mix without its Q&A pairs (conf/recovery/lora.yaml says why).
+TRAINING_MIX = {"austen": 0.4, "sciq": 0.3, "qa": 0.0, "news": 0.1}
 # options that change nothing in the trained adapters: a resumed run may differ in these
 RESUME_FREE = ("resume", "save_every", "gradient_checkpointing", "save_adapter")
+# footprint(): what one layer saves for backward per token, in elements: the norms' inputs and outputs, the
+# dropout copies of every adapted linear's input (q, k, v: 3; o; gate, up: 2; down: 1 x intermediate), q, k, v and
+# the attention output around RoPE / SDPA (hidden, 3 x kv width), gate, up and silu(gate) (3 x intermediate)
+LORA_SAVED_PER_TOKEN = {"hidden": 12, "kv": 3, "intermediate": 4}
 
 
 @dataclass(frozen=True)
@@ -69,7 +78,7 @@ class LoRASpec:
     save_every: int = 50  # resumable state every N steps (and at the end); 0: at the end only
     resume: Any = False  # false | true (the newest unfinished run under paths.outputs_root) | a run dir / state dir
     save_adapter: bool = True  # also write the unmerged adapters (<run dir>/adapter)
-    data: Any = field(default_factory=dict)  # recovery.data.DataSpec's fields
+    data: Any = field(default_factory=lambda: {"mix": dict(TRAINING_MIX)})  # recovery.data.DataSpec's fields
 
     def __post_init__(self) -> None:
         if not isinstance(self.data, DataSpec):
@@ -120,6 +129,47 @@ class LoRASpec:
     def rows_per_step(self) -> int:
         return self.micro_batch * self.grad_accum
 
+    def footprint(self, cfg: dict, tokens: int, dtype: str, device: str) -> Any:
+        """Peak memory and work of this recovery on a model of ``config.json`` ``cfg`` (torch-free;
+        core/run/plan.py), as recovery/train.py trains it, on the model's device: the frozen weights; the adapters
+        (``rank x (in + out)`` per targeted linear, float32) with their gradients and AdamW's two moments; the
+        activations one micro-batch (``micro_batch x seq_len`` tokens) saves for backward in every layer
+        (:data:`LORA_SAVED_PER_TOKEN`; ``gradient_checkpointing``: each layer's input, and one layer's set); the
+        logits of that micro-batch with their float32 loss. ``tokens``: training tokens (0: from ``steps``)."""
+        from core.run.plan import (LOGITS_LIVE_TENSORS, Placement, accelerator, dtype_bytes, geometry, logits_bytes,
+                                   model_bytes)
+
+        geo = geometry(cfg)
+        shapes = {"q_proj": (geo.hidden, max(geo.heads) * geo.head_dim),
+                  "k_proj": (geo.hidden, max(geo.kv_heads) * geo.head_dim),
+                  "v_proj": (geo.hidden, max(geo.kv_heads) * geo.head_dim),
+                  "o_proj": (max(geo.heads) * geo.head_dim, geo.hidden), "gate_proj": (geo.hidden, max(geo.widths)),
+                  "up_proj": (geo.hidden, max(geo.widths)), "down_proj": (max(geo.widths), geo.hidden)}
+        chosen = shapes if self.targets == ALL_LINEAR else {k: v for k, v in shapes.items() if k in self.targets}
+        adapters = geo.depth * sum(self.rank * (i + o) for i, o in chosen.values())
+        bf16 = self.precision == "bf16" or (self.precision == "auto" and str(device).startswith("cuda"))
+        act = 2 if bf16 else dtype_bytes(dtype, cfg)
+        t = self.micro_batch * self.seq_len
+        h, k, i = geo.hidden, max(geo.kv_heads) * geo.head_dim, max(geo.widths)
+        per_layer = (LORA_SAVED_PER_TOKEN["hidden"] * h + LORA_SAVED_PER_TOKEN["kv"] * k
+                     + LORA_SAVED_PER_TOKEN["intermediate"] * i) * act * t
+        saved = (geo.depth * h * act * t + per_layer) if self.gradient_checkpointing else geo.depth * per_layer
+        p = Placement({"frozen weights": model_bytes(cfg, dtype),
+                       "adapters + gradients + AdamW moments (float32)": 16 * adapters,
+                       "activations saved for backward": saved,
+                       "logits and their float32 loss": logits_bytes(t, cfg) * LOGITS_LIVE_TENSORS
+                       + t * int(cfg["vocab_size"]) * act}, {}, accelerator(device), str(device))
+        rows = self.rows_per_step * self.seq_len
+        steps = math.ceil(tokens / rows) if tokens else (math.ceil(self.tokens / rows) if self.tokens else
+                                                         (self.steps or 0))
+        notes = [f"{adapters:,} adapter parameters on {', '.join(chosen)} of {geo.depth} layers (rank {self.rank})"]
+        if self.epochs is not None:
+            notes.append(f"recovery.epochs={self.epochs}: the steps follow the training text's size (known once it "
+                         "is read); the work is not counted")
+            steps = 0
+        forwards = steps * self.grad_accum * geo.depth * (3 if self.gradient_checkpointing else 2)
+        return p.footprint(layer_forwards=forwards, tokens=steps * rows, notes=notes)
+
     def fingerprint(self) -> dict[str, Any]:
         """Every option that changes the trained adapters (a resume state must match these)."""
         out = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in RESUME_FREE}
@@ -136,9 +186,7 @@ class LoRASpec:
 
 def decoder_linears(model: nn.Module) -> dict[str, nn.Linear]:
     """Every ``nn.Linear`` inside the decoder layers, by its full module name, in model order."""
-    from torch import nn
-
-    from core.llama import decoder_layers
+    from torch import nn  # not at config validation, which builds LoRASpec from this module
 
     try:
         inside = {id(m) for m in decoder_layers(model).modules()}
@@ -177,7 +225,7 @@ def resolve_targets(model: nn.Module, spec: LoRASpec) -> list[str]:
 def attach(model: nn.Module, spec: LoRASpec, targets: list[str]) -> Any:
     """``peft.get_peft_model`` with adapters on ``targets`` (initialised from ``spec.seed``). The base weights are
     frozen in their own dtype; adapters of a half-precision model are kept in float32 (peft's autocast)."""
-    import torch
+    import torch  # torch and peft (seconds): not at config validation, which builds LoRASpec from this module
     from peft import LoraConfig, get_peft_model
 
     torch.manual_seed(spec.seed)
@@ -195,8 +243,6 @@ def trainable_parameters(peft_model: Any) -> dict[str, Any]:
 
 def save_adapter(peft_model: Any, out_dir: str | Path, readme: str = "") -> Path:
     """The unmerged adapters as peft writes them (adapter_config.json, adapter_model.safetensors), atomically."""
-    from core.io import atomic_dir
-
     out_dir = Path(out_dir)
     with atomic_dir(out_dir) as tmp:
         peft_model.save_pretrained(tmp)
@@ -216,7 +262,7 @@ def merge(peft_model: Any) -> nn.Module:
 
 def resolve_precision(precision: str, device: Any) -> str:
     """``auto`` -> bf16 on a CUDA device that supports it, fp32 otherwise."""
-    import torch
+    import torch  # not at config validation, which builds LoRASpec from this module
 
     if precision != "auto":
         return precision

@@ -24,15 +24,18 @@ import logging
 import math
 import shutil
 import time
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
 
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
 
-from core.errors import ConfigError
-from core.io import atomic_dir, atomic_write_json
+from core.run.errors import ConfigError
+from core.run.io import atomic_dir, atomic_write_json
 from recovery.data import Rows, collate
 from recovery.lora import LoRASpec, resolve_precision, trainable_parameters
 
@@ -128,8 +131,6 @@ def _nll(model: Any, ids: torch.Tensor, labels: torch.Tensor, mask: Optional[tor
 @torch.no_grad()
 def heldout_ppl(model: Any, rows: Rows, batch: int, pad_id: int, autocast: Any = None) -> float:
     """Perplexity of ``model`` on the held-out rows (dropout off); ``inf`` when it is not finite."""
-    from contextlib import nullcontext
-
     autocast = autocast or nullcontext
     training = model.training
     model.eval()
@@ -183,8 +184,6 @@ def _diff(saved: Any, now: Any, prefix: str = "") -> list[str]:
 def save_state(state_dir: Path, history: History, params: dict[str, torch.Tensor], opt: Any, sched: Any,
                best: Optional[dict[str, torch.Tensor]], fingerprint: dict) -> Path:
     """Write the state of ``history.step`` atomically and point ``latest.json`` at it; older states are removed."""
-    from safetensors.torch import save_file
-
     name = f"step-{history.step:08d}"
     target = state_dir / name
     if not target.exists():
@@ -231,8 +230,6 @@ def load_state(path: Path, params: dict[str, torch.Tensor], opt: Any, sched: Any
                fingerprint: dict) -> tuple[History, Optional[dict[str, torch.Tensor]]]:
     """Restore adapters, optimizer, scheduler and RNG from a state dir; ConfigError if another configuration saved
     it."""
-    from safetensors.torch import load_file
-
     meta = json.loads((path / "meta.json").read_text())
     _refuse_other(path, meta.get("fingerprint") or {}, fingerprint)
     _load_adapters(params, load_file(str(path / "adapter.safetensors")), path)
@@ -279,10 +276,6 @@ def train(model: Any, rows: Rows, heldout: Optional[Rows], spec: LoRASpec, *, to
     ``latest.json``) to continue from. ``on_step(history)`` runs after each step (and its state save),
     ``on_eval(entry)`` after each held-out evaluation.
     """
-    from contextlib import nullcontext
-
-    from tqdm.auto import tqdm
-
     need = total_steps * spec.rows_per_step
     if len(rows.ids) < need:
         raise ValueError(f"{len(rows.ids)} rows for {total_steps} steps of {spec.rows_per_step} rows")

@@ -16,13 +16,19 @@ from __future__ import annotations
 import json
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, Optional
+from typing import Any, Callable, Iterator, Mapping, Optional
 
-from core.errors import ConfigError, LoadError
+import safetensors
+import torch
+from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM
+from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
-if TYPE_CHECKING:
-    import torch
-    from torch import nn
+from core.models.llama import layer_types_of
+from core.models.llamba import ATTENTION_KEYS, hybrid_config_from_llamba, is_llamba_config, llamba_key_to_hybrid
+from core.models.modeling_hybrid import HybridConfig, HybridForCausalLM
+from core.models.modeling_pruned import PrunedLlamaConfig, PrunedLlamaForCausalLM
+from core.run.errors import ConfigError, LoadError
 
 
 def check_layers(layers: list[int], depth: int, what: str = "replacement.layers") -> list[int]:
@@ -55,8 +61,6 @@ def check_compatible(base_cfg: Mapping[str, Any], donor_cfg: Mapping[str, Any], 
 
 def _weight_files(path: Path) -> dict[str, Path]:
     """tensor name -> safetensors file, from the index of a sharded checkpoint or the single file's header."""
-    from safetensors import safe_open
-
     index = path / "model.safetensors.index.json"
     if index.is_file():
         return {k: path / f for k, f in json.loads(index.read_text())["weight_map"].items()}
@@ -65,7 +69,7 @@ def _weight_files(path: Path) -> dict[str, Path]:
         raise LoadError(f"{path}: no safetensors weights (the donor must be a safetensors checkpoint dir)")
     out = {}
     for f in files:
-        with safe_open(str(f), "pt") as fh:
+        with safetensors.safe_open(str(f), "pt") as fh:
             out.update({k: f for k in fh.keys()})
     return out
 
@@ -90,8 +94,6 @@ class DonorLayers:
     @staticmethod
     def open(path: str | Path, *, device: str = "cpu", dtype: Optional["torch.dtype"] = None) -> "DonorLayers":
         """The donor at ``path`` (a HF/prunelab/hybrid checkpoint dir, or a Cartesia Llamba dir)."""
-        import torch
-
         path = Path(path)
         cfg_file = path / "config.json"
         if not cfg_file.is_file():
@@ -100,8 +102,6 @@ class DonorLayers:
         key_map: Callable[[str], str] = lambda k: k  # noqa: E731
         with torch.device("meta"):
             skeleton, key_map = _skeleton(path, config)
-        from core.llamba import hybrid_config_from_llamba, is_llamba_config
-
         if is_llamba_config(config):  # compare and adopt in Llama terms (padded vocabulary, depth, width)
             config = hybrid_config_from_llamba(config)
         return DonorLayers(path, config, skeleton, key_map, device=device, dtype=dtype)
@@ -111,8 +111,6 @@ class DonorLayers:
 
     def layer_types(self) -> list[str]:
         """"attention" | "mamba2" per donor layer, from its config (no weights read)."""
-        from core.llama import layer_types_of
-
         return layer_types_of(self._skeleton)
 
     def __getitem__(self, i: int) -> "nn.Module":
@@ -121,8 +119,6 @@ class DonorLayers:
         return self._cache[i]
 
     def _load(self, i: int) -> "nn.Module":
-        from safetensors import safe_open
-
         if not 0 <= i < self.depth:
             raise ConfigError(f"donor {self.path} has {self.depth} layers; layer {i} does not exist")
         wanted = self._by_layer.get(i)
@@ -140,7 +136,7 @@ class DonorLayers:
         for local, key in wanted.items():
             by_file.setdefault(self._files[key], []).append(local)
         for f, locals_ in by_file.items():
-            with safe_open(str(f), "pt", device="cpu") as fh:
+            with safetensors.safe_open(str(f), "pt", device="cpu") as fh:
                 for local in locals_:
                     t = fh.get_tensor(wanted[local])
                     if tuple(t.shape) != tuple(own[local].shape):
@@ -157,25 +153,15 @@ class DonorLayers:
 
 def _skeleton(path: Path, config: dict) -> tuple["nn.Module", Callable[[str], str]]:
     """The donor's model class instantiated on the meta device, and how its file keys map to module keys."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
     model_type = config.get("model_type")
     if model_type == "prunelab_llama":
-        from core.modeling.pruned_llama import PrunedLlamaConfig, PrunedLlamaForCausalLM
-
         cfg = {k: v for k, v in config.items() if k not in ("model_type", "auto_map", "architectures")}
         return PrunedLlamaForCausalLM(PrunedLlamaConfig(**cfg)), lambda k: k
     if model_type == "prunelab_hybrid":
-        from core.modeling.hybrid import HybridConfig, HybridForCausalLM
-
         cfg = {k: v for k, v in config.items() if k not in ("model_type", "auto_map", "architectures")}
         return HybridForCausalLM(HybridConfig(**cfg)), lambda k: k
-    from core import llamba
-
-    if llamba.is_llamba_config(config):
-        from core.modeling.hybrid import HybridConfig, HybridForCausalLM
-
-        return HybridForCausalLM(HybridConfig(**llamba.hybrid_config_from_llamba(config))), llamba.llamba_key_to_hybrid
+    if is_llamba_config(config):
+        return HybridForCausalLM(HybridConfig(**hybrid_config_from_llamba(config))), llamba_key_to_hybrid
     try:
         cfg = AutoConfig.from_pretrained(path)
         return AutoModelForCausalLM.from_config(cfg), lambda k: k
@@ -199,8 +185,6 @@ def swapped(model: "nn.Module", layers: Mapping[int, "nn.Module"]) -> Iterator["
             _place(layer, i)
             stack[i] = layer
         if kinds is not None and getattr(model.config, "model_type", None) == "prunelab_hybrid":
-            from core.llama import layer_types_of
-
             model.config.layer_types = layer_types_of(model)
         yield model
     finally:
@@ -227,13 +211,8 @@ def _place(layer: "nn.Module", i: int) -> None:
 def adopt_attention(model: "nn.Module", donor: DonorLayers) -> bool:
     """Give a base without attention layers (a Llamba) the donor's attention settings, so that the donor's
     attention layers see the positions, RoPE and heads they were trained with. Returns whether it changed."""
-    from core.llama import layer_types_of
-    from core.llamba import ATTENTION_KEYS
-
     if "attention" in layer_types_of(model) or "attention" not in donor.layer_types():
         return False
-    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
-
     base_eps, donor_eps = getattr(model.config, "rms_norm_eps", None), donor.config.get("rms_norm_eps")
     if base_eps is not None and donor_eps is not None and float(base_eps) != float(donor_eps):
         # A hybrid config has one eps for its attention layers and final norm: it could not reproduce both.
@@ -249,8 +228,6 @@ def adopt_attention(model: "nn.Module", donor: DonorLayers) -> bool:
 
 def _sync_config(model: "nn.Module", layers: list[int], source: str) -> None:
     """The config follows the modules: layer kinds (the cache is built from them) and where each came from."""
-    from core.llama import layer_types_of
-
     if getattr(model.config, "model_type", None) == "prunelab_hybrid":
         model.config.layer_types = layer_types_of(model)
     sources = list(getattr(model.config, "layer_sources", None) or ["base"] * len(model.model.layers))

@@ -7,11 +7,14 @@ their fields are the groups' keys (an unknown key or a bad value fails at bindin
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Any, Optional
 
-from core.errors import ConfigError
+from core.run.errors import ConfigError
 
 STRATEGIES = ("evolve", "ga", "score_topk", "random", "exhaustive")
+# SearchSpec.footprint(): float32 [seq, vocab] terms of one row's fitness alive at once (replacement/fitness.py: the
+# row's logits as float32, the donor's log-probabilities, their exp, the log-softmax)
+FITNESS_ROW_TENSORS = 4
 FITNESS = {"kl": "KL(donor || hybrid) per token, lower is better",
            "ppl": "perplexity of the hybrid on the calibration tokens, lower is better",
            "lm_eval": "1 - accuracy on an lm-eval task (search.task, search.limit), lower is better"}
@@ -40,6 +43,21 @@ class ReplacementSpec:
             raise ConfigError(f"replacement.layers: layer(s) {dup} given more than once")
         if self.score is not None and not self.score_metric:
             raise ConfigError("replacement.score needs replacement.score_metric (the metric's name, e.g. mmlu)")
+
+    def footprint(self, cfg: dict, tokens: int, dtype: str, device: str, *, donor_cfg: Optional[dict] = None) -> Any:
+        """Peak memory of building the hybrid (task=replace) for a base of ``config.json`` ``cfg`` (torch-free;
+        core/run/plan.py): the base's weights where the base is, and the donor's layers at ``layers`` (read from its
+        safetensors one layer at a time, cast to the base's dtype) where ``donor_device`` says; the base's layers
+        they replace are freed once swapped."""
+        from core.run.plan import Placement, accelerator, layer_bytes, model_bytes
+
+        donor = donor_cfg or cfg
+        where = self.donor_device or device
+        layers = sum(layer_bytes(donor, i, dtype) for i in self.layers if i < int(donor["num_hidden_layers"]))
+        p = Placement({"base weights": model_bytes(cfg, dtype)}, {}, accelerator(device), str(device))
+        (p.work if accelerator(where) == accelerator(device) else p.host)["donor layers"] = layers
+        return p.footprint(removes=[f"layers {sorted(self.layers)} of {self.base} replaced by {self.donor}'s"
+                                    + ("" if donor_cfg else " (donor sizes taken from the base's config)")])
 
 
 @dataclass(frozen=True)
@@ -77,6 +95,52 @@ class SearchSpec:
             errors.append(f"search.fidelities={self.fidelities} must increase and end at search.tokens={self.tokens}")
         if errors:
             raise ConfigError("; ".join(errors))
+
+    def footprint(self, cfg: dict, tokens: int, dtype: str, device: str, *, donor_cfg: Optional[dict] = None,
+                  donor_dtype: Optional[str] = None, donor_device: Optional[str] = None, seq_len: int = 128) -> Any:
+        """Peak memory and work of the search (task=search) for a base of ``config.json`` ``cfg`` (torch-free;
+        core/run/plan.py), as replacement/fitness.py holds it: the base's weights; for ``fitness=kl`` the whole
+        donor model while its log-probabilities are computed (float16 ``[rows, seq_len - 1, vocab]``, kept on the
+        host); the prefix cache (the base's hidden states at every layer input for every calibration row, on the
+        host); every donor layer once the donor's own fitness has been measured (where ``donor_device`` says); one
+        batch of 4 rows through the model (building the prefix cache: every layer's output of that batch, and their
+        stacked copy) and ONE row's logits with :data:`FITNESS_ROW_TENSORS` float32 ``[seq, vocab]`` terms at a
+        time. ``tokens``: the search's full-fidelity tokens (``search.tokens``)."""
+        from core.run.plan import (Placement, accelerator, dtype_bytes, hidden_bytes, layer_bytes,
+                                   layer_forward_bytes, model_bytes)
+
+        donor = donor_cfg or cfg
+        depth = int(cfg["num_hidden_layers"])
+        rows = max(1, -(-int(tokens or self.tokens) // int(seq_len)))
+        t = rows * int(seq_len)
+        where = donor_device or device
+        same = accelerator(where) == accelerator(device)
+        batch = min(4, rows)
+        forward = (2 * (depth + 1) * hidden_bytes(batch * int(seq_len), cfg, dtype)
+                   + layer_forward_bytes(batch, int(seq_len), cfg, dtype)
+                   + int(seq_len) * int(cfg["vocab_size"]) * (dtype_bytes(dtype, cfg) + 4 * FITNESS_ROW_TENSORS))
+        layers = sum(layer_bytes(donor, i, dtype) for i in range(int(donor["num_hidden_layers"])))
+        host: dict[str, int] = {}
+        work = {"base weights": model_bytes(cfg, dtype), "one batch through the model, one row's logits": forward}
+        targets = t * int(cfg["vocab_size"]) * 2 if self.fitness == "kl" else 0
+        prefix = depth * hidden_bytes(t, cfg, dtype) if self.prefix_cache and self.fitness != "lm_eval" else 0
+        if targets:
+            host["donor log-probabilities (float16)"] = targets
+        if prefix:
+            host["prefix cache (hidden states at every layer)"] = prefix
+        search_side = {"all donor layers": layers}
+        setup_side = {"whole donor model (for the KL targets)": model_bytes(donor, donor_dtype or dtype)
+                      if self.fitness == "kl" else 0}
+        side = max((search_side, setup_side), key=lambda d: sum(d.values()))
+        (work if same else host).update({k: v for k, v in side.items() if v})
+        p = Placement(work, host, accelerator(device), str(device))
+        evaluations = self.budget * len(self.k) * len(self.strategies)
+        forwards = evaluations * depth + 2 * depth  # each evaluation at most one base forward; prefix and donor passes
+        return p.footprint(layer_forwards=forwards, tokens=t, removes=[
+            f"searches which k of the base's {depth} layers to take from the donor, k in {list(self.k)}, by "
+            f"{', '.join(self.strategies)} with a budget of {self.budget} {self.fitness} evaluations each "
+            f"({evaluations} in all, full-fidelity equivalents)"],
+            notes=["lm_eval fitness: lm-eval's own batches are not counted"] if self.fitness == "lm_eval" else [])
 
     def levels(self) -> list[int]:
         return list(self.fidelities) if self.fidelities else sorted({max(1, self.tokens // 8), max(1, self.tokens // 2),

@@ -13,7 +13,7 @@ import copy
 import torch
 from torch import nn
 
-from core.models import build_tiny
+from core.models.load import build_tiny
 
 HIDDEN, INTER, HEADS, KV, HEAD_DIM, VOCAB = 64, 128, 8, 2, 8, 259
 

@@ -27,11 +27,12 @@ def compose(overrides: list[str], run_dir: Path):
     from hydra import initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
-    import run  # registers the schema
+    import run  # noqa: F401  (registers the schema)
+    from recipes._launch import rewrite_model_args
 
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        cfg = hydra_compose("config", overrides=[*run.rewrite_model_args(overrides),
+        cfg = hydra_compose("config", overrides=[*rewrite_model_args(overrides),
                                                  f"paths.output_dir={run_dir}", f"paths.cache_dir={CACHE_DIR}"])
     GlobalHydra.instance().clear()
     return cfg
@@ -50,7 +51,7 @@ def run_task(overrides: list[str], run_dir: Path):
 
 @pytest.fixture
 def tiny():
-    from core.models import build_tiny
+    from core.models.load import build_tiny
 
     return build_tiny(num_layers=4, hidden_size=64, intermediate_size=128, num_heads=8, num_kv_heads=2, seed=0)
 

@@ -116,8 +116,8 @@ def randomize(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
 
 def tiny_hybrid(layer_types: list[str], seed: int = 0, ssm_cfg: Optional[dict] = None, **overrides):
     """A random HybridForCausalLM (hidden 32, 4 heads / 2 KV heads, Llamba mixers as TINY_SSM) + byte tokenizer."""
-    from core.modeling.hybrid import HybridConfig, HybridForCausalLM
-    from core.models import byte_tokenizer
+    from core.models.modeling_hybrid import HybridConfig, HybridForCausalLM
+    from core.models.load import byte_tokenizer
 
     tok = byte_tokenizer()
     kw = dict(vocab_size=len(tok), hidden_size=32, intermediate_size=48, num_hidden_layers=len(layer_types),

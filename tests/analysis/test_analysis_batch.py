@@ -12,9 +12,9 @@ from analysis_helpers import BASE_TOTAL, PRUNED_TOTAL, Tok, base_and_pruned, sta
 from analysis.batch import batch_analyze
 from analysis.structure import structure_of
 from conftest import run_task
-from core.checkpoint import save_checkpoint
-from core.llama import count_params
-from core.slicegpt import save_slicegpt
+from core.models.checkpoint import save_checkpoint
+from core.models.llama import count_params
+from core.models.slicegpt import save_slicegpt
 from pruning.slicegpt import SliceGPT
 
 

@@ -14,8 +14,8 @@ from analysis.compare import ArchitectureMismatch, compare
 from analysis.report import write_analysis
 from analysis.size import compare_sizes, size_report
 from analysis.structure import structure_of
-from core.checkpoint import save_checkpoint
-from core.record import RunContext
+from core.models.checkpoint import save_checkpoint
+from core.run.record import RunContext
 
 
 @pytest.fixture(scope="module")

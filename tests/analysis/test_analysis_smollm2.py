@@ -11,7 +11,7 @@ from conftest import CACHE_DIR
 def test_smollm2_headers_match_module(tmp_path):
     from analysis.report import write_analysis
     from analysis.structure import structure_of
-    from core.models import cached_gguf_dir, load_hf_dir
+    from core.models.load import cached_gguf_dir, load_hf_dir
     from recipes._common import resolve_model
 
     path = cached_gguf_dir(resolve_model("smollm2"), CACHE_DIR)

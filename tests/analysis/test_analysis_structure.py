@@ -11,8 +11,8 @@ from safetensors.torch import save_file
 from analysis_helpers import (ATTN_FULL, ATTN_L1, BASE_TOTAL, EMB, HIDDEN, LAYER1, LAYER2, LAYER_FULL, MLP_96,
                               NORM, PRUNED_TOTAL, base_and_pruned, state_dict_copy, tiny)
 from analysis.structure import TensorInfo, count_nonzero_safetensors, read_safetensors_header, structure_of
-from core.checkpoint import save_checkpoint
-from core.errors import LoadError
+from core.models.checkpoint import save_checkpoint
+from core.run.errors import LoadError
 
 
 def _check_known(s):

@@ -14,7 +14,7 @@ from analysis.results_table import collect, rows_from_metrics, write_tables
 
 
 def _tiny(intermediate: int = 128):
-    from core.models import build_tiny
+    from core.models.load import build_tiny
 
     return build_tiny(num_layers=2, hidden_size=64, intermediate_size=intermediate, num_heads=8, num_kv_heads=2)
 

@@ -16,7 +16,7 @@ from analysis.lm_eval_templates_writer import write_templates
 
 @pytest.fixture(scope="module")
 def tiny():
-    from core.models import build_tiny
+    from core.models.load import build_tiny
 
     torch.set_num_threads(1)
     return build_tiny(num_layers=2, hidden_size=32, intermediate_size=64, num_heads=4, num_kv_heads=2, seed=1)
@@ -149,7 +149,7 @@ def test_all_task_types_and_mmlu_shots(tiny):
 
 
 def test_nan_model_is_reported_failed(tiny):
-    from core.models import build_tiny
+    from core.models.load import build_tiny
 
     model, tok = build_tiny(num_layers=2, hidden_size=32, intermediate_size=64, num_heads=4, num_kv_heads=2)
     with torch.no_grad():

@@ -14,7 +14,7 @@ pytestmark = pytest.mark.integration
 
 @pytest.fixture(scope="module")
 def smollm2():
-    from core.models import load_model
+    from core.models.load import load_model
     from recipes._common import resolve_model
 
     torch.set_num_threads(2)
@@ -25,7 +25,7 @@ def test_perplexity_loop_agrees_with_lm_eval_rolling(smollm2):
     """The project's perplexity loop vs lm-eval's loglikelihood_rolling on the same token windows."""
     from analysis.lm_eval_tasks import make_lm, rolling_nll
     from analysis.perplexity import perplexity
-    from core.data import TextSpec, eval_tokens, load_documents
+    from core.data.text import TextSpec, eval_tokens, load_documents
 
     model, tok = smollm2
     seq_len = 128

@@ -211,7 +211,7 @@ def html_escaped(s: str) -> str:
 
 
 def test_report_with_no_record_is_one_clear_error(tmp_path):
-    from core.errors import DataError
+    from core.run.errors import DataError
 
     (tmp_path / "empty").mkdir()
     with pytest.raises(DataError, match="no run record"):

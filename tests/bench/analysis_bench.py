@@ -14,6 +14,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from _common import record  # tests/bench/_common.py, next to this script
+
 ROOT = Path(__file__).resolve().parents[2]
 
 _CHILD = r"""
@@ -31,7 +33,7 @@ if mode == "headers":
 elif mode == "headers_nonzero":
     s = structure_of(path, name="m", count_nonzero=True)
 else:
-    from core.models import load_hf_dir
+    from core.models.load import load_hf_dir
     from pathlib import Path
     model, _ = load_hf_dir(Path(path))
     s = structure_of(model, name="m", count_nonzero=(mode == "load_nonzero"))
@@ -56,7 +58,7 @@ def main() -> None:
     path = args.path
     if path is None:
         sys.path.insert(0, str(ROOT))
-        from core.models import cached_gguf_dir
+        from core.models.load import cached_gguf_dir
         from recipes._common import resolve_model
 
         cache = os.environ.get("PRUNELAB_CACHE", str(ROOT / ".cache"))
@@ -64,7 +66,7 @@ def main() -> None:
     res = {m: run_mode(m, path) for m in ("headers", "headers_nonzero", "load", "load_nonzero")}
     assert len({r["total_params"] for r in res.values()}) == 1, "modes disagree on the parameter count"
     h, ld = res["headers"], res["load"]
-    print(json.dumps({
+    record({
         "bench": "analysis_structure", "model": Path(path).name, "total_params": h["total_params"],
         "num_layers": h["num_layers"],
         "headers_s": round(h["seconds"], 4), "headers_peak_rss_mb": round(h["peak_rss_mb"], 1),
@@ -75,7 +77,7 @@ def main() -> None:
         "load_nonzero_peak_rss_mb": round(res["load_nonzero"]["peak_rss_mb"], 1),
         "rss_after_imports_mb": round(h["rss_after_import_mb"], 1),
         "speedup_headers_vs_load": round(ld["seconds"] / max(h["seconds"], 1e-9), 1),
-    }))
+    }, __file__, threads=1)
 
 
 if __name__ == "__main__":

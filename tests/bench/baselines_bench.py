@@ -28,6 +28,8 @@ import sys
 import time
 from pathlib import Path
 
+from _common import record  # tests/bench/_common.py, next to this script
+
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
@@ -88,9 +90,10 @@ def one(method: str, samples: int, seq_len: int, threads: int) -> dict:
 
     import run  # noqa: F401  (registers the schema and resolvers)
     from analysis.perplexity import perplexity
-    from core.data import TextSpec, calibration_batch, eval_tokens, load_documents
-    from core.llama import count_nonzero, count_params
-    from core.models import cached_gguf_dir, load_model, set_mmap_threshold
+    from core.data.text import TextSpec, calibration_batch, eval_tokens, load_documents
+    from core.models.llama import count_nonzero, count_params
+    from core.models.load import cached_gguf_dir, load_model
+    from recipes._launch import set_mmap_threshold
     from recipes._common import build, resolve_model
     from transformers import AutoTokenizer
 
@@ -166,7 +169,7 @@ def main() -> None:
             continue
         results[method] = json.loads(lines[-1])
     act = [r for m, r in results.items() if m in ACTIVATION_BASED]
-    print(json.dumps({
+    record({
         "bench": "baselines", "model": "SmolLM2-135M-Instruct", "threads": args.threads,
         "calibration": {"text": "austen", "samples": args.samples, "seq_len": args.seq_len},
         "ppl_protocol": {"text": "boolq validation passages", "seq_len": 128, "tokens": 4096},
@@ -175,7 +178,7 @@ def main() -> None:
                                                        for r in act), default=None),
         "activation_based_max_peak_over_model": max((r["peak_over_model"] or 0 for r in act), default=None),
         "methods": results, "errors": errors,
-    }))
+    }, __file__)
 
 
 if __name__ == "__main__":

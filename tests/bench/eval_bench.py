@@ -13,13 +13,14 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import logging
 import math
 import os
 import sys
 import time
 from pathlib import Path
+
+from _common import record  # tests/bench/_common.py, next to this script
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
@@ -63,8 +64,8 @@ def main() -> None:
     from analysis.efficiency import measure_efficiency
     from analysis.lm_eval_tasks import make_lm, rolling_nll, run_lm_eval
     from analysis.perplexity import perplexity
-    from core.data import TextSpec, eval_tokens, load_documents
-    from core.models import load_model
+    from core.data.text import TextSpec, eval_tokens, load_documents
+    from core.models.load import load_model
     from recipes._common import resolve_model
 
     cache = os.environ.get("PRUNELAB_CACHE", str(ROOT / ".cache"))
@@ -95,7 +96,7 @@ def main() -> None:
     pruned = measure_efficiency(pruned_model, **kw)
     keys = ("params", "nonzero_params", "weight_bytes", "prefill_tokens_per_s", "decode_tokens_per_s",
             "decode_latency_ms", "kv_cache_bytes", "peak_memory_bytes")
-    print(json.dumps({
+    record({
         "bench": "eval", "model": "smollm2-135m", "threads": args.threads, "device": "cpu",
         "ppl_tokens": ppl["tokens"], "ppl_seq_len": L, "ppl": round(ppl["value"], 4),
         "ppl_tokens_per_s": round(windows.numel() / ppl_s, 1), "bare_forward_tokens_per_s": round(windows.numel() / bare_s, 1),
@@ -106,7 +107,7 @@ def main() -> None:
         "efficiency_protocol": kw,
         "dense": {k: (round(dense[k], 2) if isinstance(dense[k], float) else dense[k]) for k in keys},
         "mlp_pruned_25pct": {k: (round(pruned[k], 2) if isinstance(pruned[k], float) else pruned[k]) for k in keys},
-    }))
+    }, __file__)
 
 
 if __name__ == "__main__":

@@ -13,12 +13,13 @@ each runtime's KV cache). Timings are the best of 3 on ``--threads`` threads.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from _common import record  # tests/bench/_common.py, next to this script
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
@@ -58,14 +59,15 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory(prefix="export_bench_") as tmp:  # ~1 GB of files, removed at the end
-        print(json.dumps(_bench(Path(tmp), args)))
+        record(_bench(Path(tmp), args), __file__)
 
 
 def _bench(work: Path, args: argparse.Namespace) -> dict:
     import torch
 
-    from core.data import TextSpec, eval_tokens, load_documents
-    from core.models import ModelRef, load_model
+    from core.data.text import TextSpec, eval_tokens, load_documents
+    from core.models.load import load_model
+    from core.models.ref import ModelRef
     from export.decilm import write_decilm
     from export.to_gguf import write_gguf
     from export.tokenizer import from_gguf

@@ -15,7 +15,6 @@ perplexity also on the last 10%), e.g. the default: ``--holdout --taylor param_s
 from __future__ import annotations
 
 import argparse
-import json
 import multiprocessing as mp
 import os
 import resource
@@ -23,6 +22,8 @@ import sys
 import time
 from typing import Optional
 from pathlib import Path
+
+from _common import record  # tests/bench/_common.py, next to this script
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
@@ -63,9 +64,10 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     from analysis.perplexity import perplexity
-    from core.data import TextSpec, calibration_batch, eval_tokens, load_documents
-    from core.llama import count_params
-    from core.models import load_model, set_mmap_threshold
+    from core.data.text import TextSpec, calibration_batch, eval_tokens, load_documents
+    from core.models.llama import count_params
+    from core.models.load import load_model
+    from recipes._launch import set_mmap_threshold
     from pruning.llm_pruner import LLMPruner
     from recipes._common import resolve_model
 
@@ -99,7 +101,7 @@ def main() -> None:
     prune_s = time.perf_counter() - t0
     peak_prune = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2  # KiB -> GiB
     ppl_after, holdout_after = ppls()
-    print(json.dumps({
+    record({
         "bench": "prune", "model": "SmolLM2-135M-Instruct", "threads": args.threads,
         "config": {"importance": args.importance, "taylor": args.taylor, "global_ranking": args.global_ranking,
                    "group_reduction": args.group_reduction, "iterative_steps": args.iterative_steps,
@@ -120,7 +122,7 @@ def main() -> None:
         "ppl_protocol": {"text": "boolq validation passages", "seq_len": 128, "tokens": int(ppl_tokens.shape[1])},
         "llm_pruner_reference": {"params_after": 118_589_760, "ppl_ratio": round(13.69 / 11.01, 4),
                                  "prune_s": 9.0, "peak_rss_gib": 2.35},
-    }))
+    }, __file__)
 
 
 if __name__ == "__main__":

@@ -8,14 +8,14 @@
 
 Rows: ``pruner=obs`` (built from its real option file, ``conf/pruner/obs.yaml``) with ``selection`` obs / wanda /
 flap / magnitude x ``compensate`` (``nocomp`` / ``comp``) x ``allocation`` (``uniform``, and ``search`` when
-``pruning.obs.ALLOCATIONS`` offers it), MLP channels only (``attention_ratio=0``), layers [3, 27),
+``pruning.obs.pruner.ALLOCATIONS`` offers it), MLP channels only (``attention_ratio=0``), layers [3, 27),
 ``ratio_target=params``. The benchmark budget ``--ratio 0.1184`` keeps <= 118,589,760 of 134,515,008 parameters:
 what LLM-Pruner's ``--pruning_ratio 0.25`` keeps on this model. The reference row, in the same run, is that
 LLM-Pruner: Taylor ``param_first``, ratio 0.25 of the KV groups / MLP channels of layers [3, 27), 10 x 64 tokens
 (``--matched-reference``: the same LLM-Pruner removing ``--ratio`` of all parameters, for the 25% / 40% rows).
 
 Calibration: the default ``mix`` text, with Austen's last 10% of paragraphs held out
-(``core.data.calibration_and_eval_sources(TextSpec("mix"), TextSpec("austen"))``); the reference draws its
+(``core.data.text.calibration_and_eval_sources(TextSpec("mix"), TextSpec("austen"))``); the reference draws its
 10 x 64 tokens from the same source. Evaluation: perplexity (4096 tokens, seq_len 128) on the held-out Austen
 paragraphs ("in domain") and on BoolQ's Wikipedia passages ("out of domain"), each as a ratio to the dense
 model's and as damage relative to the reference: ``(ppl_ratio - 1) / (ref_ppl_ratio - 1)`` (< 1: less damage
@@ -44,7 +44,7 @@ from typing import Any, Optional
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
-from _common import run_child, zeroshot_average  # noqa: E402  (tests/bench/_common.py, next to this script)
+from _common import record, run_child, zeroshot_average  # noqa: E402  (tests/bench/_common.py, next to this script)
 for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
     os.environ[var] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -55,12 +55,13 @@ SELECTIONS = ("obs", "wanda", "flap", "magnitude")
 REF_SAMPLES, REF_SEQ_LEN = 10, 64
 PPL_TOKENS, PPL_SEQ_LEN = 4096, 128
 TEXTS = ("austen_holdout", "boolq")
-SOURCES = ("pruning/obs.py", "pruning/compensate.py", "pruning/allocation.py", "conf/pruner/obs.yaml")  # in domain (same register as a calibration component), out of domain
+SOURCES = ("pruning/obs/pruner.py", "pruning/obs/fit.py", "pruning/obs/allocate.py", "pruning/obs/search.py",
+           "pruning/compensate.py", "pruning/stats.py", "conf/pruner/obs.yaml")  # in domain (same register as a calibration component), out of domain
 
 
 def allocations() -> tuple[str, ...]:
-    """``uniform``, plus ``search`` once pruning/obs.py offers it."""
-    from pruning.obs import ALLOCATIONS
+    """``uniform``, plus ``search`` once pruning/obs/pruner.py offers it."""
+    from pruning.obs.pruner import ALLOCATIONS
 
     return ("uniform", "search") if "search" in ALLOCATIONS else ("uniform",)
 
@@ -92,8 +93,9 @@ def _setup(threads: int) -> tuple[Any, Any, dict[str, Any], Any, str]:
     import torch
 
     torch.set_num_threads(threads)
-    from core.data import TextSpec, calibration_and_eval_sources, eval_tokens, load_documents
-    from core.models import load_model, set_mmap_threshold
+    from core.data.text import TextSpec, calibration_and_eval_sources, eval_tokens, load_documents
+    from core.models.load import load_model
+    from recipes._launch import set_mmap_threshold
     from recipes._common import resolve_model
 
     set_mmap_threshold(1.0)
@@ -139,7 +141,7 @@ def source_digest() -> str:
     return h.hexdigest()[:12]
 
 
-def _obs_pruner(selection: str, compensate: bool, allocation: str, ratio: float, tokens: int,
+def _obs_pruner(selection: str, compensate: bool, allocation: str, ratio: float, tokens: Any,
                 extra: tuple[str, ...] = ()) -> Any:
     """``pruner=obs`` from its real option file with this row's overrides (as ``run.py`` would build it), then
     ``extra`` (``--override``)."""
@@ -163,15 +165,15 @@ def _obs_pruner(selection: str, compensate: bool, allocation: str, ratio: float,
 
 def child_dense(args: argparse.Namespace) -> dict[str, Any]:
     """The dense model's perplexities (and zero-shot), and the forward times the rows are compared with."""
-    from core.data import calibration_batch
-    from core.llama import count_params
+    from core.data.text import calibration_batch
+    from core.models.llama import count_params
 
     model, tok, texts, calib_src, cache = _setup(args.threads)
     obs = _obs_pruner("obs", True, "uniform", args.ratio, args.tokens, tuple(args.override))
-    samples, seq_len = obs.calibration_shape
+    samples, seq_len = obs.calibration_plan(model.config.to_dict()).shape
     batch = calibration_batch(tok, calib_src, samples, seq_len, 0)
     ref_batch = calibration_batch(tok, calib_src, REF_SAMPLES, REF_SEQ_LEN, 0)
-    return {"row": "dense", "params": count_params(model), "ppl": _ppls(model, texts),
+    return {"row": "dense", "params": count_params(model), "ppl": _ppls(model, texts), "tokens_option": args.tokens,
             "zeroshot": _zeroshot(model, tok, args.zeroshot_limit, cache),
             "forward_s": {"obs_calibration": round(_forward_s(model, batch), 3),
                           "reference_calibration": round(_forward_s(model, ref_batch), 3)},
@@ -181,8 +183,8 @@ def child_dense(args: argparse.Namespace) -> dict[str, Any]:
 
 def child_row(args: argparse.Namespace) -> dict[str, Any]:
     """One row: build the pruner (the reference or pruner=obs), calibrate, prune (timed), evaluate."""
-    from core.data import calibration_batch
-    from core.llama import count_params
+    from core.data.text import calibration_batch
+    from core.models.llama import count_params
 
     model, tok, texts, calib_src, cache = _setup(args.threads)
     params_before = count_params(model)
@@ -199,10 +201,12 @@ def child_row(args: argparse.Namespace) -> dict[str, Any]:
         selection, compensate, allocation = parse_rows(args.child)[0]
         digest = source_digest()
         pruner = _obs_pruner(selection, compensate, allocation, args.ratio, args.tokens, tuple(args.override))
-        samples, seq_len = pruner.calibration_shape
+        plan = pruner.calibration_plan(model.config.to_dict())
+        samples, seq_len = plan.shape
         row = {"row": args.child, "method": "obs", "selection": selection, "compensate": compensate,
                "allocation": allocation, "ratio": args.ratio, "ratio_target": "params",
-               "overrides": list(args.override), "source_sha256": digest}
+               "overrides": list(args.override), "source_sha256": digest, "tokens_option": args.tokens,
+               "calibration_rule": plan.rule}
     batch = calibration_batch(tok, calib_src, samples, seq_len, 0)
     t0 = time.perf_counter()
     res = pruner(model, batch)
@@ -291,7 +295,10 @@ def reused(args: argparse.Namespace, context: dict[str, Any]) -> tuple[dict[str,
     same = {k: v for k, v in context["budget"].items() if k != "ratio"}
     if {k: v for k, v in (dense.get("budget") or {}).items() if k != "ratio"} != same or dense.get("threads") != args.threads:
         problems.append(f"budget/threads {dense.get('budget')}, {dense.get('threads')}")
-    if dense["calibration"]["obs"][0] * dense["calibration"]["obs"][1] < args.tokens or \
+    if args.tokens == "auto" or "tokens_option" in dense:  # the rule's count: the same option, the same model
+        if dense.get("tokens_option") != args.tokens:
+            problems.append(f"--tokens {dense.get('tokens_option')} (calibration {dense['calibration']['obs']})")
+    elif dense["calibration"]["obs"][0] * dense["calibration"]["obs"][1] < args.tokens or \
             (dense["calibration"]["obs"][0] - 1) * dense["calibration"]["obs"][1] >= args.tokens:
         problems.append(f"calibration {dense['calibration']['obs']} is not --tokens {args.tokens}")
     if (dense.get("zeroshot") or {}).get("limit", 0) != args.zeroshot_limit:
@@ -307,6 +314,19 @@ def reused(args: argparse.Namespace, context: dict[str, Any]) -> tuple[dict[str,
     return dense, ref
 
 
+def _tokens_arg(value: str) -> Any:
+    """``--tokens``: ``auto`` or a positive integer."""
+    if value == "auto":
+        return value
+    try:
+        n = int(value)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"{value!r} is not auto or a positive integer")
+    return n
+
+
 def _public(row: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in row.items() if k != "ppl_raw"}
 
@@ -315,7 +335,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--rows", help="selection:comp|nocomp:allocation,... (default: the whole table)")
     ap.add_argument("--ratio", type=float, default=BENCHMARK_RATIO, help="share of ALL parameters removed")
-    ap.add_argument("--tokens", type=int, default=131072, help="pruner.tokens of the obs rows")
+    ap.add_argument("--tokens", type=_tokens_arg, default="auto",
+                    help="pruner.tokens of the obs rows: auto (the pruner's rule, as `make run`) or a count")
     ap.add_argument("--zeroshot-limit", type=int, default=0, help="examples per zero-shot task; 0 = skip")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--override", action="append", default=[],
@@ -357,11 +378,14 @@ def main() -> None:
         if ref.get("status") != "failed":
             ref["damage_vs_reference"] = {k: 1.0 for k in TEXTS}
             ref["time_over_reference"] = 1.0
-    print(json.dumps({**context, **_public(dense)}), flush=True)
-    print(json.dumps({**context, **_public(ref)}), flush=True)
+    for line in ({**context, **_public(dense)}, {**context, **_public(ref)}):
+        if "reused_from" in line:  # measured by an earlier run, whose line is already in the results file
+            print(json.dumps(line), flush=True)
+        else:
+            record(line, __file__)
     for selection, compensate, allocation in rows:
         row = finish_row(_spawn(row_name(selection, compensate, allocation), args), dense, ref)
-        print(json.dumps({**context, **_public(row)}), flush=True)
+        record({**context, **_public(row)}, __file__)
 
 
 if __name__ == "__main__":

@@ -27,7 +27,6 @@ Reported, all measured in this one run:
 from __future__ import annotations
 
 import argparse
-import json
 import multiprocessing as mp
 import os
 import resource
@@ -38,7 +37,7 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
-from _common import zeroshot_average  # noqa: E402  (tests/bench/_common.py, next to this script)
+from _common import record, zeroshot_average  # noqa: E402  (tests/bench/_common.py, next to this script)
 for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
     os.environ[var] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -115,9 +114,10 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     from analysis.perplexity import perplexity
-    from core.data import TextSpec, calibration_batch, eval_tokens, load_documents
-    from core.llama import count_params
-    from core.models import load_model, set_mmap_threshold
+    from core.data.text import TextSpec, calibration_batch, eval_tokens, load_documents
+    from core.models.llama import count_params
+    from core.models.load import load_model
+    from recipes._launch import set_mmap_threshold
     from pruning.llm_pruner import LLMPruner
     from recipes._common import resolve_model
     from recipes._recovery import _pad_id, damage_closed, heldout_ppl, prepare
@@ -174,7 +174,7 @@ def main() -> None:
              for e in h.evals]
     train_tps = result.tokens_per_s
     rnd = lambda d: {k: (round(v, 3) if isinstance(v, float) else v) for k, v in d.items()}  # noqa: E731
-    print(json.dumps({
+    record({
         "bench": "recovery", "model": "SmolLM2-135M-Instruct", "threads": args.threads, "cut": args.cut,
         "preset": args.preset, "overrides": args.set,
         "spec": {k: v for k, v in spec.to_dict().items() if k in ("rank", "alpha", "lr", "schedule", "steps",
@@ -197,7 +197,7 @@ def main() -> None:
         "damage_closed": {"heldout": round(damage_closed(pruned["heldout"], after["heldout"], dense["heldout"]), 4),
                           "boolq": round(damage_closed(pruned["boolq"], after["boolq"], dense["boolq"]), 4)},
         "curve": curve, "final_loss": round(result.final_loss, 4), "wall_s": round(time.perf_counter() - t_start, 1),
-    }))
+    }, __file__)
 
 
 if __name__ == "__main__":

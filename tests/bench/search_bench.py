@@ -16,7 +16,6 @@ k = 4 it beats random on average; one evaluation costs at most 1.1x a bare forwa
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import random
@@ -24,6 +23,8 @@ import statistics
 import sys
 import time
 from pathlib import Path
+
+from _common import record  # tests/bench/_common.py, next to this script
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
@@ -46,8 +47,8 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(args.threads)
-    from core.data import TextSpec, calibration_batch, load_documents
-    from core.models import cached_gguf_dir, load_model
+    from core.data.text import TextSpec, calibration_batch, load_documents
+    from core.models.load import cached_gguf_dir, load_model
     from core.search import Subsets, search
     from pruning.llm_pruner import LLMPruner
     from recipes._common import resolve_model
@@ -112,7 +113,7 @@ def main() -> None:
             k4.setdefault(strategy, []).append(res.best_fitness)
     base_fit, donor_fit = fit(()), fit(tuple(range(n)))
     found = {s: sum(v is not None and v <= 65 for v in hits) for s, hits in to_optimum.items()}
-    print(json.dumps({
+    record({
         "bench": "search", "model": "SmolLM2-135M-Instruct, MLP -50% (taylor) vs original", "fitness": "kl",
         "tokens": full, "fidelities": levels, "threads": args.threads, "prune_s": round(prune_s, 1),
         "fitness_base": round(base_fit, 5), "fitness_donor": round(donor_fit, 5),
@@ -128,7 +129,7 @@ def main() -> None:
                     "k4_beats_random": min(statistics.mean(k4.get("evolve", [1e9])), statistics.mean(k4.get("ga", [1e9])))
                     < statistics.mean(k4.get("random", [0])),
                     "evaluation_at_most_1.1x_forward": eval_s / forward_s <= 1.1},
-    }))
+    }, __file__)
 
 
 if __name__ == "__main__":

@@ -25,6 +25,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from _common import record  # tests/bench/_common.py, next to this script
+
 ROOT = Path(__file__).resolve().parents[2]
 JOB = ["model=smollm2", "pruner=l2", "layers=all", "eval=none", "logger=none", "save_model=false",
        "data.num_samples=2", "data.seq_len=16"]
@@ -68,11 +70,11 @@ def main() -> None:
         for name in LAUNCHERS:
             result[name] = sweep(name, ratios, Path(tmp) / name, env)
     basic = result["basic"]
-    print(json.dumps({
+    record({
         "bench": "sweep_launchers", "model": "smollm2", "jobs": args.jobs, **{k: v for k, v in result.items()},
         "next_vs_basic": {k: round(v["next_s"] / basic["next_s"], 2) for k, v in result.items()},
         "sweep_vs_basic": {k: round(v["sweep_s"] / basic["sweep_s"], 2) for k, v in result.items()},
-    }))
+    }, __file__)
 
 
 if __name__ == "__main__":

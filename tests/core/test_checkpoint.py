@@ -12,10 +12,11 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from core.checkpoint import save_checkpoint
-from core.errors import LoadError
-from core.llama import count_params
-from core.models import ModelRef, load_model
+from core.models.checkpoint import save_checkpoint
+from core.run.errors import LoadError
+from core.models.llama import count_params
+from core.models.load import load_model
+from core.models.ref import ModelRef
 from pruning.llm_pruner import LLMPruner
 
 PRUNER = LLMPruner(attention_ratio=0.5, mlp_ratio=0.25, attention_layers=(1, 3), mlp_layers=(0, 3),
@@ -96,7 +97,7 @@ def test_sharded_checkpoint(tiny, tmp_path):
 
 def test_failed_save_leaves_nothing(tiny, tmp_path, monkeypatch):
     model, tok = tiny
-    import core.checkpoint as ck
+    import core.models.checkpoint as ck
 
     def boom(*a, **k):
         raise RuntimeError("disk full")
@@ -147,7 +148,7 @@ def test_project_loader_never_asks_about_remote_code(saved):
 import sys
 from pathlib import Path
 sys.path.insert(0, {str(Path(__file__).resolve().parents[1])!r})
-from core.models import load_hf_dir
+from core.models.load import load_hf_dir
 m, t = load_hf_dir(Path({str(out)!r}))
 print("LOADED", type(m).__name__)
 """
@@ -199,8 +200,8 @@ def test_added_biases_and_removed_sub_blocks_round_trip(tiny, tmp_path):
     is read from layer 0) load in plain transformers with the same logits, and generation works."""
     from torch import nn
 
-    from core.llama import layer_configs, params_from_config
-    from core.modeling.pruned_llama import RemovedAttention, RemovedMLP
+    from core.models.llama import layer_configs, params_from_config
+    from core.models.modeling_pruned import RemovedAttention, RemovedMLP
 
     model, tok = tiny
     layers = model.model.layers
@@ -250,7 +251,7 @@ def test_uniform_model_saves_as_stock_llama(tiny, tmp_path):
 
 def test_flops_per_token_counts_dense_matmuls(tiny):
     """2 x every linear (LM head included) + attention over the context; zeros do not reduce dense FLOPs."""
-    from core.llama import flops_per_token
+    from core.models.llama import flops_per_token
 
     model, _ = tiny
     linears = sum(m.in_features * m.out_features for m in model.modules() if isinstance(m, torch.nn.Linear))

@@ -8,10 +8,10 @@ import pytest
 import torch
 
 from conftest import CACHE_DIR
-from core.data import TextSpec, calibration_and_eval_sources, calibration_batch, eval_tokens, load_documents
-from core.errors import DataError
-from core.models import byte_tokenizer
-from core.rdata import RDataError, read_lazyload
+from core.data.text import TextSpec, calibration_and_eval_sources, calibration_batch, eval_tokens, load_documents
+from core.run.errors import DataError
+from core.models.load import byte_tokenizer
+from core.data.rdata import RDataError, read_lazyload
 
 
 def test_austen_novels_from_r_database():

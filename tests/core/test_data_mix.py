@@ -10,10 +10,10 @@ import pytest
 import torch
 
 from conftest import CACHE_DIR, run_task
-from core.data import (DEFAULT_MIX, MIX_COMPONENTS, TextSpec, calibration_and_eval_sources, calibration_batch,
+from core.data.text import (DEFAULT_MIX, MIX_COMPONENTS, TextSpec, calibration_and_eval_sources, calibration_batch,
                        load_documents, mix_counts, mix_record, mix_weights, olmo_datasets_dir)
-from core.errors import DataError
-from core.models import byte_tokenizer
+from core.run.errors import DataError
+from core.models.load import byte_tokenizer
 
 SEQ = 96  # byte tokenizer: one token per byte, so a window is 96 characters of its component
 

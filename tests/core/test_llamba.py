@@ -2,7 +2,7 @@
 
 The reference below is the mixer's recurrence written from its definition (Cartesia's DiscreteMamba2 /
 Phi-Mamba), one token at a time in float64, reading only a state dict: it shares no code with
-core/modeling/hybrid.py.
+core/models/modeling_hybrid.py.
 """
 
 from __future__ import annotations
@@ -16,12 +16,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from core.checkpoint import save_checkpoint
-from core.errors import LoadError
-from core.llama import Geometry, cache_kwarg, count_params, layer_types_of, output_cache, params_from_config
-from core.llamba import hybrid_config_from_llamba, is_llamba_config, llamba_key_to_hybrid
-from core.modeling.hybrid import DiscreteMamba2, HybridForCausalLM, LlambaDecoderLayer, MambaCacheLayer
-from core.models import ModelRef, build_tiny, load_model, model_config, model_depth
+from core.models.checkpoint import save_checkpoint
+from core.run.errors import LoadError
+from core.models.llama import Geometry, cache_kwarg, count_params, layer_types_of, output_cache, params_from_config
+from core.models.llamba import hybrid_config_from_llamba, is_llamba_config, llamba_key_to_hybrid
+from core.models.modeling_hybrid import DiscreteMamba2, HybridForCausalLM, LlambaDecoderLayer, MambaCacheLayer
+from core.models.load import build_tiny, load_model
+from core.models.ref import ModelRef, model_config, model_depth
 from llamba_helpers import TINY_LLAMBA, TINY_SSM, randomize, tiny_hybrid, write_llamba_dir
 
 CACHE = ".cache"

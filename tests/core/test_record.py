@@ -8,8 +8,8 @@ import time
 
 import pytest
 
-from core.errors import RunDirError
-from core.record import RunContext, run_status
+from core.run.errors import RunDirError
+from core.run.record import RunContext, run_status
 
 
 def test_heartbeat_and_logging_share_the_record_safely(tmp_path, monkeypatch):

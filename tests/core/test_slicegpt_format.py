@@ -2,7 +2,7 @@
 
 The reference model is SliceGPT's module structure rebuilt in this file (its RMSN and CompressedLlamaDecoderLayer,
 slicegpt/modules.py and adapters/llama_adapter.py, adapted to transformers 5's layer call), independent of
-core.modeling.sliced_llama, with random weights and per-layer widths that differ (a non-constant SlicingConfig).
+core.models.modeling_sliced, with random weights and per-layer widths that differ (a non-constant SlicingConfig).
 """
 
 from __future__ import annotations
@@ -16,10 +16,11 @@ from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 
 from analysis.structure import structure_of
 from conftest import run_task
-from core.errors import LoadError
-from core.llama import count_params
-from core.models import ModelRef, build_tiny, load_model, tiny_config
-from core.slicegpt import load_slicegpt
+from core.run.errors import LoadError
+from core.models.llama import count_params
+from core.models.load import build_tiny, load_model
+from core.models.ref import ModelRef, tiny_config
+from core.models.slicegpt import load_slicegpt
 
 HIDDEN = 64
 # (attention input, attention output = MLP input, MLP output) per layer; the last output is the unsliced head's

@@ -14,9 +14,10 @@ from pathlib import Path
 import pytest
 
 from conftest import CACHE_DIR, ROOT
-from core.record import RunContext
-from core.wandb_view import (EVAL_TABLE, SUMMARY_NAMES, derived_config, eval_table_rows, flatten_config,
-                             layer_range_label, standard_summary, sweep_group)
+from core.run.record import RunContext
+from core.run.wandb_view import (EVAL_TABLE, SUMMARY_NAMES, derived_config, eval_table_rows, flatten_config,
+                                 layer_range_label, standard_summary, sweep_group)
+from recipes import evaluate, prune, replace
 
 
 def _read_written(wandb_dir: Path, wait_s: float = 30.0) -> dict:
@@ -187,12 +188,15 @@ def test_flatten_config_keeps_lists_and_uses_slashes():
 def test_layer_range_and_method_come_from_the_record_when_known():
     cfg = {"task": "prune", "pruner": {"name": "taylor"},
            "layers": {"attention": {"start": 3, "end": -3}, "mlp": {"start": 3, "end": None}}}
-    assert derived_config(cfg) == {"method": "taylor", "layer_range": "attn 3--3 / mlp 3-end"}
+    assert derived_config(cfg, view=prune.WANDB_VIEW) == {"method": "taylor", "layer_range": "attn 3--3 / mlp 3-end"}
+    assert derived_config(cfg) == {"method": None, "layer_range": None}  # core knows no task: the recipe's view says
     record = {"task": "prune", "method": "taylor", "pruning": {"attention_layers": [3, 27], "mlp_layers": [3, 27]}}
-    assert derived_config(cfg, record)["layer_range"] == "attn 3-27 / mlp 3-27"
-    assert derived_config({"task": "evaluate"}, {"task": "evaluate", "status": "completed"})["method"] == "base"
-    replaced = {"task": "replace", "method": "replace", "compression": {"unit": "replaced_layers", "layers": [1, 5]}}
-    assert derived_config({"task": "replace"}, replaced) == {"method": "replace", "layer_range": "replaced 1,5"}
+    assert derived_config(cfg, record, prune.WANDB_VIEW)["layer_range"] == "attn 3-27 / mlp 3-27"
+    assert derived_config({"task": "evaluate"}, {"task": "evaluate", "status": "completed"},
+                          evaluate.WANDB_VIEW)["method"] == "base"
+    replaced = {"task": "replace", "compression": {"unit": "replaced_layers", "layers": [1, 5]}}
+    assert derived_config({"task": "replace"}, replaced, replace.WANDB_VIEW) == {"method": "replace",
+                                                                                "layer_range": "replaced 1,5"}
     assert layer_range_label(None, [0, 4]) == "mlp 0-4" and layer_range_label(None, None) is None
 
 
@@ -214,11 +218,10 @@ def test_sweep_group_outside_the_outputs_root(tmp_path):
 
 def test_a_set_group_wins_and_a_single_run_has_none(tmp_path):
     from conftest import compose
+    from recipes._launch import wandb_group
 
-    import run
-
-    assert run.wandb_group(compose(["logger.group=mine"], tmp_path)) == "mine"
-    assert run.wandb_group(compose([], tmp_path)) is None
+    assert wandb_group(compose(["logger.group=mine"], tmp_path)) == "mine"
+    assert wandb_group(compose([], tmp_path)) is None
 
 
 def test_standard_summary_of_a_prune_record():
@@ -249,11 +252,14 @@ def test_standard_summary_of_a_prune_record():
 def test_standard_summary_of_evaluate_and_search_records():
     base_only = {"task": "evaluate", "eval": {"model": {"ppl": {"value": 20.0}}},
                  "params": {"model": 50, "nonzero": 49}}
-    assert standard_summary(base_only) == {"ppl/pruned": 20.0, "params/base": 50, "params/pruned": 50,
-                                           "params/kept_frac": 1.0, "params/nonzero_frac": 1.0}
+    assert standard_summary(base_only, evaluate.WANDB_VIEW) == {"ppl/pruned": 20.0, "params/base": 50,
+                                                                "params/pruned": 50, "params/kept_frac": 1.0,
+                                                                "params/nonzero_frac": 1.0}
+    assert standard_summary(base_only) == {"ppl/pruned": 20.0, "params/pruned": 50}  # no view: not its own base
     ckpt = {"task": "evaluate", "method": "l1", "eval": {"model": {"ppl": {"value": None}}},
             "params": {"model": 40, "nonzero": 40}, "checkpoint_info": {"params": {"base": 50, "pruned": 40}}}
-    assert standard_summary(ckpt) == {"params/base": 50, "params/pruned": 40, "params/kept_frac": 0.8}
+    assert standard_summary(ckpt, evaluate.WANDB_VIEW) == {"params/base": 50, "params/pruned": 40,
+                                                           "params/kept_frac": 0.8}
     search = {"task": "search", "eval": {"ppl": {"ppl": {"base": 30.0, "k2": 25.0, "k10": 21.0, "donor": 20.0}}},
               "search": {"best": {"2": {"fitness": 0.4}, "10": {"fitness": 0.1}}}}
     assert standard_summary(search) == pytest.approx({

@@ -24,8 +24,8 @@ def hetero_model(layers: Optional[list[tuple]] = None, *, hidden: int = 64, head
     Weights are drawn with std ``std`` (not transformers' 0.02) so attention patterns and logits are far from
     uniform: an export that mixes up heads or channels shows up as a large logit error.
     """
-    from core.models import byte_tokenizer
-    from core.modeling.pruned_llama import PrunedLlamaConfig, PrunedLlamaForCausalLM
+    from core.models.load import byte_tokenizer
+    from core.models.modeling_pruned import PrunedLlamaConfig, PrunedLlamaForCausalLM
 
     layers = layers or HETERO
     tok = byte_tokenizer()

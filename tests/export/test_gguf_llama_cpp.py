@@ -177,7 +177,7 @@ def test_llama_cpp_quantiser_types(tmp_path):
 
 def test_task_export_gguf_on_a_checkpoint(tmp_path):
     from conftest import run_task
-    from core.checkpoint import save_checkpoint
+    from core.models.checkpoint import save_checkpoint
 
     model, tok = hetero_model(HETERO)
     ckpt = save_checkpoint(model, tok, tmp_path / "ckpt", {"method": "test"})

@@ -1,4 +1,4 @@
-"""The searched allocation (pruning/allocation.py): the budget-exact space, the variant pass, the KL fitness and
+"""The searched allocation (pruning/obs/search.py): the budget-exact space, the variant pass, the KL fitness and
 ``pruner=obs pruner.allocation=search`` end to end on a tiny random Llama."""
 
 from __future__ import annotations
@@ -8,13 +8,15 @@ import random
 import pytest
 import torch
 
-from core.errors import ConfigError
-from core.llama import Geometry, count_params
+from core.run.errors import ConfigError
+from core.models.llama import Geometry, count_params
 from core.search import SearchError
-from pruning.allocation import (BudgetLevels, KLFitness, _LayerFit, build_variants, fidelity_rows, fitness_chunks,
-                                separable_allocation)
 from pruning.compensate import relative_error
-from pruning.obs import StructuredOBS, allocate_channels, prune_sequential
+from pruning.obs.allocate import allocate_channels
+from pruning.obs.fit import ProjectionFit, prune_sequential
+from pruning.obs.pruner import StructuredOBS
+from pruning.obs.search import (BudgetLevels, KLFitness, build_variants, fidelity_rows, fitness_chunks,
+                                separable_allocation)
 
 SPACES = [
     BudgetLevels((3, 4, 5, 6, 7), (10, 10, 11, 11, 11), (60, 60, 60, 60, 60), 3),
@@ -135,7 +137,7 @@ def test_fitness_chunks_never_straddle_a_fidelity():
 # ---------------------------------------------------------------------------------------------- with a model
 
 def _tiny(seed: int = 0):
-    from core.models import build_tiny
+    from core.models.load import build_tiny
 
     return build_tiny(num_layers=4, hidden_size=64, intermediate_size=128, num_heads=8, num_kv_heads=2, seed=seed)[0]
 
@@ -147,7 +149,7 @@ def calib16():
 
 def _obs(**kw) -> StructuredOBS:
     base = dict(ratio=0.2, tokens=None, seq_len=32, allocation="search", search_budget=8, search_tokens=128,
-                progress=False)
+                progress=False, autocast=None)  # float32 forwards on every CPU (auto: bfloat16 on AMX ones)
     return StructuredOBS(**{**base, **kw})
 
 
@@ -169,8 +171,8 @@ def test_the_variant_pass_is_the_sequential_prune_and_apply_swaps_exactly(calib1
     a, b, dense = _tiny(), _tiny(), _tiny()
     geo = Geometry.of(a)
     space = BudgetLevels.around(geo, (0, 4), 100)
-    variants = build_variants(a, calib16[:12], {}, space, opt)
-    prune_sequential(b, calib16[:12], {}, space.counts(space.centre), options=opt)
+    variants = build_variants(a, calib16[:12], {}, space, opt.fit_options())
+    prune_sequential(b, calib16[:12], {}, space.counts(space.centre), options=opt.fit_options())
     sa, sb = a.state_dict(), b.state_dict()
     assert sa.keys() == sb.keys()
     for k in sa:
@@ -196,11 +198,11 @@ def test_the_guard_error_from_gram_matrices_is_relative_error(targets):
     xs, held = [torch.randn(2, 50, 10, dtype=torch.float64)], [torch.randn(2, 30, 10, dtype=torch.float64)]
     th = [torch.randn(2, 30, 6, dtype=torch.float64)] if targets else None
     tf = [torch.randn(2, 50, 6, dtype=torch.float64)] if targets else None
-    fit = _LayerFit(w, b, xs, held, _obs(), tf, th)
+    fit = ProjectionFit(w, b, xs, held, _obs().fit_options(), tf, th, summed_guard=True)
     w_new = torch.randn(6, 11, dtype=torch.float64)
     xh = held[0].reshape(-1, 10)
     want = relative_error(xh, w, w_new, b, target=th[0].reshape(-1, 6) if targets else None)
-    assert fit.held_error(w_new) == pytest.approx(want, rel=1e-6)  # (float32 products, summed in float64)
+    assert fit.held.errors(w_new) == [pytest.approx(want, rel=1e-6)]  # (float32 products, summed in float64)
 
 
 def test_allocation_search_prunes_to_the_plan_and_beats_every_start(calib16):

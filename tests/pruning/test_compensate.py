@@ -90,3 +90,44 @@ def _gram_obj(x: torch.Tensor) -> Gram:
     g = Gram(x.shape[-1])
     g.add(x)
     return g
+
+
+# --------------------------------------------------------------------------- folded sums (the streamed pass)
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_sums_folded_micro_batch_by_micro_batch_equal_the_captured_fit_and_guard(bias):
+    """ProjectionSums over micro-batches (fit rows first, the last samples held out) gives the weights of
+    target_weights over the captured tokens and the guard's errors of relative_error over the held-out ones."""
+    from pruning.compensate import HeldOut, ProjectionSums, target_weights
+
+    torch.manual_seed(0)
+    out, n = 6, 12
+    w, b = torch.randn(out, n), torch.randn(out)
+    batches = [torch.randn(3, 40, n) for _ in range(3)]  # 9 samples in micro-batches of 3
+    targets = [x @ w.T + b + 0.1 * torch.randn(3, 40, out) for x in batches]
+    fit_rows = [3, 3, 1]  # the last 2 samples are the guard's
+    sums = ProjectionSums(w, b, bias=bias, targets=True, held=True)
+    for x, t, k in zip(batches, targets, fit_rows):
+        sums.add(x, t, fit=k)
+    xs = [x[:k] for x, k in zip(batches, fit_rows)]
+    ts = [t[:k] for t, k in zip(targets, fit_rows)]
+    h = sums.gram.matrix(bias)
+    assert sums.gram.tokens == 7 * 40 and sums.held_gram.tokens == 2 * 40
+    assert h.shape == ((n + 1, n + 1) if bias else (n, n))
+    w_ref, b_ref = target_weights(w, b if bias else None, xs, ts, _gram(torch.cat([x.reshape(-1, n) for x in xs]),
+                                                                         bias), 0.01)
+    w_got, b_got = sums.fit_weights(h, 0.01)
+    torch.testing.assert_close(w_got, w_ref, rtol=1e-5, atol=1e-6)  # (float32 block products)
+    if bias:
+        torch.testing.assert_close(b_got, b_ref, rtol=1e-5, atol=1e-6)
+    held_x, held_t = batches[2][1:], targets[2][1:]
+    exact = HeldOut(w, b, [held_x], [held_t])
+    summed = sums.held_out()
+    cand = torch.randn(out, n + 1, dtype=torch.float64)
+    assert summed.errors(cand) == [pytest.approx(exact.errors(cand)[0], rel=1e-5)]
+    assert summed.tokens == exact.tokens == 80
+    # no [tokens, n] tensor is kept: the sums' size does not depend on the tokens folded
+    size = sums.nbytes
+    sums.add(torch.randn(50, 40, n), torch.randn(50, 40, out), fit=40)
+    assert sums.nbytes == size

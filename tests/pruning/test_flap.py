@@ -8,10 +8,11 @@ import copy
 import pytest
 import torch
 
-from core.errors import ConfigError
-from core.llama import Geometry, count_params
+from core.run.errors import ConfigError
+from core.models.llama import Geometry, count_params
 from pruning import PruneError
-from pruning.flap import FLAP, allocate, check_budget, collect, group_scores, standardise
+from pruning.flap import FLAP, allocate, check_budget, group_scores
+from pruning.stats import collect, standardise
 
 HD = 8  # head_dim of the tiny model (64 / 8 heads); a KV group = 4 query heads = 32 o_proj input channels
 
@@ -90,7 +91,7 @@ def test_bias_compensation_keeps_each_sub_blocks_mean(tiny, calib, structure):
 def test_compensation_adds_to_an_existing_bias(calib):
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from core.models import tiny_config
+    from core.models.ref import tiny_config
 
     torch.manual_seed(0)
     model = LlamaForCausalLM(LlamaConfig(**tiny_config(num_layers=2), attention_bias=True, mlp_bias=True)).eval()
@@ -203,13 +204,13 @@ def test_a_ratio_beyond_the_minimums_names_the_maximum():
 def test_pruned_model_runs_generates_and_round_trips(tiny, calib, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from core.checkpoint import save_checkpoint
+    from core.models.checkpoint import save_checkpoint
 
     model, tok = tiny
     ref = copy.deepcopy(model)
     res = FLAP(ratio=0.3, attention_layers=(1, 3), mlp_layers={"start": 1, "end": -1})(model, calib)
-    assert res.compression["unit"] == "params"
-    assert res.compression["amount"] == pytest.approx(1 - count_params(model) / count_params(ref))
+    assert res.compression["unit"] == "prunable_params" and res.compression["amount"] == 0.3
+    assert res.compression["params_removed"] == pytest.approx(1 - count_params(model) / count_params(ref))
     assert res.details["in_range_fraction"] == pytest.approx(0.3, abs=0.01)
     assert res.details["removed_prunable_params"] == pytest.approx(0.3 * res.details["prunable_params"], rel=0.02)
     for l in (0, 3):  # outside the ranges: untouched, bit for bit
@@ -244,7 +245,8 @@ def test_ratio_zero_changes_nothing(tiny, calib):
     model, _ = tiny
     ref = copy.deepcopy(model)
     res = FLAP(ratio=0.0)(model, calib)
-    assert res.params_after == res.params_before and res.compression == {"unit": "params", "amount": 0.0}
+    assert res.params_after == res.params_before and res.compression == {"unit": "prunable_params", "amount": 0.0,
+                                                                 "params_removed": 0.0}
     assert all(torch.equal(p, q) for p, q in zip(model.parameters(), ref.parameters()))
 
 

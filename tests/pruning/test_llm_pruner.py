@@ -7,9 +7,9 @@ import copy
 import pytest
 import torch
 
-from core.llama import count_params
-from core.models import build_tiny
-from core.llama import Geometry
+from core.models.llama import count_params
+from core.models.load import build_tiny
+from core.models.llama import Geometry
 from pruning import PruneError
 from pruning.llm_pruner import LLMPruner, importance, plan_counts, solve_params_ratio
 from pruning.ranges import resolve_range

@@ -11,9 +11,9 @@ import pytest
 import torch
 
 from conftest import ROOT, compose
-from core.errors import ConfigError
-from core.llama import Geometry, count_params
-from core.models import build_tiny
+from core.run.errors import ConfigError
+from core.models.llama import Geometry, count_params
+from core.models.load import build_tiny
 from pruning import PruneError
 from pruning.magnitude import Magnitude, channel_norms, group_norms
 from pruning.sparsity import (TARGETS, global_threshold, linear, nm_mask, parse_pattern, threshold_mask,
@@ -221,8 +221,8 @@ def test_structured_removes_lowest_norm_units_gqa_consistently(tiny, calib):
     m = ref.model.layers[3].mlp
     hand = (m.gate_proj.weight.pow(2).sum(1) + m.up_proj.weight.pow(2).sum(1) + m.down_proj.weight.pow(2).sum(0)).sqrt()
     torch.testing.assert_close(channel_norms(ref.model.layers[3], "l2"), hand)
-    assert res.compression["unit"] == "params"
-    assert res.compression["amount"] == pytest.approx(1 - res.params_after / res.params_before)
+    assert res.compression["unit"] == "groups" and res.compression["amount"] == 0.5
+    assert res.compression["params_removed"] == pytest.approx(1 - res.params_after / res.params_before)
     assert res.params_after == count_params(model)
     with torch.no_grad():
         assert torch.isfinite(model(calib).logits).all()
@@ -231,8 +231,9 @@ def test_structured_removes_lowest_norm_units_gqa_consistently(tiny, calib):
 
 
 def test_structured_checkpoint_round_trips(tiny, calib, tmp_path):
-    from core.checkpoint import save_checkpoint
-    from core.models import ModelRef, load_model
+    from core.models.checkpoint import save_checkpoint
+    from core.models.load import load_model
+    from core.models.ref import ModelRef
 
     model, tok = tiny
     Magnitude(ratio=0.5, pattern="structured", norm="l1", attention_layers=(0, 2), mlp_layers=(1, 4))(model, None)

@@ -14,10 +14,19 @@ import pytest
 import torch
 
 from conftest import CACHE_DIR, ROOT
-from core.errors import ConfigError
-from core.llama import Geometry, count_params
+from core.run.errors import ConfigError
+from core.models.llama import Geometry, count_params
 from pruning import PruneError
-from pruning.obs import StructuredOBS, allocate_channels
+from pruning.obs.allocate import allocate_channels
+from pruning.obs.pruner import StructuredOBS
+
+# config.json geometries (the keys the token rule reads) of SmolLM2-135M-Instruct, Llama-3-8B and Llama-3-70B
+SMOLLM2 = {"num_hidden_layers": 30, "hidden_size": 576, "intermediate_size": 1536, "num_attention_heads": 9,
+           "num_key_value_heads": 3}
+LLAMA3_8B = {"num_hidden_layers": 32, "hidden_size": 4096, "intermediate_size": 14336, "num_attention_heads": 32,
+             "num_key_value_heads": 8}
+LLAMA3_70B = {"num_hidden_layers": 80, "hidden_size": 8192, "intermediate_size": 28672, "num_attention_heads": 64,
+              "num_key_value_heads": 8}
 
 # tiny: 4 layers, hidden 64, MLP 128, 8 heads / 2 KV heads of head_dim 8, 172,992 parameters;
 # one MLP channel = 3 x 64 = 192 parameters, one KV group = 2 x (4 x 8 x 64) + 2 x (8 x 64) = 5,120.
@@ -25,8 +34,9 @@ CHANNEL, HIDDEN = 192, 64
 
 
 def obs(**kw) -> StructuredOBS:
-    """Tests feed their own calibration batch (tokens=None) and keep the log quiet."""
-    return StructuredOBS(**{"tokens": None, "seq_len": 8, "progress": False, **kw})
+    """Tests feed their own calibration batch (tokens=None), keep the log quiet and run float32 layer forwards on
+    every CPU (the default autocast=auto is bfloat16 on AVX512-BF16/AMX ones)."""
+    return StructuredOBS(**{"tokens": None, "seq_len": 8, "progress": False, "autocast": None, **kw})
 
 
 @pytest.fixture
@@ -67,12 +77,30 @@ def kept_rows(new: torch.Tensor, old: torch.Tensor) -> list[int]:
     ({"rounds": 0}, r"pruner.rounds=0 must be an integer >= 1"),
     ({"min_channels": 0}, r"pruner.min_channels=0 must be an integer >= 1"),
     ({"seq_len": 4}, r"pruner.seq_len=4 must be an integer >= 8"),
-    ({"tokens": 100, "seq_len": 512}, r"pruner.tokens=100 must be null or an integer >= pruner.seq_len"),
+    ({"tokens": 100, "seq_len": 512}, r"pruner.tokens=100 must be auto, null or an integer >= pruner.seq_len"),
+    ({"tokens": "many"}, r"pruner.tokens='many' must be auto, null or an integer >= pruner.seq_len"),
+    ({"tokens": "auto", "tokens_per_unknown": 0}, r"pruner.tokens_per_unknown=0 must be a number > 0"),
+    ({"tokens": "auto", "min_tokens": 256, "seq_len": 512}, r"pruner.min_tokens=256 must be >= pruner.seq_len=512"),
+    ({"tokens": "auto", "min_tokens": 4096, "max_tokens": 2048}, r"pruner.max_tokens=2048 is below "
+                                                                 r"pruner.min_tokens=4096"),
+    ({"tokens": "auto", "min_tokens": 512, "seq_len": 512}, r"pruner.guard=true holds out calibration samples, but "
+                                                            r"the rule's floor pruner.min_tokens=512 in windows of "
+                                                            r"pruner.seq_len=512 is one sample"),
     ({"batch_size": -1}, r"pruner.batch_size=-1 must be an integer >= 0"),
     ({"offload": True}, r"pruner.offload=true needs pruner.device"),
     ({"device": 0}, r"pruner.device=0 must be a device name"),
     ({"attention_layers": (3, 1)}, r"layers.attention: start=3 is after end=1"),
     ({"autocast": "bf16"}, r"pruner.autocast='bf16' is not one of null, auto, bfloat16, float16"),
+    # an option that cannot take effect is an error, not ignored
+    ({"holdout": 0.0}, r"pruner.guard=true judges each compensation on held-out samples, but pruner.holdout=0 "
+                       r"holds out none: give a share in \(0, 0.5\) or set pruner.guard=false"),
+    ({"tokens": 512, "seq_len": 512}, r"pruner.guard=true holds out calibration samples, but pruner.tokens=512 in "
+                                      r"windows of pruner.seq_len=512 is one sample, none to spare"),
+    ({"refit_attention": True, "target": "layer"}, r"pruner.refit_attention=true refits o_proj towards the dense "
+                                                   r"model's outputs: it needs pruner.target=dense and "
+                                                   r"pruner.compensate=true \(here target=layer, compensate=true\)"),
+    ({"refit_attention": True, "compensate": False}, r"pruner.refit_attention=true .* \(here target=dense, "
+                                                     r"compensate=false\)"),
 ])
 def test_bad_options_are_one_config_error(kw, match):
     with pytest.raises(ConfigError, match=match) as e:
@@ -96,14 +124,15 @@ def test_the_option_file_builds_the_pruner():
     cfg = compose(["pruner=obs", "ratio=0.3", "pruner.selection=wanda"], ROOT / "outputs" / "unused")
     p = build(cfg.pruner, "pruner")
     assert isinstance(p, StructuredOBS) and p.ratio == 0.3 and p.selection == "wanda" and p.ratio_target == "params"
-    assert p.calibration_shape == (256, 512)  # 131,072 tokens in windows of 512
+    assert p.tokens == "auto"
+    assert p.calibration_plan(SMOLLM2).shape == (48, 512)  # 16 x 1536 unknowns = 24,576 tokens in windows of 512
 
 
 def test_building_from_options_needs_no_torch():
-    code = ("import sys; from pruning.obs import StructuredOBS; p = StructuredOBS(ratio=0.2); p.check(30); "
-            "print(p.calibration_shape, 'torch' in sys.modules)")
+    code = ("import sys; from pruning.obs.pruner import StructuredOBS; p = StructuredOBS(ratio=0.2); p.check(30); "
+            f"print(p.calibration_plan({SMOLLM2!r}).shape, 'torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
-    assert out.returncode == 0 and out.stdout.strip() == "(256, 512) False", out.stderr
+    assert out.returncode == 0 and out.stdout.strip() == "(48, 512) False", out.stderr
 
 
 @pytest.mark.parametrize("kw,match", [
@@ -266,7 +295,7 @@ def test_the_model_follows_the_allocation(tiny, data, allocation):
 
 
 def test_kv_groups_are_removed_whole_and_the_model_runs(data):
-    from core.models import build_tiny
+    from core.models.load import build_tiny
 
     model, _ = build_tiny(num_heads=8, num_kv_heads=4)  # head_dim 8, 2 query heads per KV head
     ref = copy.deepcopy(model)
@@ -314,15 +343,28 @@ def test_one_record_per_pruned_projection_with_the_guards_decision(tiny, data):
     assert d["calibration_tokens"] == 64 * 32
 
 
-@pytest.mark.parametrize("kw,decision", [({"guard": False}, "kept"),
-                                         ({"holdout": 0.0}, "kept (no held-out samples to check)"),
-                                         ({"compensate": False}, None)])
+@pytest.mark.parametrize("kw,decision", [({"guard": False}, "kept"), ({"guard": False, "holdout": 0.0}, "kept"),
+                                         ({"compensate": False}, None), ({"compensate": False, "holdout": 0.0}, None)])
 def test_decisions_without_a_guard(tiny, data, kw, decision):
     model, _ = tiny
     res = obs(ratio=0.2, **kw)(model, data)
     recs = res.details["projections"]
     assert len(recs) == 4 and all(r.get("update") == decision for r in recs)
     assert all("heldout_error" not in r for r in recs)
+    assert res.details["updates_kept"] == (4 if decision == "kept" else 0)  # every applied update counted
+
+
+def test_a_guard_without_held_out_samples_fails_before_the_model_changes(tiny):
+    """One calibration sample: the guard would have nothing to judge by (and the record would say no update was
+    kept though all were applied); one clear error instead, the model untouched."""
+    model, _ = tiny
+    ref = copy.deepcopy(model)
+    one = torch.randint(0, 256, (1, 32), generator=torch.Generator().manual_seed(0))
+    with pytest.raises(PruneError, match=r"obs: pruner.guard=true holds out pruner.holdout=0.1 of the calibration "
+                                         r"samples, which leaves none of these 1 to judge the compensation by"):
+        obs(ratio=0.2)(model, one)
+    assert all(p.shape == q.shape and torch.equal(p, q) for p, q in zip(model.parameters(), ref.parameters()))
+    assert obs(ratio=0.2, guard=False)(model, one).details["updates_kept"] == 4
 
 
 def test_without_compensation_kept_weights_are_unchanged(tiny, data):
@@ -399,16 +441,35 @@ def test_refit_attention_refits_o_proj_of_pruned_layers_after_the_first(tiny, da
     assert 0.8 * p0 - CHANNEL - HIDDEN < res.params_after <= 0.8 * p0
 
 
-def test_refit_attention_needs_the_dense_target(tiny, data):
-    """target=layer has no drift to undo: refit_attention changes nothing there."""
-    model, _ = tiny
-    other = copy.deepcopy(model)
-    a = obs(ratio=0.2, refit_attention=True, target="layer")(model, data)
-    b = obs(ratio=0.2, target="layer")(other, data)
-    assert [r["kind"] for r in a.details["projections"]] == ["mlp"] * 4
-    assert a.layers == b.layers
-    for x, y in zip(model.parameters(), other.parameters()):
-        assert torch.equal(x, y)
+@pytest.mark.parametrize("overrides,match", [
+    (["pruner.target=layer", "pruner.refit_attention=true"], r"pruner.refit_attention=true refits o_proj towards "
+                                                             r"the dense model's outputs: it needs pruner.target=dense"),
+    (["pruner.holdout=0.0"], r"pruner.guard=true judges each compensation on held-out samples, but "
+                             r"pruner.holdout=0 holds out none"),
+])
+def test_options_that_cannot_take_effect_fail_at_config_validation(overrides, match):
+    """target=layer has no drift for refit_attention to undo, and a guard with no held-out sample judges nothing:
+    run.py's checks refuse both before any model loads."""
+    import run
+    from conftest import compose
+
+    cfg = compose(["pruner=obs", *overrides], ROOT / "outputs" / "unused")
+    with pytest.raises(ConfigError, match=match):
+        run.check(cfg)
+
+
+def test_the_class_defaults_are_the_option_files():
+    """conf/pruner/obs.yaml and StructuredOBS state the same defaults (the interpolated keys, ``${ratio}`` and the
+    like, come from the top level)."""
+    import dataclasses
+
+    import yaml
+
+    data = yaml.safe_load((ROOT / "conf" / "pruner" / "obs.yaml").read_text())
+    fields = {f.name: f.default for f in dataclasses.fields(StructuredOBS)}
+    assert set(data) - {"_target_"} == set(fields)
+    literal = {k: v for k, v in data.items() if k != "_target_" and not (isinstance(v, str) and v.startswith("${"))}
+    assert {k: fields[k] for k in literal} == literal
 
 
 @pytest.mark.parametrize("target", ["layer", "dense"])
@@ -501,7 +562,7 @@ def test_micro_batches_and_offload_give_the_same_result(tiny, data):
 
 
 def test_checkpoint_reloads_in_plain_transformers_with_identical_logits(tiny, data, tmp_path):
-    from core.checkpoint import save_checkpoint
+    from core.models.checkpoint import save_checkpoint
 
     model, tok = tiny
     obs(ratio=0.2, attention_ratio=0.5, guard=False)(model, data)  # every projection refitted: biases everywhere
@@ -554,3 +615,82 @@ def test_run_py_prunes_with_the_pruners_calibration_tokens(tmp_path):
     assert m["pruning"]["selection"] == "obs" and len(m["pruning"]["projections"]) == 8
     assert m["params"]["pruned"] <= 0.8 * m["params"]["base"]
     assert (run_dir / "model" / "model.safetensors").is_file()
+
+
+# --------------------------------------------------------------------------- the calibration size (tokens=auto)
+
+
+def test_the_token_rule_gives_the_documented_counts_without_torch():
+    """tokens=auto: 16 tokens per unknown of a down_proj row, floor 8,192, cap 262,144, whole windows of 512
+    (docs/methods/compensated.md, "Calibration size"), from config.json dicts alone."""
+    code = ("import json, sys; from pruning.obs.pruner import StructuredOBS; p = StructuredOBS(); "
+            "print(json.dumps([p.calibration_plan(c).record() for c in json.loads(sys.argv[1])]), "
+            "'torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code, json.dumps([SMOLLM2, LLAMA3_8B, LLAMA3_70B])], cwd=ROOT,
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    plans, torch_loaded = out.stdout.strip().rsplit(" ", 1)
+    assert torch_loaded == "False"
+    smol, l8, l70 = json.loads(plans)
+    assert (smol["tokens"], smol["samples"], smol["seq_len"]) == (24576, 48, 512)
+    assert smol["rule"] == "16 x 1536 unknowns (down_proj input) = 24576, floor 8192, cap 262144: 48 windows of 512"
+    assert (l8["tokens"], l8["samples"]) == (229376, 448)  # 16 x 14,336
+    assert l8["rule"].startswith("16 x 14336 unknowns (down_proj input) = 229376")
+    assert (l70["tokens"], l70["samples"]) == (262144, 512)  # 16 x 28,672 = 458,752, capped
+    assert l70["rule"].startswith("16 x 28672 unknowns (down_proj input) = 458752, floor 8192, cap 262144")
+
+
+def test_the_token_rule_follows_what_is_fitted():
+    """The widest compensated projection sets the count: o_proj's input once KV groups are removed (or refitted),
+    only the layers in range, a floor for small models, whole windows; allocation=search adds its fitness tokens on
+    top; an explicit count wins."""
+    wide_attention = {**SMOLLM2, "hidden_size": 2048, "num_attention_heads": 32, "num_key_value_heads": 8}  # 32 x 64
+    assert StructuredOBS().unknowns(Geometry.from_config(wide_attention)) == (1536, "down_proj input")
+    assert StructuredOBS(attention_ratio=0.25).unknowns(Geometry.from_config(wide_attention)) == (2048, "o_proj input")
+    assert StructuredOBS(refit_attention=True).unknowns(Geometry.from_config(wide_attention)) == (2048, "o_proj input")
+    assert StructuredOBS(attention_ratio=0.25).calibration_plan(wide_attention).tokens == 16 * 2048
+    # a pruned checkpoint's per-layer widths: only the layers in layers.mlp count
+    narrow = {**SMOLLM2, "layer_configs": [{"intermediate_size": 3000 if l < 3 else 1000} for l in range(30)]}
+    assert StructuredOBS(mlp_layers=(3, 27)).unknowns(Geometry.from_config(narrow)) == (1000, "down_proj input")
+    tiny = {**SMOLLM2, "intermediate_size": 128}
+    assert StructuredOBS().calibration_plan(tiny).shape == (16, 512)  # 16 x 128 = 2,048 < the floor of 8,192
+    odd = StructuredOBS(tokens_per_unknown=10, seq_len=500).calibration_plan(SMOLLM2)  # 15,360 -> 31 windows
+    assert odd.shape == (31, 500) and odd.tokens == 15500
+    capped = StructuredOBS(seq_len=500).calibration_plan(LLAMA3_70B)
+    assert capped.tokens <= 262144 and capped.shape == (524, 500)  # rounded down at the cap
+    search = StructuredOBS(allocation="search").calibration_plan(SMOLLM2)
+    assert search.shape == (48 + 16, 512) and search.rule.endswith("+ 16 for the search's fitness (search_tokens=8192)")
+    explicit = StructuredOBS(tokens=131072).calibration_plan(LLAMA3_70B)
+    assert explicit.shape == (256, 512) and explicit.rule == "pruner.tokens=131072 (explicit), 256 windows of 512"
+    assert StructuredOBS(tokens=None).calibration_plan(SMOLLM2) is None
+
+
+def test_the_record_says_how_the_calibration_size_was_derived(tiny, data):
+    """A batch of the rule's size is recorded with the rule; another one says it was given, and what the rule gives."""
+    tiny, _ = tiny
+    rule = obs(ratio=0.2, tokens="auto", tokens_per_unknown=8, min_tokens=256, seq_len=32)
+    assert rule.calibration_plan(Geometry.of(tiny)).shape == (32, 32)  # 8 x 128 unknowns = 1,024 tokens
+    res = rule(copy.deepcopy(tiny), data[:32])
+    assert res.details["calibration"] == {"tokens": 1024, "samples": 32, "seq_len": 32, "rule": (
+        "8 x 128 unknowns (down_proj input) = 1024, floor 256, cap 262144: 32 windows of 32")}
+    res = rule(copy.deepcopy(tiny), data)
+    assert res.details["calibration"]["tokens"] == 2048
+    assert res.details["calibration"]["rule"].startswith("given by the caller (64 x 32); this pruner would draw 1024")
+    assert obs(ratio=0.2)(copy.deepcopy(tiny), data).details["calibration"]["rule"] == \
+        "pruner.tokens=null: the data config's 64 samples x 32"
+
+
+def test_run_py_draws_the_rules_tokens_and_records_the_derivation(tmp_path):
+    run_dir = tmp_path / "run"
+    cmd = [sys.executable, str(ROOT / "run.py"), "model=tiny", "pruner=obs", "ratio=0.2", "layers=all",
+           "pruner.tokens_per_unknown=4", "pruner.min_tokens=256", "pruner.seq_len=32", "pruner.rounds=2",
+           "eval=none", "logger=none", "save_model=false", f"paths.cache_dir={CACHE_DIR}", f"hydra.run.dir={run_dir}"]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    m = json.loads((run_dir / "metrics.json").read_text())
+    assert m["status"] == "completed" and m["pruning"]["calibration_tokens"] == 512  # 4 x 128 = 512 tokens
+    rule = "4 x 128 unknowns (down_proj input) = 512, floor 256, cap 262144: 16 windows of 32"
+    cal = m["data"]["calibration"]
+    assert (cal["num_samples"], cal["seq_len"], cal["tokens"], cal["rule"]) == (16, 32, 512, rule)
+    assert m["pruning"]["calibration"] == {"tokens": 512, "samples": 16, "seq_len": 32, "rule": rule}

@@ -10,11 +10,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from core.checkpoint import save_checkpoint
-from core.errors import ConfigError
-from core.llama import count_params
-from core.models import ModelRef, build_tiny, load_model
-from core.modeling.pruned_llama import RemovedAttention, RemovedMLP
+from core.models.checkpoint import save_checkpoint
+from core.run.errors import ConfigError
+from core.models.llama import count_params
+from core.models.load import build_tiny, load_model
+from core.models.ref import ModelRef
+from core.models.modeling_pruned import RemovedAttention, RemovedMLP
 from pruning import PruneError
 from pruning.shortgpt import ShortGPT, layer_pieces
 from pruning.streaming import LayerStream
@@ -316,7 +317,7 @@ def test_smollm2_seven_layers_removed_still_generates():
     without the KV cache, perplexity degraded but finite."""
     from analysis.perplexity import perplexity
     from conftest import CACHE_DIR
-    from core.data import TextSpec, calibration_batch, eval_tokens, load_documents
+    from core.data.text import TextSpec, calibration_batch, eval_tokens, load_documents
     from recipes._common import resolve_model
 
     model, tok = load_model(resolve_model("smollm2"), cache_dir=CACHE_DIR)

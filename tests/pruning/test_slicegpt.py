@@ -12,10 +12,11 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from core.checkpoint import save_checkpoint
-from core.errors import ConfigError
-from core.llama import count_params
-from core.models import ModelRef, build_tiny, load_model
+from core.models.checkpoint import save_checkpoint
+from core.run.errors import ConfigError
+from core.models.llama import count_params
+from core.models.load import build_tiny, load_model
+from core.models.ref import ModelRef
 from pruning import PruneError
 from pruning.slicegpt import SliceGPT
 

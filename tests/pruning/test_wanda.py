@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from conftest import CACHE_DIR
-from core.errors import ConfigError
-from core.llama import Geometry, count_params
-from core.models import build_tiny
+from core.run.errors import ConfigError
+from core.models.llama import Geometry, count_params
+from core.models.load import build_tiny
 from pruning import PruneError
 from pruning.calibration import capture_inputs
 from pruning.sparsity import TARGETS, linear
@@ -190,8 +190,8 @@ def test_structured_matches_hand_wanda_sp(tiny, calib):
     assert [e["removed_kv_groups"] for e in res.layers] == [removed[0], removed[1], [], []]
     geo = Geometry.of(model)
     assert geo.heads == (4, 4, 8, 8) and geo.kv_heads == (1, 1, 2, 2) and geo.widths == (128, 64, 64, 128)
-    assert res.compression["unit"] == "params" and res.params_after == count_params(model)
-    assert res.compression["amount"] == pytest.approx(1 - res.params_after / res.params_before)
+    assert res.compression["unit"] == "groups" and res.params_after == count_params(model)
+    assert res.compression["params_removed"] == pytest.approx(1 - res.params_after / res.params_before)
     with torch.no_grad():
         assert torch.isfinite(model(calib).logits).all()
     assert model.generate(calib[:1, :5], max_new_tokens=3, do_sample=False).shape == (1, 8)
@@ -247,8 +247,8 @@ def test_smollm2_half_sparse_stays_usable():
     tokens of Austen: exact sparsity, perplexity finite and within reach of the base model's. The time relative to
     one forward over the same tokens is printed, not asserted (a shared CPU makes it noisy)."""
     from analysis.perplexity import perplexity
-    from core.data import TextSpec, calibration_batch, eval_tokens, load_documents
-    from core.models import load_model
+    from core.data.text import TextSpec, calibration_batch, eval_tokens, load_documents
+    from core.models.load import load_model
     from recipes._common import resolve_model
 
     threads = torch.get_num_threads()

@@ -109,7 +109,7 @@ def test_mmap_threshold_out_of_range(tmp_path):
 def test_mmap_threshold_applies_on_glibc():
     import platform
 
-    from core.models import set_mmap_threshold
+    from recipes._launch import set_mmap_threshold
 
     assert set_mmap_threshold(None) is False and set_mmap_threshold(0) is False
     if platform.system() == "Linux" and platform.libc_ver()[0] == "glibc":

@@ -182,7 +182,8 @@ def test_unexpected_error_traceback_printed_once(tmp_path):
     code = (f"import sys, runpy; sys.path.insert(0, {str(ROOT)!r}); import recipes.prune as p\n"
             "def boom(cfg, ctx): raise RuntimeError('simulated bug')\n"
             "p.run = boom\n"
-            f"sys.argv = ['run.py', 'model=tiny', 'pruner=taylor', 'logger=none', 'hydra.run.dir={tmp_path / 'run'}']\n"
+            f"sys.argv = ['run.py', 'model=tiny', 'pruner=taylor', 'layers=all', 'logger=none', "
+            f"'hydra.run.dir={tmp_path / 'run'}']\n"
             f"runpy.run_path({str(ROOT / 'run.py')!r}, run_name='__main__')\n")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert proc.returncode == 1

@@ -62,7 +62,7 @@ def _wait_for(path: Path, text: str, proc: subprocess.Popen, timeout: float = 12
 
 
 def test_sigterm_during_calibration_is_recorded_as_killed(earlier, tmp_path):
-    from core.record import run_status
+    from core.run.record import run_status
 
     run_dir = tmp_path / "run"
     # 400 per-sample gradient passes: long enough to be interrupted in the middle of calibration
@@ -97,10 +97,10 @@ def test_sigint_is_recorded_as_interrupted(tmp_path):
 
 
 def test_kill_9_during_checkpoint_write_reads_as_dead(earlier, tmp_path):
-    from core.record import run_status
+    from core.run.record import run_status
 
     run_dir, flag = tmp_path / "run", tmp_path / "writing"
-    patch = ("import time, core.checkpoint as c\n_w = c._write_weights\n"
+    patch = ("import time, core.models.checkpoint as c\n_w = c._write_weights\n"
              f"def slow(*a, **k):\n    _w(*a, **k)\n    open({str(flag)!r}, 'w').close()\n    time.sleep(120)\n"
              "c._write_weights = slow")
     proc = subprocess.Popen(_patched(patch, [*TINY, f"hydra.run.dir={run_dir}"]), stdout=subprocess.DEVNULL,
@@ -149,7 +149,7 @@ def test_runs_started_in_the_same_second_get_their_own_dirs(tmp_path):
 
 def test_full_disk_during_checkpoint_write(earlier, tmp_path):
     run_dir = tmp_path / "run"
-    patch = ("import errno, core.checkpoint as c\n"
+    patch = ("import errno, core.models.checkpoint as c\n"
              "def full(*a, **k):\n    raise OSError(errno.ENOSPC, 'No space left on device')\n"
              "c.save_file = full")
     proc = subprocess.run(_patched(patch, [*TINY, f"hydra.run.dir={run_dir}"]), capture_output=True, text=True,
@@ -175,12 +175,12 @@ def test_free_space_is_checked_before_pruning(tmp_path):
 
 def test_full_disk_in_the_failure_handler(tmp_path):
     """The failure cannot be recorded: one line says so, and the record reads as dead, never as running."""
-    from core.record import run_status
+    from core.run.record import run_status
 
     run_dir = tmp_path / "run"
     short = tmp_path / "short.txt"
     short.write_text("Too short for calibration.\n\nReally.")
-    patch = ("import errno, core.record as r\n"
+    patch = ("import errno, core.run.record as r\n"
              "def full(self, *a, **k):\n    raise OSError(errno.ENOSPC, 'No space left on device')\n"
              "r.RunContext.finish = full")
     proc = subprocess.run(_patched(patch, [*TINY, "data=text_file", f"data.path={short}", f"hydra.run.dir={run_dir}"]),

@@ -47,7 +47,8 @@ def test_taylor_run_end_to_end(tmp_path):
         assert (run_dir / name).is_file(), name
     assert list((run_dir / "wandb").glob("offline-run-*")), "offline W&B run missing"
 
-    from core.models import ModelRef, load_model
+    from core.models.load import load_model
+    from core.models.ref import ModelRef
 
     model, tok = load_model(ModelRef.of({"name": "ck", "kind": "hf", "path": str(run_dir / "model"), "dtype": "float32",
                              "device": "cpu"}), cache_dir=".cache")

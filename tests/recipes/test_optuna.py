@@ -43,8 +43,8 @@ def test_study_resumes_from_its_sqlite_storage(tmp_path):
 
 
 def test_direction_comes_from_the_recipe():
-    import run
-    from core.errors import ConfigError
+    from core.run.errors import ConfigError
+    from recipes import _launch as run
 
     assert run.metric_direction("prune", None, None) == "minimize"
     assert run.metric_direction("prune", "avg_acc", None) == "maximize"

@@ -19,7 +19,7 @@ FAST = ["logger=none", "eval=none", "data.seq_len=16"]
 @pytest.fixture(scope="module")
 def pair(tmp_path_factory) -> tuple[Path, Path]:
     """(base checkpoint, donor dir): tiny Llama pruned by half, and the original saved as a plain HF dir."""
-    from core.models import build_tiny
+    from core.models.load import build_tiny
 
     root = tmp_path_factory.mktemp("pair")
     donor, tok = build_tiny(num_layers=4, seed=0)
@@ -63,7 +63,7 @@ def test_replace_bad_layers(pair, tmp_path, layers, match):
 
 
 def test_replace_refuses_a_donor_of_another_width(pair, tmp_path):
-    from core.models import build_tiny
+    from core.models.load import build_tiny
 
     base, _ = pair
     other, tok = build_tiny(num_layers=4, hidden_size=32, num_heads=4, num_kv_heads=2, intermediate_size=64)

@@ -28,7 +28,11 @@ def test_experiment_files_compose(name, tmp_path):
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         cfg = compose("config", overrides=[f"experiment={name}", f"paths.output_dir={tmp_path}"])
     GlobalHydra.instance().clear()
-    assert cfg.task == "prune" and 0 < cfg.ratio < 1
+    from recipes import task_names
+
+    assert cfg.task in task_names()
+    if cfg.task == "prune":
+        assert 0 < cfg.ratio < 1
 
 
 @pytest.mark.parametrize("name", sorted(p.stem for p in (ROOT / "multirun_sweeps").glob("*.yaml")))
@@ -152,7 +156,7 @@ def test_parallel_launchers_record_every_job_and_the_failure(launcher, tmp_path)
 
 
 def test_job_threads_budget():
-    import run
+    from recipes import _launch as run
 
     assert run.job_threads(None, {"_target_": "hydra_plugins.hydra_joblib_launcher.JoblibLauncher", "n_jobs": 2},
                            cpus=2) == 1

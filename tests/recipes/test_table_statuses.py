@@ -48,7 +48,7 @@ def _write(folder, name: str, record: dict, partial: str | None = None):
     run_dir.mkdir(parents=True)
     record = {**record, "run_dir": str(run_dir)}
     (run_dir / "metrics.json").write_text(json.dumps(record, indent=2))
-    if partial:  # a checkpoint half written when the process died (core.io.atomic_dir)
+    if partial:  # a checkpoint half written when the process died (core.run.io.atomic_dir)
         (run_dir / partial).mkdir()
         (run_dir / partial / "model-00001.safetensors").write_bytes(b"\0" * 64)
     return run_dir
@@ -188,7 +188,7 @@ def test_remove_orphans_only_for_ended_runs(tmp_path):
 
 
 def test_run_status_edge_cases():
-    from core.record import HEARTBEAT_S, run_status
+    from core.run.record import HEARTBEAT_S, run_status
 
     now = time.time()
     here = socket.gethostname()
@@ -209,7 +209,7 @@ def test_orphans_of_another_hosts_run_wait_for_an_old_heartbeat(tmp_path):
     import time
 
     from analysis.results_table import remove_orphans
-    from core.record import run_status
+    from core.run.record import run_status
 
     for age, removed in ((300, False), (7200, True)):
         run_dir = tmp_path / f"age{age}"

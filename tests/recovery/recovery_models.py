@@ -15,7 +15,7 @@ TEXT = ("The quick brown fox jumps over the lazy dog while the patient gardener 
 
 
 def tiny_llama(seed: int = 0):
-    from core.models import build_tiny
+    from core.models.load import build_tiny
 
     return build_tiny(num_layers=4, hidden_size=64, intermediate_size=128, num_heads=8, num_kv_heads=2, seed=seed)
 
@@ -23,8 +23,9 @@ def tiny_llama(seed: int = 0):
 def tiny_pruned(seed: int = 0):
     """Layer 0: attention removed; 1: half the KV groups, an o_proj bias (FLAP); 2: MLP removed; 3: a quarter of the
     MLP channels and a down_proj bias."""
-    from core.modeling.pruned_llama import PrunedLlamaConfig, PrunedLlamaForCausalLM
-    from core.models import byte_tokenizer, tiny_config
+    from core.models.modeling_pruned import PrunedLlamaConfig, PrunedLlamaForCausalLM
+    from core.models.load import byte_tokenizer
+    from core.models.ref import tiny_config
 
     tok = byte_tokenizer()
     lcs = [{"num_attention_heads": 0, "num_key_value_heads": 0, "intermediate_size": 96},
@@ -38,8 +39,9 @@ def tiny_pruned(seed: int = 0):
 
 def tiny_sliced(seed: int = 0):
     """Two layers whose residual stream narrows 64 -> 48 -> 44 -> 40 (SliceGPT's shortcut matrices in between)."""
-    from core.modeling.sliced_llama import SlicedLlamaConfig, SlicedLlamaForCausalLM
-    from core.models import byte_tokenizer, tiny_config
+    from core.models.modeling_sliced import SlicedLlamaConfig, SlicedLlamaForCausalLM
+    from core.models.load import byte_tokenizer
+    from core.models.ref import tiny_config
 
     tok = byte_tokenizer()
     slicing = {"embedding_dimension": 48, "lm_head_dimension": 40,

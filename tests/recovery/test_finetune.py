@@ -55,7 +55,7 @@ def test_finetune_a_pruned_checkpoint(pruned_ckpt, tmp_path):
     assert {"base", "pruned", "recovered"} <= set(ev)  # the dense base named by the checkpoint, before, after
     assert value == m["metrics"]["ppl"] == ev["recovered"]["ppl"]["value"]
     assert m["metrics"]["ppl_before_recovery"] == ev["pruned"]["ppl"]["value"]
-    assert m["method"] == "taylor" and m["compression"]["unit"] == "group_ratio"
+    assert m["method"] == "taylor" and m["compression"]["unit"] == "groups"
     rec = m["recovery"]
     assert rec["steps"] == 4 and rec["tokens"] == 4 * 2 * 32 and rec["final_loss"] > 0
     assert [e["step"] for e in rec["series"]["heldout"]] == [0, 2, 4] and len(rec["series"]["loss"]) == 4
@@ -77,7 +77,8 @@ def test_finetune_a_pruned_checkpoint(pruned_ckpt, tmp_path):
 
 def _plain_transformers_loads(out, tmp_path):
     """The merged checkpoint loads without prunelab and gives prunelab's logits."""
-    from core.models import ModelRef, load_model
+    from core.models.load import load_model
+    from core.models.ref import ModelRef
 
     model, _ = load_model(ModelRef.at(out), cache_dir=".cache")
     x = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(0))

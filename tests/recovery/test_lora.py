@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from core.errors import ConfigError
+from core.run.errors import ConfigError
 from recovery.data import heldout_rows, load_corpus, training_rows
 from recovery.lora import LoRASpec, attach, decoder_linears, merge, resolve_targets, trainable_parameters
 from recovery.train import is_checkpointing, latest_state, train
@@ -74,8 +74,9 @@ def test_rank_larger_than_a_layer_is_refused():
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_only_adapters_train_and_the_merge_reproduces_the_adapted_model(arch, tmp_path):
-    from core.checkpoint import save_checkpoint
-    from core.models import ModelRef, load_model
+    from core.models.checkpoint import save_checkpoint
+    from core.models.load import load_model
+    from core.models.ref import ModelRef
 
     model, tok = build(arch)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
@@ -108,7 +109,7 @@ def logits_of_copy(state: dict, arch: str) -> torch.Tensor:
 
 def test_merged_pruned_checkpoint_loads_in_plain_transformers(tmp_path):
     """Per-layer widths, removed sub-blocks and added biases survive the merge and load without prunelab."""
-    from core.checkpoint import save_checkpoint
+    from core.models.checkpoint import save_checkpoint
 
     model, tok = build("pruned")
     peft_model, _ = _train(model, tok, _spec(varied_file(tmp_path / "t.txt"), steps=3))
@@ -171,7 +172,8 @@ def test_early_stopping_keeps_the_best_adapters(tmp_path):
     from recovery.train import heldout_ppl
 
     model, tok = build("llama")
-    spec = _spec(varied_file(tmp_path / "t.txt"), steps=20, lr=3.0, eval_every=1, patience=2, max_grad_norm=None)
+    # lr far too high on purpose, so the held-out perplexity turns up (peft 0.21 + transformers 5.25 still improve at 3.0)
+    spec = _spec(varied_file(tmp_path / "t.txt"), steps=20, lr=20.0, eval_every=1, patience=2, max_grad_norm=None)
     peft_model, result = _train(model, tok, spec)
     h = result.history
     assert h.stopped_early and h.step < 20 and h.bad_evals == 2

@@ -54,7 +54,7 @@ def test_text_shorter_than_one_batch(tmp_path):
 
 
 def test_text_overlapping_an_evaluation_text(tmp_path):
-    from core.data import TextSpec, load_documents
+    from core.data.text import TextSpec, load_documents
 
     boolq = load_documents(TextSpec("boolq"), CACHE_DIR)
     f = varied_file(tmp_path / "mine.txt")
@@ -66,7 +66,7 @@ def test_text_overlapping_an_evaluation_text(tmp_path):
 
 def test_zero_shot_boolq_passages_count_as_evaluation_text(tmp_path):
     """With BoolQ among the zero-shot tasks its passages are evaluation text even when perplexity reads Austen."""
-    from core.data import TextSpec, load_documents
+    from core.data.text import TextSpec, load_documents
 
     f = varied_file(tmp_path / "mine.txt")
     f.write_text(load_documents(TextSpec("boolq"), CACHE_DIR).documents[7] + "\n\n" + f.read_text())

@@ -6,9 +6,9 @@ import json
 
 import pytest
 
-from core.data import TextSpec, load_documents
-from core.errors import DataError
-from core.models import byte_tokenizer
+from core.data.text import TextSpec, load_documents
+from core.run.errors import DataError
+from core.models.load import byte_tokenizer
 from recovery.data import (DataSpec, check_disjoint, collate, heldout_rows, load_corpus, steps_for, training_rows)
 from recovery_models import varied_file
 
@@ -41,7 +41,7 @@ def test_unpacked_rows_are_one_document_each(tok):
 
 
 def test_training_never_reads_the_held_out_split(tok):
-    """The held-out split is core.data's evaluation split of the same text: evaluating on that text is safe."""
+    """The held-out split is core.data.text's evaluation split of the same text: evaluating on that text is safe."""
     corpus = load_corpus(DataSpec("austen"), CACHE)
     austen = load_documents(TextSpec("austen"), CACHE)
     assert corpus.heldout.documents == austen.split("evaluation").documents

@@ -35,7 +35,8 @@ def test_prune_with_lora_recovery_on_smollm2(tmp_path):
     info = json.loads((run_dir / "model" / "checkpoint_info.json").read_text())
     assert info["recovery"]["heldout_ppl_after"] == after and info["recovery"]["data"]["source"].startswith("mix(")
 
-    from core.models import ModelRef, load_model
+    from core.models.load import load_model
+    from core.models.ref import ModelRef
 
     model, tok = load_model(ModelRef.at(run_dir / "model"), cache_dir=".cache")
     ids = tok("The capital of France is", return_tensors="pt")

@@ -10,9 +10,10 @@ import pytest
 import torch
 
 from conftest import ROOT
-from core.checkpoint import save_checkpoint
-from core.errors import ConfigError, LoadError
-from core.models import ModelRef, build_tiny, load_model
+from core.models.checkpoint import save_checkpoint
+from core.run.errors import ConfigError, LoadError
+from core.models.load import build_tiny, load_model
+from core.models.ref import ModelRef
 from pruning.llm_pruner import LLMPruner
 from replacement.fitness import HybridFitness, donor_logprobs
 from replacement.hybrid import DonorLayers, assemble, check_compatible, check_layers, swapped
@@ -137,7 +138,7 @@ def test_fitness_kl_prefix_cache_and_ppl(pair):
 
 def test_llamba_base_with_llama_layers(tmp_path):
     """The seed's workflow in miniature: a Cartesia-layout Llamba with two layers back from a Llama donor."""
-    from core.llama import layer_types_of
+    from core.models.llama import layer_types_of
     from llamba_helpers import write_llamba_dir
 
     base_dir, _ = write_llamba_dir(tmp_path / "llamba")
@@ -148,7 +149,7 @@ def test_llamba_base_with_llama_layers(tmp_path):
     layers = DonorLayers.open(tmp_path / "llama")
     assert layers.layer_types() == ["attention"] * 3
     base, _ = load_model(ModelRef.at(base_dir), cache_dir=tmp_path)
-    from core.models import model_config
+    from core.models.ref import model_config
 
     check_compatible(model_config(ModelRef.at(base_dir), tmp_path), layers.config, "llamba", "llama")
     assemble(base, layers, [0, 2])

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from core.errors import UserError
+from core.run.errors import UserError
 from core.search import STRATEGIES, Levels, ResumeError, SearchError, Subsets, search
 
 TARGET = (1, 4, 9)  # the hidden optimum of Subsets(16, 3) / Subsets(12, 3)

@@ -1,0 +1,251 @@
+"""Scale benchmark (issue 24; not a timed test): each method at the real widths of Llama-3-8B and Llama-3-70B on
+this CPU, through the shape models (core/models/shape.py: random weights, real geometry, few layers).
+
+    python tests/bench/scale_bench.py                       # every (method, shape) pair, one child at a time
+    python tests/bench/scale_bench.py --only obs --shapes 8b
+
+One child process per (method, shape), ``OMP_NUM_THREADS=1``, small token counts. Each JSON line
+(tests/bench/results/scale.jsonl, through _common.record) gives:
+
+- ``layer_ratio``: seconds of the method's work per layer it processes, over one dense forward of that layer on
+  the same tokens (``dense_layer_s``, measured in the same child after the run, on a layer built from the same
+  config). Prune: ``timings.prune_s`` / pruned layers. Search: seconds per fitness evaluation / depth (an
+  evaluation is at most one forward of the model). LoRA: seconds per optimizer step / depth.
+- ``host_over_model``: the child's peak RSS (``os.wait4``) over the model's bytes.
+- ``predicted_host_bytes`` (the planner's peak for this run, recorded in its metrics.json before loading, process
+  baseline included) against ``measured_host_bytes``; ``host_error`` = measured / predicted - 1.
+- ``full_depth``: the extrapolation: ``seconds`` = per-layer seconds x depth; the planner's peak host and device
+  memory for the full-depth model with the same settings (``model.num_layers=null``, header only) on the CPU, and
+  its peak device memory on one GPU at the method's defaults (``model.device=cuda``).
+
+The renderer (tests/bench/render.py) turns the newest line per (method, shape) into docs/benchmarks.md's scale
+section and the table in docs/scale.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))
+from bench._common import record, run_child  # noqa: E402
+
+ROWS, SEQ = 2, 512  # calibration: 2 x 512 tokens
+SHAPES = {"8b": ("llama3_8b_shape", 2, 32), "70b": ("llama3_70b_shape", 1, 80)}
+CAL = [f"data.num_samples={ROWS}", f"data.seq_len={SEQ}"]
+# method -> (overrides, what its time is divided by, a note)
+METHODS: dict[str, tuple[list[str], str, str]] = {
+    "taylor": (["pruner=taylor", "ratio=0.25", *CAL], "prune", "LLM-Pruner's Taylor (full backward); l1, l2 and "
+               "random run the same code path without the backward"),
+    "l2": (["pruner=l2", "ratio=0.25"], "prune", "l1 and random: the same code path"),
+    "magnitude": (["pruner=magnitude", "ratio=0.1"], "prune", ""),
+    "wanda": (["pruner=wanda", "ratio=0.25", *CAL], "prune", ""),
+    "flap": (["pruner=flap", "ratio=0.1", *CAL], "prune", ""),
+    "shortgpt": (["pruner=shortgpt", "pruner.num_layers=1", *CAL], "prune", "removes 1 layer"),
+    "slicegpt": (["pruner=slicegpt", "ratio=0.1", *CAL], "prune", ""),
+    "obs": (["pruner=obs", "ratio=0.05", f"pruner.tokens={ROWS * SEQ}", f"pruner.seq_len={SEQ}",
+             "pruner.progress=false"], "prune", "uniform allocation"),
+    "obs_search": (["pruner=obs", "ratio=0.05", f"pruner.tokens={ROWS * SEQ}", f"pruner.seq_len={SEQ}",
+                    "pruner.allocation=search", "pruner.search_budget=3", f"pruner.search_tokens={SEQ}",
+                    "pruner.progress=false"], "prune", "allocation=search, budget 3"),
+    "lora": (["task=finetune", "recovery=lora", "recovery.steps=2", "recovery.micro_batch=1",
+              f"recovery.seq_len={SEQ}", "recovery.eval_every=0", "recovery.eval_tokens=512"], "step",
+             "LoRA recovery (task=finetune), per optimizer step of 1 x 512 tokens"),
+}
+SEARCH = ("search_kl", "replacement fitness (task=search, kl, prefix cache), per fitness evaluation; 8B: Llamba-8B's "
+                       "shape <- Llama-3-8B's, 70B: the shape with itself; the base loads in float32 (a path)")
+
+
+def _overrides(method: str, shape: str) -> tuple[list[str], str, str]:
+    name, layers, _ = SHAPES[shape]
+    if method == "search_kl":  # a base given as a path loads in float32 on the CPU (ModelRef.at)
+        cache = ROOT / ".cache" / "models"
+        donor = cache / f"shape-{name.removesuffix('_shape')}-L{layers}-bfloat16"
+        base = cache / f"shape-llamba_8b-L{layers}-bfloat16" if shape == "8b" else donor
+        return ([f"replacement.base={base}", f"replacement.donor={donor}", "task=search", "search.k=[1]", "search.strategies=[random]",
+                 "search.budget=2", f"search.tokens={SEQ}", f"data.seq_len={SEQ}"], "evaluation", SEARCH[1])
+    args, unit, note = METHODS[method]
+    return ([f"model={name}", f"model.num_layers={layers}", "model.device=cpu", "layers=all", *args], unit, note)
+
+
+def _defaults(method: str, shape: str) -> list[str]:
+    """The method at its own defaults (ratio 0.25, default layers, default tokens) on the full model."""
+    name = SHAPES[shape][0]
+    if method == "search_kl":
+        return _overrides(method, shape)[0]
+    first = METHODS[method][0][0]
+    extra = {"obs_search": ["pruner.allocation=search"], "lora": ["recovery=lora"]}.get(method, [])
+    return [f"model={name}", first, *extra]
+
+
+def _compose(args: list[str], run_dir: Path):
+    from conftest import CACHE_DIR, compose
+
+    return compose([*args, "logger=none", "eval=none", "save_model=false", "runtime.threads=1"], run_dir), CACHE_DIR
+
+
+def _full_depth_plan(args: list[str], run_dir: Path, device: str) -> dict:
+    import run
+    from recipes._plan import prepare
+
+    full = [a for a in args if not a.startswith(("model.num_layers=", "model.device="))]
+    full += ["model.num_layers=null", f"model.device={device}", "dry_run=true", "plan.device_memory=80GB"]
+    cfg, _ = _compose(full, run_dir)
+    prepared = prepare(cfg, run.check(cfg))
+    if prepared.error is not None or prepared.plan is None:
+        return {"error": str(prepared.error)[:300]}
+    fp, _ = prepared.plan.peak()
+    return {"host_bytes": fp.host_bytes, "device_bytes": fp.device_bytes, "tokens": fp.tokens,
+            "layer_forwards": fp.layer_forwards}
+
+
+def _dense_layer_seconds(cfg_json: dict, tokens: int, batch_rows: int) -> float:
+    """One dense Llama decoder layer of this config over ``tokens`` (in rows of SEQ), bfloat16, 1 thread: the
+    median of 3 after one warm-up."""
+    import torch
+    from transformers import LlamaConfig
+    from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding
+
+    keys = {k: v for k, v in cfg_json.items() if k not in ("architectures", "torch_dtype", "dtype")}
+    config = LlamaConfig(**keys)
+    config._attn_implementation = "sdpa"
+    with torch.device("cpu"):
+        layer = LlamaDecoderLayer(config, 0).to(torch.bfloat16).eval()
+        rope = LlamaRotaryEmbedding(config)
+    rows = max(1, tokens // SEQ)
+    x = torch.randn(min(rows, batch_rows), SEQ, config.hidden_size, dtype=torch.bfloat16)
+    pos = torch.arange(SEQ).unsqueeze(0)
+    emb = rope(x, pos)
+    times = []
+    with torch.no_grad():
+        for _ in range(4):
+            t0 = time.perf_counter()
+            for _ in range(0, rows, x.shape[0]):
+                layer(x, position_embeddings=emb, position_ids=pos, attention_mask=None)
+            times.append(time.perf_counter() - t0)
+    del layer
+    return sorted(times[1:])[1]
+
+
+def child(method: str, shape: str, out: Path) -> None:
+    import torch
+
+    torch.set_num_threads(1)
+    import run
+    from core.run import plan as P
+
+    args, unit, note = _overrides(method, shape)
+    work = Path(tempfile.mkdtemp(prefix="scale-bench-"))
+    cfg, _ = _compose(args, work / "run")
+    t0 = time.perf_counter()
+    error = None
+    try:
+        run.run(cfg)
+    except BaseException as e:  # noqa: BLE001 - the line records the failure
+        error = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
+    wall = time.perf_counter() - t0
+    m = json.loads((work / "run" / "metrics.json").read_text()) if (work / "run" / "metrics.json").is_file() else {}
+    timings = m.get("timings") or {}
+    plan = (m.get("plan") or {}).get("peak") or {}
+    from recipes._plan import model_config
+    from recipes._common import resolve_model
+
+    name, layers, depth = SHAPES[shape]
+    ref = resolve_model(name)
+    import dataclasses
+
+    ref = dataclasses.replace(ref, num_layers=layers)
+    cfg_json, _ = model_config(ref, str(cfg.paths.cache_dir))
+    work_s, count = None, None
+    if unit == "prune":
+        work_s, count = timings.get("prune_s"), layers
+    elif unit == "step":
+        steps = ((m.get("recovery") or {}).get("steps") or 2)
+        work_s, count = timings.get("recovery_s"), steps * layers
+    else:  # search: per fitness evaluation, each at most one forward of the `layers` layers
+        res_f = work / "run" / "search" / "results.json"
+        res = json.loads(res_f.read_text()) if res_f.is_file() else {}
+        evals = sum(e.get("evaluations", 0) for k in (res.get("k") or {}).values() for e in k.values()) + 2
+        work_s = wall - float(timings.get("load_s") or 0) if res else None
+        count = evals * layers
+    tokens = ROWS * SEQ if unit != "step" else SEQ
+    dense = _dense_layer_seconds(cfg_json, tokens, batch_rows=ROWS if unit != "evaluation" else 4)
+    line = {"method": method, "shape": shape, "model": name, "layers": layers, "depth": depth, "unit": unit,
+            "note": note, "tokens": tokens, "status": m.get("status"), "error": error or (m.get("error") or {}).get(
+                "message"), "wall_s": round(wall, 2), "work_s": None if work_s is None else round(float(work_s), 2),
+            "per_layer_s": None if not work_s else round(float(work_s) / count, 3),
+            "dense_layer_s": round(dense, 4),
+            "model_bytes": P.model_bytes(cfg_json, "float32" if unit == "evaluation" else "bfloat16"),
+            "predicted_host_bytes": plan.get("host_bytes"), "predicted_parts": plan.get("host_parts"),
+            "full_depth_cpu": _full_depth_plan(args, work / "full_cpu", "cpu"),
+            "full_depth_cuda": _full_depth_plan(args, work / "full_cuda", "cuda"),
+            "full_depth_cuda_defaults": _full_depth_plan(_defaults(method, shape), work / "full_defaults", "cuda")}
+    line["layer_ratio"] = round(line["per_layer_s"] / dense, 2) if line["per_layer_s"] else None
+    out.write_text(json.dumps(line))
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--child", nargs=2, metavar=("METHOD", "SHAPE"))
+    ap.add_argument("--out", type=Path)
+    ap.add_argument("--only", default=None, help="comma-separated methods")
+    ap.add_argument("--shapes", default="8b,70b")
+    ap.add_argument("--skip", default="", help="comma-separated method:shape pairs to leave out")
+    ap.add_argument("--plan-only", action="store_true",
+                    help="no run: record the planner's full-depth GPU peak at each method's defaults (status planned)")
+    a = ap.parse_args()
+    if a.child:
+        child(*a.child, a.out)
+        return 0
+    methods = a.only.split(",") if a.only else [*METHODS, "search_kl"]
+    skip = set(filter(None, a.skip.split(",")))
+    if a.plan_only:
+        work = Path(tempfile.mkdtemp(prefix="scale-plan-"))
+        for shape in a.shapes.split(","):
+            for method in methods:
+                name, layers, depth = SHAPES[shape]
+                record({"method": method, "shape": shape, "model": name, "depth": depth, "status": "planned",
+                        "full_depth_cuda_defaults": _full_depth_plan(_defaults(method, shape),
+                                                                     work / f"{method}-{shape}", "cuda")},
+                       __file__, threads=1)
+        return 0
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    for shape in a.shapes.split(","):
+        for method in methods:
+            if f"{method}:{shape}" in skip:
+                continue
+            with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
+                out = Path(f.name)
+            c = run_child([sys.executable, __file__, "--child", method, shape, "--out", str(out)], ROOT, env)
+            try:
+                line = json.loads(out.read_text())
+            except (OSError, ValueError):
+                line = {"method": method, "shape": shape, "status": "child failed",
+                        "error": (c.stderr.strip().splitlines() or [""])[-1][:300]}
+            out.unlink(missing_ok=True)
+            measured = int(c.peak_rss_gib * 1024**3)
+            line.update({"measured_host_bytes": measured, "child_wall_s": round(c.wall_s, 1),
+                         "child_returncode": c.returncode})
+            if line.get("model_bytes"):
+                line["host_over_model"] = round(measured / line["model_bytes"], 2)
+            pred = line.get("predicted_host_bytes")
+            line["host_error"] = round(measured / pred - 1, 3) if pred else None
+            fd = line.get("full_depth_cpu") or {}
+            if line.get("per_layer_s"):
+                line["full_depth_seconds"] = round(line["per_layer_s"] * line["depth"] *
+                                                   (1 if line["unit"] == "prune" else 1), 1)
+            line["full_depth_host_bytes"] = fd.get("host_bytes")
+            line["full_depth_device_bytes"] = (line.get("full_depth_cuda") or {}).get("device_bytes")
+            record(line, __file__, threads=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
