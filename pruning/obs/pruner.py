@@ -23,10 +23,10 @@ per-layer width levels around uniform, searched by the engine's evolve with KL t
 calibration samples, kept out of every fit, starting from the other three). The total is exact in every case.
 
 Calibration (:meth:`StructuredOBS.calibration_plan`): ``tokens=auto`` (default) sizes it to what is fitted:
-``tokens_per_unknown`` (16) tokens per unknown of a row of the widest compensated projection (``down_proj``'s
+``tokens_per_unknown`` (21) tokens per unknown of a row of the widest compensated projection (``down_proj``'s
 input, the MLP width; ``o_proj``'s when KV groups are removed), between ``min_tokens`` (8,192) and ``max_tokens``
-(262,144), in whole windows of ``seq_len`` (512): 24,576 tokens on SmolLM2, 229,376 on Llama-3-8B, the cap on
-70B-class models. ``allocation=search`` adds its ``search_tokens`` on top; an explicit integer is used as given;
+(262,144), in whole windows of ``seq_len`` (512): 32,256 tokens on SmolLM2, 172,032 on Llama-3.2-1B, the cap on
+Llama-3-8B and 70B-class models. ``allocation=search`` adds its ``search_tokens`` on top; an explicit integer is used as given;
 the record's ``pruning.calibration.rule`` says which. The recipe draws them from ``data``, disjoint from every
 evaluation text; quality still improves with more (``experiment=obs_quality_131k``, ``obs_quality_196k``). Cost:
 one forward of each layer in range over them (two with ``target=dense`` once a layer before was pruned), plus per
@@ -152,7 +152,7 @@ class StructuredOBS:
     search_tokens: int = 8192  # allocation=search: fitness tokens = the last calibration samples, never fitted on
     min_channels: int = 1
     tokens: Any = "auto"  # calibration tokens: auto (the rule, calibration_plan) | an integer | None (data's)
-    tokens_per_unknown: float = 16  # tokens=auto: tokens per unknown of a row of the widest compensated projection
+    tokens_per_unknown: float = 21  # tokens=auto: tokens per unknown of a row of the widest compensated projection
     min_tokens: int = 8192  # tokens=auto: the floor
     max_tokens: int = 262144  # tokens=auto: the cap (the fit's part; allocation=search adds its search_tokens)
     seq_len: int = 512
@@ -212,12 +212,15 @@ class StructuredOBS:
         fewest, what = ((self.tokens, f"pruner.tokens={self.tokens}") if _is_int(self.tokens) else
                         (self.min_tokens, f"the rule's floor pruner.min_tokens={self.min_tokens}")
                         if self.tokens == TOKENS_AUTO and _is_int(self.min_tokens) else (None, ""))
-        if (self.allocation != "search" or self.tokens == TOKENS_AUTO) and self.guard is True \
-                and self.compensate is True and self.holdout and fewest is not None and _is_int(self.seq_len) \
-                and self.seq_len > 0 and math.ceil(fewest / self.seq_len) < 2:
+        one = fewest is not None and _is_int(self.seq_len) and self.seq_len > 0 and math.ceil(fewest / self.seq_len) < 2
+        guarded = self.guard is True and self.compensate is True and bool(self.holdout)
+        if one and guarded and (self.allocation != "search" or self.tokens == TOKENS_AUTO):
             errors.append(f"pruner.guard=true holds out calibration samples, but {what} in windows of "
                           f"pruner.seq_len={self.seq_len} is one sample, none to spare: raise "
                           f"{'pruner.tokens' if _is_int(self.tokens) else 'pruner.min_tokens'} or set pruner.guard=false")
+        elif one and self.allocation == "search" and self.tokens == TOKENS_AUTO:
+            errors.append(f"pruner.allocation=search fits on at least 2 calibration samples, but {what} in windows "
+                          f"of pruner.seq_len={self.seq_len} is one: raise pruner.min_tokens")
         if self.allocation == "search" and self.offload:
             errors.append("pruner.allocation=search runs whole-model forwards for its fitness: it needs "
                           "pruner.offload=false (the model on its device)")

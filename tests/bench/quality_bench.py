@@ -5,6 +5,7 @@
     .venv/bin/python tests/bench/quality_bench.py --ratio 0.25 --rows obs:comp:uniform --zeroshot-limit 200 \
         --matched-reference                                          # a true 25% cut; also --ratio 0.40
     .venv/bin/python tests/bench/quality_bench.py --rows obs:comp:uniform --override pruner.target=layer
+    .venv/bin/python tests/bench/quality_bench.py --rows obs:comp:uniform --tokens 32768   # a point of the token curve
 
 Rows: ``pruner=obs`` (built from its real option file, ``conf/pruner/obs.yaml``) with ``selection`` obs / wanda /
 flap / magnitude x ``compensate`` (``nocomp`` / ``comp``) x ``allocation`` (``uniform``, and ``search`` when
@@ -16,7 +17,9 @@ LLM-Pruner: Taylor ``param_first``, ratio 0.25 of the KV groups / MLP channels o
 
 Calibration: the default ``mix`` text, with Austen's last 10% of paragraphs held out
 (``core.data.text.calibration_and_eval_sources(TextSpec("mix"), TextSpec("austen"))``); the reference draws its
-10 x 64 tokens from the same source. Evaluation: perplexity (4096 tokens, seq_len 128) on the held-out Austen
+10 x 64 tokens from the same source. The obs rows draw ``--tokens``: ``auto`` (default) is the pruner's own rule
+on this model, as ``make run`` draws (each row records it: ``calibration_rule``), a count is used as given; the
+curve of tokens against quality and time is this script at several counts (docs/methods/compensated.md). Evaluation: perplexity (4096 tokens, seq_len 128) on the held-out Austen
 paragraphs ("in domain") and on BoolQ's Wikipedia passages ("out of domain"), each as a ratio to the dense
 model's and as damage relative to the reference: ``(ppl_ratio - 1) / (ref_ppl_ratio - 1)`` (< 1: less damage
 than LLM-Pruner). ``--zeroshot-limit N`` adds the 7-task zero-shot average (``eval=zeroshot``'s tasks through

@@ -20,9 +20,12 @@ from pruning import PruneError
 from pruning.obs.allocate import allocate_channels
 from pruning.obs.pruner import StructuredOBS
 
-# config.json geometries (the keys the token rule reads) of SmolLM2-135M-Instruct, Llama-3-8B and Llama-3-70B
+# config.json geometries (the keys the token rule reads) of SmolLM2-135M-Instruct, Llama-3.2-1B, Llama-3-8B and
+# Llama-3-70B
 SMOLLM2 = {"num_hidden_layers": 30, "hidden_size": 576, "intermediate_size": 1536, "num_attention_heads": 9,
            "num_key_value_heads": 3}
+LLAMA32_1B = {"num_hidden_layers": 16, "hidden_size": 2048, "intermediate_size": 8192, "num_attention_heads": 32,
+              "num_key_value_heads": 8}
 LLAMA3_8B = {"num_hidden_layers": 32, "hidden_size": 4096, "intermediate_size": 14336, "num_attention_heads": 32,
              "num_key_value_heads": 8}
 LLAMA3_70B = {"num_hidden_layers": 80, "hidden_size": 8192, "intermediate_size": 28672, "num_attention_heads": 64,
@@ -86,6 +89,8 @@ def kept_rows(new: torch.Tensor, old: torch.Tensor) -> list[int]:
     ({"tokens": "auto", "min_tokens": 512, "seq_len": 512}, r"pruner.guard=true holds out calibration samples, but "
                                                             r"the rule's floor pruner.min_tokens=512 in windows of "
                                                             r"pruner.seq_len=512 is one sample"),
+    ({"tokens": "auto", "min_tokens": 512, "seq_len": 512, "allocation": "search", "guard": False},
+     r"pruner.allocation=search fits on at least 2 calibration samples, but the rule's floor pruner.min_tokens=512"),
     ({"batch_size": -1}, r"pruner.batch_size=-1 must be an integer >= 0"),
     ({"offload": True}, r"pruner.offload=true needs pruner.device"),
     ({"device": 0}, r"pruner.device=0 must be a device name"),
@@ -125,14 +130,14 @@ def test_the_option_file_builds_the_pruner():
     p = build(cfg.pruner, "pruner")
     assert isinstance(p, StructuredOBS) and p.ratio == 0.3 and p.selection == "wanda" and p.ratio_target == "params"
     assert p.tokens == "auto"
-    assert p.calibration_plan(SMOLLM2).shape == (48, 512)  # 16 x 1536 unknowns = 24,576 tokens in windows of 512
+    assert p.calibration_plan(SMOLLM2).shape == (63, 512)  # 21 x 1536 unknowns = 32,256 tokens in windows of 512
 
 
 def test_building_from_options_needs_no_torch():
     code = ("import sys; from pruning.obs.pruner import StructuredOBS; p = StructuredOBS(ratio=0.2); p.check(30); "
             f"print(p.calibration_plan({SMOLLM2!r}).shape, 'torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
-    assert out.returncode == 0 and out.stdout.strip() == "(48, 512) False", out.stderr
+    assert out.returncode == 0 and out.stdout.strip() == "(63, 512) False", out.stderr
 
 
 @pytest.mark.parametrize("kw,match", [
@@ -621,23 +626,24 @@ def test_run_py_prunes_with_the_pruners_calibration_tokens(tmp_path):
 
 
 def test_the_token_rule_gives_the_documented_counts_without_torch():
-    """tokens=auto: 16 tokens per unknown of a down_proj row, floor 8,192, cap 262,144, whole windows of 512
+    """tokens=auto: 21 tokens per unknown of a down_proj row, floor 8,192, cap 262,144, whole windows of 512
     (docs/methods/compensated.md, "Calibration size"), from config.json dicts alone."""
     code = ("import json, sys; from pruning.obs.pruner import StructuredOBS; p = StructuredOBS(); "
             "print(json.dumps([p.calibration_plan(c).record() for c in json.loads(sys.argv[1])]), "
             "'torch' in sys.modules)")
-    out = subprocess.run([sys.executable, "-c", code, json.dumps([SMOLLM2, LLAMA3_8B, LLAMA3_70B])], cwd=ROOT,
-                         capture_output=True, text=True, timeout=60)
+    out = subprocess.run([sys.executable, "-c", code, json.dumps([SMOLLM2, LLAMA32_1B, LLAMA3_8B, LLAMA3_70B])],
+                         cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     plans, torch_loaded = out.stdout.strip().rsplit(" ", 1)
     assert torch_loaded == "False"
-    smol, l8, l70 = json.loads(plans)
-    assert (smol["tokens"], smol["samples"], smol["seq_len"]) == (24576, 48, 512)
-    assert smol["rule"] == "16 x 1536 unknowns (down_proj input) = 24576, floor 8192, cap 262144: 48 windows of 512"
-    assert (l8["tokens"], l8["samples"]) == (229376, 448)  # 16 x 14,336
-    assert l8["rule"].startswith("16 x 14336 unknowns (down_proj input) = 229376")
-    assert (l70["tokens"], l70["samples"]) == (262144, 512)  # 16 x 28,672 = 458,752, capped
-    assert l70["rule"].startswith("16 x 28672 unknowns (down_proj input) = 458752, floor 8192, cap 262144")
+    smol, l1, l8, l70 = json.loads(plans)
+    assert (smol["tokens"], smol["samples"], smol["seq_len"]) == (32256, 63, 512)
+    assert smol["rule"] == "21 x 1536 unknowns (down_proj input) = 32256, floor 8192, cap 262144: 63 windows of 512"
+    assert (l1["tokens"], l1["samples"]) == (172032, 336)  # 21 x 8,192
+    assert (l8["tokens"], l8["samples"]) == (262144, 512)  # 21 x 14,336 = 301,056, capped
+    assert l8["rule"] == "21 x 14336 unknowns (down_proj input) = 301056, floor 8192, cap 262144: 512 windows of 512"
+    assert (l70["tokens"], l70["samples"]) == (262144, 512)  # 21 x 28,672 = 602,112, capped
+    assert l70["rule"].startswith("21 x 28672 unknowns (down_proj input) = 602112, floor 8192, cap 262144")
 
 
 def test_the_token_rule_follows_what_is_fitted():
@@ -648,18 +654,18 @@ def test_the_token_rule_follows_what_is_fitted():
     assert StructuredOBS().unknowns(Geometry.from_config(wide_attention)) == (1536, "down_proj input")
     assert StructuredOBS(attention_ratio=0.25).unknowns(Geometry.from_config(wide_attention)) == (2048, "o_proj input")
     assert StructuredOBS(refit_attention=True).unknowns(Geometry.from_config(wide_attention)) == (2048, "o_proj input")
-    assert StructuredOBS(attention_ratio=0.25).calibration_plan(wide_attention).tokens == 16 * 2048
+    assert StructuredOBS(attention_ratio=0.25).calibration_plan(wide_attention).tokens == 21 * 2048
     # a pruned checkpoint's per-layer widths: only the layers in layers.mlp count
     narrow = {**SMOLLM2, "layer_configs": [{"intermediate_size": 3000 if l < 3 else 1000} for l in range(30)]}
     assert StructuredOBS(mlp_layers=(3, 27)).unknowns(Geometry.from_config(narrow)) == (1000, "down_proj input")
     tiny = {**SMOLLM2, "intermediate_size": 128}
-    assert StructuredOBS().calibration_plan(tiny).shape == (16, 512)  # 16 x 128 = 2,048 < the floor of 8,192
+    assert StructuredOBS().calibration_plan(tiny).shape == (16, 512)  # 21 x 128 = 2,688 < the floor of 8,192
     odd = StructuredOBS(tokens_per_unknown=10, seq_len=500).calibration_plan(SMOLLM2)  # 15,360 -> 31 windows
     assert odd.shape == (31, 500) and odd.tokens == 15500
     capped = StructuredOBS(seq_len=500).calibration_plan(LLAMA3_70B)
     assert capped.tokens <= 262144 and capped.shape == (524, 500)  # rounded down at the cap
     search = StructuredOBS(allocation="search").calibration_plan(SMOLLM2)
-    assert search.shape == (48 + 16, 512) and search.rule.endswith("+ 16 for the search's fitness (search_tokens=8192)")
+    assert search.shape == (63 + 16, 512) and search.rule.endswith("+ 16 for the search's fitness (search_tokens=8192)")
     explicit = StructuredOBS(tokens=131072).calibration_plan(LLAMA3_70B)
     assert explicit.shape == (256, 512) and explicit.rule == "pruner.tokens=131072 (explicit), 256 windows of 512"
     assert StructuredOBS(tokens=None).calibration_plan(SMOLLM2) is None
