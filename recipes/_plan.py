@@ -480,18 +480,30 @@ def _model_ref(node: Any) -> Any:
     return ModelRef.of(plain(node))
 
 
+def _begin(task: str, cfg: DictConfig, ref: Any, label: Optional[str] = None,
+           extra_devices: tuple = ()) -> "Plan | tuple[dict, str, Plan]":
+    """The start every model-loading task's plan shares: ``(config.json, the dtype it resolves to, an empty Plan)``,
+    or the Plan that says why nothing can be planned (no config readable before loading)."""
+    config, why = model_config(ref, cfg.paths.cache_dir)
+    if config is None:
+        return _unknown(task, ref.name, why or "", ref.device, str(ref.dtype))
+    dtype = P.dtype_name(str(ref.dtype), config)
+    plan = Plan(task, describe(label or ref.name, config, dtype, ref.device), ref.device, dtype,
+                devices=_devices(cfg, ref, extra_devices))
+    return config, dtype, plan
+
+
 # --------------------------------------------------------------------------- the tasks
 
 
 def plan_prune(cfg: DictConfig) -> Plan:
     """task=prune: load, evaluate the base, prune (the pruner's footprint), evaluate, [recover,] save."""
     ref = _model_ref(cfg.model)
-    dtype_req = str(ref.dtype)
-    config, why = model_config(ref, cfg.paths.cache_dir)
-    if config is None:
-        return _unknown("prune", ref.name, why or "", ref.device, dtype_req)
-    dtype = P.dtype_name(dtype_req, config)
     pruner = build(cfg.pruner, "pruner")
+    started = _begin("prune", cfg, ref, extra_devices=(getattr(pruner, "device", None),))
+    if isinstance(started, Plan):
+        return started
+    config, dtype, plan = started
     depth = int(config["num_hidden_layers"])
     pruner.check(depth)
     cal = pruner.calibration_plan(config) if hasattr(pruner, "calibration_plan") else None
@@ -501,8 +513,6 @@ def plan_prune(cfg: DictConfig) -> Plan:
         samples, seq_len = int(cfg.data.num_samples), int(cfg.data.seq_len)
         rule = f"data.num_samples={samples} x data.seq_len={seq_len}"
     tokens = samples * seq_len if pruner.needs_calibration else 0
-    devices = _devices(cfg, ref, (getattr(pruner, "device", None),))
-    plan = Plan("prune", describe(ref.name, config, dtype, ref.device), ref.device, dtype, devices=devices)
     avail = available(cfg, plan)  # what the run will have: states=auto decides by it, as the run does
     free = (avail.device, None if avail.host is None else max(0, avail.host - BASELINE))
     fp = pruner.footprint(config, tokens, dtype, ref.device, seq_len=seq_len, free=free)
@@ -548,12 +558,10 @@ def _widths_line(widths: list[dict]) -> str:
 def plan_evaluate(cfg: DictConfig) -> Plan:
     """task=evaluate: the model (then its base, when it is a prunelab checkpoint), one at a time, evaluated."""
     ref = _model_ref(cfg.model)
-    config, why = model_config(ref, cfg.paths.cache_dir)
-    if config is None:
-        return _unknown("evaluate", ref.name, why or "", ref.device, str(ref.dtype))
-    dtype = P.dtype_name(str(ref.dtype), config)
-    plan = Plan("evaluate", describe(ref.name, config, dtype, ref.device), ref.device, dtype,
-                devices=_devices(cfg, ref))
+    started = _begin('evaluate', cfg, ref)
+    if isinstance(started, Plan):
+        return started
+    config, dtype, plan = started
     plan.lines.append(("evaluates", f"eval={cfg.eval.name}" + (f", tasks {list(cfg.eval.tasks)}" if cfg.eval.tasks
                                                                  else "")))
     plan.phases["load"] = _load_phase(config, dtype, ref.device)
@@ -568,14 +576,12 @@ def plan_finetune(cfg: DictConfig) -> Plan:
     from recipes import _recovery as recovery_stage
 
     ref = _model_ref(cfg.model)
-    config, why = model_config(ref, cfg.paths.cache_dir)
-    if config is None:
-        return _unknown("finetune", ref.name, why or "", ref.device, str(ref.dtype))
-    dtype = P.dtype_name(str(ref.dtype), config)
+    started = _begin("finetune", cfg, ref)
+    if isinstance(started, Plan):
+        return started
+    config, dtype, plan = started
     spec = recovery_stage.spec_of(cfg)
     fp = spec.footprint(config, 0, dtype, ref.device)
-    plan = Plan("finetune", describe(ref.name, config, dtype, ref.device), ref.device, dtype,
-                devices=_devices(cfg, ref))
     plan.lines.append(("trains", f"LoRA rank {spec.rank} on {spec.targets}, {fp.tokens:,} tokens "
                                  f"(micro-batch {spec.micro_batch} x {spec.seq_len}), {fp.layer_forwards:,} "
                                  "decoder-layer passes (forward + backward)"))
@@ -591,12 +597,10 @@ def plan_finetune(cfg: DictConfig) -> Plan:
 def plan_export(cfg: DictConfig) -> Plan:
     """task=export: load, write (one tensor at a time, in float32 at most)."""
     ref = _model_ref(cfg.model)
-    config, why = model_config(ref, cfg.paths.cache_dir)
-    if config is None:
-        return _unknown("export", ref.name, why or "", ref.device, str(ref.dtype))
-    dtype = P.dtype_name(str(ref.dtype), config)
-    plan = Plan("export", describe(ref.name, config, dtype, ref.device), ref.device, dtype,
-                devices=_devices(cfg, ref))
+    started = _begin('export', cfg, ref)
+    if isinstance(started, Plan):
+        return started
+    config, dtype, plan = started
     fmt = OmegaConf.select(cfg, "export.format", default=None) or OmegaConf.select(cfg, "export.name", default="")
     plan.lines.append(("writes", f"export={fmt}"))
     plan.phases["load"] = _load_phase(config, dtype, ref.device)
@@ -617,13 +621,11 @@ def plan_replace(cfg: DictConfig) -> Plan:
     """task=replace: the base with the donor's layers (the spec's footprint), evaluated, saved."""
     spec = build(cfg.replacement, "replacement")
     base_ref, donor_ref, donor_cfg = _donor(cfg, spec)
-    config, why = model_config(base_ref, cfg.paths.cache_dir)
-    if config is None:
-        return _unknown("replace", base_ref.name, why or "", base_ref.device, str(base_ref.dtype))
-    dtype = P.dtype_name(str(base_ref.dtype), config)
+    started = _begin("replace", cfg, base_ref, f"base {spec.base}", (spec.donor_device,))
+    if isinstance(started, Plan):
+        return started
+    config, dtype, plan = started
     fp = spec.footprint(config, 0, dtype, base_ref.device, donor_cfg=donor_cfg)
-    plan = Plan("replace", describe(f"base {spec.base}", config, dtype, base_ref.device), base_ref.device, dtype,
-                devices=_devices(cfg, base_ref, (spec.donor_device,)))
     plan.lines.append(("replaces", "; ".join(fp.removes)))
     plan.phases["load + swap"] = fp
     plan.phases["evaluate"] = _eval_phase(cfg, config, dtype, base_ref.device, weights=fp.device_bytes + fp.host_bytes)
@@ -636,15 +638,13 @@ def plan_search(cfg: DictConfig) -> Plan:
     """task=search: base, donor targets, prefix cache, donor layers, the fitness evaluations (the spec's footprint)."""
     rspec, sspec = build(cfg.replacement, "replacement"), build(cfg.search, "search")
     base_ref, donor_ref, donor_cfg = _donor(cfg, rspec)
-    config, why = model_config(base_ref, cfg.paths.cache_dir)
-    if config is None:
-        return _unknown("search", base_ref.name, why or "", base_ref.device, str(base_ref.dtype))
-    dtype = P.dtype_name(str(base_ref.dtype), config)
+    started = _begin("search", cfg, base_ref, f"base {rspec.base}", (rspec.donor_device,))
+    if isinstance(started, Plan):
+        return started
+    config, dtype, plan = started
     donor_dtype = P.dtype_name(str(donor_ref.dtype), donor_cfg or config)
     fp = sspec.footprint(config, sspec.tokens, dtype, base_ref.device, donor_cfg=donor_cfg, donor_dtype=donor_dtype,
                          donor_device=rspec.donor_device or base_ref.device, seq_len=int(cfg.data.seq_len))
-    plan = Plan("search", describe(f"base {rspec.base}", config, dtype, base_ref.device), base_ref.device, dtype,
-                devices=_devices(cfg, base_ref, (rspec.donor_device,)))
     plan.lines.append(("searches", "; ".join(fp.removes)))
     plan.lines.append(("calibration", f"{fp.tokens:,} tokens (search.tokens in windows of data.seq_len), at most "
                                       f"{fp.layer_forwards:,} decoder-layer passes"))
