@@ -52,16 +52,14 @@ def read_steps(path: Path, dry_run: bool) -> list[tuple[str, list[str]]]:
     return steps
 
 
-def shape_dir(name: str, layers: int, cache_dir: Path, build: bool) -> Path | None:
-    """``{shape:llamba_8b:2}``: the cached dir of a shape with real random layers (built when ``build``)."""
+def shape_dir(name: str, layers: int, cache_dir: Path, header_only: bool) -> Path:
+    """``{shape:llamba_8b:2}``: the cached dir of a shape with real random layers, or (``header_only``, the dry
+    run: it plans from config.json and the safetensors header) its header-only twin, which costs no disk."""
     from core.models.ref import ModelRef
     from core.models.shape import shape_path
 
-    target = cache_dir / "models" / f"shape-{name}-L{layers}-bfloat16"
-    if not build:
-        return target if target.is_dir() else None
     return Path(shape_path(ModelRef(name=f"{name}_shape", kind="shape", shape=name, num_layers=layers,
-                                    dtype="bfloat16"), cache_dir))
+                                    dtype="bfloat16", header_only=header_only), cache_dir, header_ok=header_only))
 
 
 def _reset_host_peak() -> None:
@@ -115,11 +113,8 @@ def main() -> int:
         run_dir = work / label
         dirs[label] = run_dir
         args = [re.sub(r"\{run:([\w.-]+)\}", lambda mt: str(dirs[mt.group(1)]), x) for x in args]
-        shapes = {mt.group(0): shape_dir(mt.group(1), int(mt.group(2)), Path(CACHE_DIR), build=not a.dry_run)
+        shapes = {mt.group(0): shape_dir(mt.group(1), int(mt.group(2)), Path(CACHE_DIR), header_only=a.dry_run)
                   for x in args for mt in re.finditer(r"\{shape:(\w+):(\d+)\}", x)}
-        if any(v is None for v in shapes.values()):
-            print(f"[skip] {label:<28} dry run: needs a built shape dir ({', '.join(shapes)})", flush=True)
-            continue
         for k, v in shapes.items():
             args = [x.replace(k, str(v)) for x in args]
         if a.dry_run:
