@@ -81,6 +81,35 @@ def rope_settings(config: Any) -> dict:
 GGUF_ROPE_TYPES = ("default", "linear", "llama3")
 
 
+def _sliced(where: str) -> ExportError:
+    return ExportError(
+        f"SliceGPT's shortcut rotations (attn_shortcut_Q / mlp_shortcut_Q per layer) are not expressible in {where}: "
+        "its Llama blocks add every output to one unrotated residual stream of a single width, while a sliced "
+        "model changes the stream's basis and width at each block (export the dense model, or a model pruned "
+        "with heads / channels)")
+
+
+def _mamba(idx: list[int], where: str) -> ExportError:
+    return ExportError(
+        f"Llamba's Mamba-2 (DiscreteMamba2) mixer layers {idx[:8]}{'...' if len(idx) > 8 else ''} are not "
+        f"expressible in {where}: it has attention / linear / no-op sub-blocks only, no state-space mixer "
+        "(export a hybrid whose replaced layers are all attention, or keep the prunelab checkpoint)")
+
+
+def check_expressible_config(cfg: dict, fmt: str) -> None:
+    """:func:`check_expressible`'s refusals that ``config.json`` settles, before any weight loads: a sliced model,
+    Mamba-2 layers, an activation other than SiLU (the rest is checked on the loaded model)."""
+    where = FORMAT_NAMES[fmt]
+    if cfg.get("slicing") or cfg.get("model_type") == "prunelab_sliced_llama":
+        raise _sliced(where)
+    types = cfg.get("layer_types") or []
+    if "mamba2" in types:
+        raise _mamba([i for i, t in enumerate(types) if t == "mamba2"], where)
+    act = cfg.get("hidden_act", "silu")
+    if act not in ("silu", "swish"):
+        raise ExportError(f"hidden_act={act!r} is not expressible in {where}: its MLP is SiLU-gated")
+
+
 def check_expressible(model: nn.Module, fmt: str) -> None:
     """An :class:`ExportError` naming the first feature of ``model`` that ``fmt`` cannot express.
 
@@ -90,19 +119,10 @@ def check_expressible(model: nn.Module, fmt: str) -> None:
     where = FORMAT_NAMES[fmt]
     cfg = model.config
     if getattr(cfg, "slicing", None) or any(hasattr(l, "attn_shortcut_Q") for l in decoder_layers(model)):
-        raise ExportError(
-            f"SliceGPT's shortcut rotations (attn_shortcut_Q / mlp_shortcut_Q per layer) are not expressible in "
-            f"{where}: "
-            "its Llama blocks add every output to one unrotated residual stream of a single width, while a sliced "
-            "model changes the stream's basis and width at each block (export the dense model, or a model pruned "
-            "with heads / channels)")
+        raise _sliced(where)
     types = layer_types_of(model)
     if "mamba2" in types:
-        idx = [i for i, t in enumerate(types) if t == "mamba2"]
-        raise ExportError(
-            f"Llamba's Mamba-2 (DiscreteMamba2) mixer layers {idx[:8]}{'...' if len(idx) > 8 else ''} are not "
-            f"expressible in {where}: it has attention / linear / no-op sub-blocks only, no state-space mixer "
-            "(export a hybrid whose replaced layers are all attention, or keep the prunelab checkpoint)")
+        raise _mamba([i for i, t in enumerate(types) if t == "mamba2"], where)
     act = getattr(cfg, "hidden_act", "silu")
     if act not in ("silu", "swish"):
         raise ExportError(f"hidden_act={act!r} is not expressible in {where}: its MLP is SiLU-gated")

@@ -23,8 +23,12 @@ never replaced.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import math
 import os
+import shutil
+import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
@@ -220,6 +224,29 @@ def _nbytes(shape: tuple[int, ...], qtype: GGMLQuantizationType) -> tuple[tuple[
     return byte_shape, math.prod(byte_shape)
 
 
+def disk_error(e: OSError, out: Path) -> ExportError:
+    """One line for an OSError while writing ``out``: a full disk, a read-only or unwritable target."""
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        why = "no space left on the device"
+    elif e.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+        why = f"the target is not writable ({e.strerror})"
+    else:
+        why = f"{e.strerror or e}"
+    return ExportError(f"cannot write {out}: {why}; choose another export.output or free some space")
+
+
+def check_free_space(out: str | Path, nbytes: int) -> None:
+    """ExportError unless the filesystem ``out`` goes to has ``nbytes`` free (+5%), before anything is written."""
+    probe = Path(out).parent
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    free = shutil.disk_usage(probe).free
+    need = int(nbytes * 1.05)
+    if free < need:
+        raise ExportError(f"not enough free space for {out}: about {need / 2**20:,.1f} MiB needed, "
+                          f"{free / 2**20:,.1f} MiB free in {probe} (free some space or choose another export.output)")
+
+
 def write_gguf(model: nn.Module, tokenizer: GGUFTokenizer, out: str | Path, out_type: str = "f32", *,
                name: Optional[str] = None, fix_quirks: bool = True) -> GGUFReport:
     """Write ``model`` and ``tokenizer`` to ``out``; a model GGUF cannot express is refused first
@@ -284,8 +311,16 @@ def write_gguf(model: nn.Module, tokenizer: GGUFTokenizer, out: str | Path, out_
                           np.dtype(np.float32 if t.qtype == Q.F32 else np.float16), nbytes,
                           raw_dtype=t.qtype if t.qtype not in (Q.F32, Q.F16) else None)
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.partial-{os.getpid()}")
+    total = sum(_nbytes(t.shape, t.qtype)[1] for t in tensors)
+    check_free_space(out, total + (1 << 20))  # + header, tokenizer and alignment
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        # The file is written inside a partial dir (``.<name>.partial-<pid>-*``, as core.run.io.atomic_dir's): a
+        # killed export leaves that dir, which task=table removes once the run has ended.
+        part = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-{os.getpid()}-", dir=out.parent))
+    except OSError as e:
+        raise disk_error(e, out) from None
+    tmp = part / out.name
     try:
         w.write_header_to_file(tmp)
         w.write_kv_data_to_file()
@@ -302,9 +337,12 @@ def write_gguf(model: nn.Module, tokenizer: GGUFTokenizer, out: str | Path, out_
             os.link(tmp, out)  # fails if `out` appeared meanwhile: never replaces a file
         except FileExistsError:
             raise ExportError(f"{out} already exists; refusing to overwrite it") from None
+    except OSError as e:
+        raise disk_error(e, out) from None
     finally:
-        w.close()
-        tmp.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # a failed cleanup never hides the error that caused it
+            w.close()
+        shutil.rmtree(part, ignore_errors=True)
     ffn_padded = [b.source for b in plan if not b.zero_ffn and b.ffn != shapes[b.source].ffn]
     return GGUFReport(path=str(out), architecture=arch, out_type=out_type, bytes=out.stat().st_size, blocks=len(plan),
                       layers_dropped=[i for i, s in enumerate(shapes) if not s.has_attention and not s.has_ffn],

@@ -3,9 +3,12 @@
 - ``claim_dir`` (the ``unique_dir`` resolver of the default run and sweep dirs): creates the timestamped dir
   with an exclusive ``mkdir``; a process that finds it taken (two runs started in the same second) takes
   ``<dir>_1``, ``<dir>_2``, ... So the default run dir is never shared by two processes.
-- ``RunGuard.on_run_start`` / ``on_multirun_start``: before Hydra writes ``.hydra/`` or opens ``run.log``,
-  refuse a dir that already holds a run, cannot be created or is not writable: one line on stderr, exit 1,
-  nothing in that dir touched.
+- ``RunGuard.on_run_start`` / ``on_multirun_start``: before Hydra writes ``.hydra/`` or opens ``run.log``, the
+  run or sweep dir (and each job's dir in the sweep) is normalised (``..``, ``~``, symlinks), then refused when it
+  holds a run or sweep, lies inside a run, leaves its sweep, cannot be created or is not writable; otherwise it is
+  claimed exclusively (a run dir's ``.hydra/``, a sweep dir's ``multirun.yaml``) and resolved again. Any error,
+  an OSError such as a too-long name included, is one line on stderr and exit 1, nothing in that dir touched
+  (Hydra itself would print a warning and a traceback, and go on into the dir).
 - ``RunGuard.on_multirun_end``: the sweep's results table (``results.{csv,md,tex}``: every job, failed ones
   listed apart), plots (``pareto_ppl.png`` / ``pareto_avg.png``: perplexity / zero-shot average against
   parameters kept, one line per method; ``heatmap_ppl_<part>.png`` over start x end when a layer range
@@ -18,6 +21,8 @@
 
 from __future__ import annotations
 
+import copy
+import errno
 import json
 import logging
 import os
@@ -26,7 +31,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from hydra.experimental.callback import Callback
-from omegaconf import OmegaConf
+from omegaconf import OmegaConf, open_dict
 
 from core.models.ref import ModelRef
 from core.run.record import run_status
@@ -151,38 +156,156 @@ def _fail(message: str) -> None:
     raise SystemExit(1)
 
 
+SWEEP_CLAIM = "multirun.yaml"  # a sweep dir's claim: the sweep's config, created exclusively (Hydra's basic
+# sweeper writes the same config there again; under other sweepers it is the only copy)
+
+
 def _holds_run(path: Path) -> bool:
     return (path / "metrics.json").exists() or (path / ".hydra").exists()
 
 
-def _usable(path: Path, key: str) -> None:
+def _real(raw: str) -> Path:
+    """The directory ``raw`` names once every ``..``, ``~`` and symlink is followed, as the OS will resolve it
+    when Hydra writes there (``<new>/../<old>`` is ``<old>``, whether or not ``<new>`` exists yet)."""
+    return Path(os.path.realpath(os.path.expanduser(raw)))
+
+
+def _holds_sweep(path: Path) -> bool:
+    return (path / SWEEP_CLAIM).exists() or (path.is_dir() and any(_holds_run(p) for p in path.iterdir()
+                                                                    if p.is_dir()))
+
+
+def _earlier(path: Path) -> Optional[tuple[str, Path]]:
+    """("run" | "sweep", the dir) when ``path`` is, or lies inside, an earlier run or sweep; else None."""
+    if _holds_run(path):
+        return "run", path
+    if _holds_sweep(path):
+        return "sweep", path
+    for p in path.parents:
+        if _holds_run(p):
+            return "run", p
+        if (p / SWEEP_CLAIM).exists():
+            return "sweep", p
+    return None
+
+
+def _refuse_earlier(path: Path, key: str, raw: str) -> None:
+    found = _earlier(path)
+    if found is None:
+        return
+    kind, where = found
+    if where == path and kind == ("run" if key == "hydra.run.dir" else "sweep"):
+        _fail(f"{path} already holds a {kind}; runs never overwrite each other (choose another {key}, "
+              "or leave it out: the default is a new dir)")
+    _fail(f"{key}={raw} is {'' if where == path else 'inside '}the earlier {kind} {where}; "
+          "runs never write into each other")
+
+
+def _usable(path: Path, key: str, raw: str) -> None:
+    shown = f"{key}={raw}" + (f" ({path})" if str(path) != raw else "")
     if path.exists() and not path.is_dir():
-        _fail(f"{key}={path} is a file, not a directory")
+        _fail(f"{shown} is a file, not a directory")
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        _fail(f"{key}={path} cannot be created: {e.strerror or e}")
+        _fail(f"{shown} cannot be created: {e.strerror or e}")
     if not os.access(path, os.W_OK | os.X_OK):
-        _fail(f"{key}={path} is not writable")
+        _fail(f"{shown} is not writable")
+
+
+def _claim(marker: Path, make: Any, taken: str) -> None:
+    """Create ``marker`` exclusively (``make``: os.mkdir, or an O_EXCL file): of two processes that passed the
+    checks at once, one gets the dir and the other stops here, before Hydra writes anything."""
+    try:
+        make(marker)
+    except FileExistsError:
+        _fail(taken)
+
+
+def _create_exclusive(path: Path, text: str) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+
+
+def _recheck(raw: str, claimed: Path, key: str, marker: Path) -> None:
+    """After the claim: ``raw`` still names the dir that was checked (no symlink swapped meanwhile); if not, the
+    claim is taken back and nothing else is written."""
+    now = _real(raw)
+    if now != claimed:
+        (marker.rmdir if marker.is_dir() else marker.unlink)()
+        _fail(f"{key}={raw} changed while it was being claimed (now {now}, was {claimed}); nothing written")
+
+
+def _job_dirs_inside(config: Any, sweep: Path) -> None:
+    """Every job dir (``hydra.sweep.subdir``, normalised) lies inside the sweep dir: a subdir such as ``../x``
+    or an absolute path would reach past the sweep's claim into another run. Checked for jobs 0 and 1 with
+    the command line's values (a subdir that only the sweeper can resolve is left to it)."""
+    for num in (0, 1):
+        trial = copy.deepcopy(config)
+        OmegaConf.set_readonly(trial, False)
+        with open_dict(trial):
+            trial.hydra.job.num = num
+            trial.hydra.job.id = str(num)
+        try:
+            subdir = str(OmegaConf.select(trial, "hydra.sweep.subdir", throw_on_missing=True))
+        except Exception:  # noqa: BLE001 - known to the sweeper only
+            return
+        job = _real(os.path.join(str(sweep), subdir))
+        if job != sweep and sweep not in job.parents:  # the sweep dir itself: a subdir the sweeper fills in
+            _fail(f"hydra.sweep.subdir={subdir} puts job {num} in {job}, outside the sweep dir {sweep}; "
+                  "each job writes only inside its sweep")
+
+
+def _guarded(key: str) -> Any:
+    """Any error of a guard is one line on stderr and exit 1, never Hydra's warning plus a traceback (which
+    Hydra prints when a callback raises, and then goes on into the dir anyway)."""
+    def decorate(hook: Any) -> Any:
+        def wrapper(self: Any, config: Any, **kwargs: Any) -> None:
+            try:
+                hook(self, config, **kwargs)
+            except SystemExit:
+                raise
+            except OSError as e:
+                hint = (" (a file or folder name is at most 255 bytes)" if e.errno == errno.ENAMETOOLONG else "")
+                _fail(f"{key}: {e.strerror or e}{hint}" + (f": {e.filename}" if e.filename else ""))
+            except Exception as e:  # noqa: BLE001 - one line, whatever it is
+                _fail(f"{key}: {type(e).__name__}: {e}")
+        wrapper.__name__ = hook.__name__
+        return wrapper
+    return decorate
 
 
 class RunGuard(Callback):
+    """Every run, sweep and job dir is normalised (``..``, ``~``, symlinks) before it is judged free, claimed
+    exclusively, and checked again after the claim: no later run ever writes into an earlier one."""
+
+    @_guarded("hydra.run.dir")
     def on_run_start(self, config: Any, **kwargs: Any) -> None:
-        path = Path(str(config.hydra.run.dir))
-        if _holds_run(path):
-            _fail(f"{path} already holds a run; runs never overwrite each other (choose another hydra.run.dir, "
-                  "or leave it out: the default is a new dir)")
-        _usable(path, "hydra.run.dir")
+        raw = str(config.hydra.run.dir)
+        path = _real(raw)
+        taken = (f"{path} already holds a run; runs never overwrite each other (choose another hydra.run.dir, "
+                 "or leave it out: the default is a new dir)")
+        _refuse_earlier(path, "hydra.run.dir", raw)
+        _usable(path, "hydra.run.dir", raw)
+        _claim(path / ".hydra", os.mkdir, taken)  # Hydra writes its config into .hydra/ next
+        _recheck(raw, path, "hydra.run.dir", path / ".hydra")
 
+    @_guarded("hydra.sweep.dir")
     def on_multirun_start(self, config: Any, **kwargs: Any) -> None:
-        path = Path(str(config.hydra.sweep.dir))
-        if path.is_dir() and any(_holds_run(p) for p in path.iterdir() if p.is_dir()):
-            _fail(f"{path} already holds a sweep; runs never overwrite each other (choose another "
-                  "hydra.sweep.dir, or leave it out: the default is a new dir)")
-        _usable(path, "hydra.sweep.dir")
+        raw = str(config.hydra.sweep.dir)
+        path = _real(raw)
+        taken = (f"{path} already holds a sweep; runs never overwrite each other (choose another "
+                 "hydra.sweep.dir, or leave it out: the default is a new dir)")
+        _refuse_earlier(path, "hydra.sweep.dir", raw)
+        _job_dirs_inside(config, path)
+        _usable(path, "hydra.sweep.dir", raw)
+        _claim(path / SWEEP_CLAIM, lambda p: _create_exclusive(p, OmegaConf.to_yaml(config)), taken)
+        _recheck(raw, path, "hydra.sweep.dir", path / SWEEP_CLAIM)
 
+    @_guarded("the sweep's summary")
     def on_multirun_end(self, config: Any, **kwargs: Any) -> None:
-        sweep = Path(str(config.hydra.sweep.dir))
+        sweep = _real(str(config.hydra.sweep.dir))
         jobs = sorted((p for p in sweep.iterdir() if p.is_dir() and _holds_run(p)), key=lambda p: p.name)
         bad = []
         for job in jobs:

@@ -18,6 +18,8 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
+import shutil
+import tempfile
 import time
 from pathlib import Path
 from typing import Any, Optional
@@ -216,17 +218,47 @@ def _verify_dir(path: Path, model: Any, ids: list[int], remote_code: bool) -> di
             **compare(ref, got)}
 
 
+# bytes per weight written, by GGUF out_type (llama.cpp's own quantisers: the f32 file staged first, then the output)
+_GGUF_BYTES = {"f32": 4.0, "f16": 2.0, "bf16": 2.0, "q8_0": 34 / 32}
+
+
+def check_early(ref: Any, opts: Any, cache_dir: str, run_dir: Path) -> None:
+    """What config.json settles before the weights load: a model the format cannot express (SliceGPT's rotations,
+    Llamba's Mamba-2 layers), and room on the disk for the export (as prune checks for its checkpoint)."""
+    from core.models import legacy  # local: torch; validation imports this module
+    from core.models.llama import params_from_config
+    from core.models.ref import model_config
+    from export.layout import check_expressible_config
+    from export.to_gguf import check_free_space
+
+    if ref.kind == "hf" and ref.path and legacy.detect_format(Path(ref.path).expanduser()).kind == "slicegpt":
+        check_expressible_config({"slicing": True}, opts.format)
+    config = model_config(ref, cache_dir)
+    if config is None:
+        return
+    check_expressible_config(config, opts.format)
+    if opts.format == "gguf":
+        out = Path(opts.output).expanduser() if opts.output else run_dir / "model.gguf"
+        per = _GGUF_BYTES.get(opts.out_type, 4.0 + 1.0)  # llama.cpp's quantisers: the staged f32 + at most ~1 B
+    else:
+        out = Path(opts.output).expanduser() if opts.output else run_dir / opts.format
+        per = 2.0 if (opts.dtype or ref.dtype) in ("float16", "bfloat16") else 4.0
+        out = out / "model.safetensors"
+    check_free_space(out, int(params_from_config(config) * per))
+
+
 def run(cfg: DictConfig, ctx: Any) -> dict:
     # local: torch, transformers, gguf; validation imports this module
     from core.models.load import load_model, torch_dtype
     from export.decilm import write_decilm
     from export.hf import write_hf
     from export.layout import check_expressible
-    from export.to_gguf import write_gguf
+    from export.to_gguf import disk_error, write_gguf
 
     opts = options(cfg.export)
     ref, run_dir = model_ref(cfg.model), Path(cfg.paths.output_dir)
     info = checkpoint_info(ref)
+    check_early(ref, opts, cfg.paths.cache_dir, run_dir)  # before any weight is read
     t0 = time.perf_counter()
     model, tok = load_model(ref, cache_dir=cfg.paths.cache_dir, allow_pickle=cfg.allow_pickle)
     t_load = time.perf_counter() - t0
@@ -244,12 +276,18 @@ def run(cfg: DictConfig, ctx: Any) -> dict:
         out = Path(opts.output).expanduser() if opts.output else run_dir / f"{name}-{opts.out_type}.gguf"
         fields = _gguf_tokenizer(opts, ref, info, tok)
         if opts.needs_llama_cpp_quantiser:
-            staged = out.with_name(f".{out.name}.f32-{os.getpid()}.gguf")
+            # staged inside a partial dir (.<name>.partial-<pid>-*): a killed export leaves nothing task=table misses
+            try:
+                out.parent.mkdir(parents=True, exist_ok=True)
+                stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-{os.getpid()}-", dir=out.parent))
+            except OSError as e:
+                raise disk_error(e, out) from None
+            staged = stage / "f32.gguf"
             try:
                 report = write_gguf(model, fields, staged, "f32", name=name)
                 llama_cpp_quantize(staged, out, opts.out_type, threads)
             finally:
-                staged.unlink(missing_ok=True)
+                shutil.rmtree(stage, ignore_errors=True)
             report.path, report.out_type, report.bytes = str(out), opts.out_type, out.stat().st_size
         else:
             report = write_gguf(model, fields, out, opts.out_type, name=name)
@@ -258,9 +296,12 @@ def run(cfg: DictConfig, ctx: Any) -> dict:
     else:
         out = Path(opts.output).expanduser() if opts.output else run_dir / opts.format
         writer = write_decilm if opts.format == "decilm" else write_hf
-        report = writer(model, tok, out, dtype=torch_dtype(opts.dtype) if opts.dtype else None,
-                        info={"source": ref.to_dict(), "checkpoint_info": {k: info.get(k) for k in (
-                            "method", "ratio", "compression", "base_model") if k in info}})
+        try:
+            report = writer(model, tok, out, dtype=torch_dtype(opts.dtype) if opts.dtype else None,
+                            info={"source": ref.to_dict(), "checkpoint_info": {k: info.get(k) for k in (
+                                "method", "ratio", "compression", "base_model") if k in info}})
+        except OSError as e:
+            raise disk_error(e, out) from None
         log.info("%s: %s, %.1f MB, %d query heads per attention layer", opts.format, out, report.bytes / 1e6,
                  report.heads)
     t_write = time.perf_counter() - t0

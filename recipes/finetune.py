@@ -61,6 +61,24 @@ def _check_base(ref: Any, cache_dir: str) -> Optional[dict]:
     return model_config(ref, cache_dir)
 
 
+def check_early(spec: Any, config: Optional[dict], cfg: DictConfig, run_dir: Path) -> None:
+    """What config.json and the saved state settle before any weight is read: the targets and the rank against the
+    layers' widths, ``recovery.seq_len`` against the context, and a ``recovery.resume`` state saved by other options
+    (or not a plain state). The same checks run again once the model is loaded (``recipes._recovery.prepare``)."""
+    from recovery.lora import check_targets_config  # local: validation imports this module
+    from recovery.train import check_state
+
+    from recipes._recovery import _resume_source
+
+    check_targets_config(config, spec)
+    context = (config or {}).get("max_position_embeddings")
+    if isinstance(context, int) and spec.seq_len > context:
+        raise ConfigError(f"recovery.seq_len={spec.seq_len} is longer than the model's context of {context} tokens")
+    source = _resume_source(spec.resume, cfg.paths.outputs_root, run_dir)
+    if source is not None:
+        check_state(source, spec)
+
+
 def _eval_source(info: dict, cfg: DictConfig, cache_dir: str) -> Any:
     """The perplexity text, split off the checkpoint's calibration text when both are the same (as task=evaluate)."""
     ppl = cfg.eval.ppl
@@ -83,8 +101,10 @@ def run(cfg: DictConfig, ctx: Any) -> dict:
     cache_dir, run_dir = cfg.paths.cache_dir, Path(cfg.paths.output_dir)
     eval_cfg = plain(cfg.eval)
 
-    # 1. Without weights: the model is a checkpoint, disk space, the evaluation text.
+    # 1. Without weights: the model is a checkpoint, the LoRA targets, rank and rows against its config, the state to
+    # resume against these options, disk space, the evaluation text.
     config = _check_base(ref, cache_dir)
+    check_early(spec, config, cfg, run_dir)
     info = checkpoint_info(ref)
     if config is not None and cfg.save_model:
         check_free_space(run_dir, params_from_config(config) * (2 if (cfg.save_dtype or ref.dtype) in

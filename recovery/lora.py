@@ -198,9 +198,14 @@ def decoder_linears(model: nn.Module) -> dict[str, nn.Linear]:
 
 def resolve_targets(model: nn.Module, spec: LoRASpec) -> list[str]:
     """Full names of the modules that get adapters; ConfigError for a name matching nothing or a rank too large."""
-    linears = decoder_linears(model)
+    linears = {n: (lin.in_features, lin.out_features) for n, lin in decoder_linears(model).items()}
     if not linears:
         raise ConfigError(f"{type(model).__name__} has no linear layer in its decoder layers to adapt")
+    return _choose(linears, spec)
+
+
+def _choose(linears: dict[str, tuple[int, int]], spec: LoRASpec) -> list[str]:
+    """The names in ``linears`` (name -> (in, out)) that ``spec.targets`` selects, each checked against the rank."""
     if spec.targets == ALL_LINEAR:
         chosen = list(linears)
     else:
@@ -214,12 +219,47 @@ def resolve_targets(model: nn.Module, spec: LoRASpec) -> list[str]:
         order = list(linears)
         chosen.sort(key=order.index)
     for name in chosen:
-        lin = linears[name]
-        width = min(lin.in_features, lin.out_features)
+        fan_in, fan_out = linears[name]
+        width = min(fan_in, fan_out)
         if spec.rank > width:
-            raise ConfigError(f"recovery.rank={spec.rank} is larger than {name}'s width {width} (in {lin.in_features}, "
-                              f"out {lin.out_features}): lower recovery.rank or leave it out of recovery.targets")
+            raise ConfigError(f"recovery.rank={spec.rank} is larger than {name}'s width {width} (in {fan_in}, "
+                              f"out {fan_out}): lower recovery.rank or leave it out of recovery.targets")
     return chosen
+
+
+LLAMA_TYPES = ("llama", "mistral", "qwen2", "prunelab_llama")
+
+
+def config_linears(cfg: Optional[dict]) -> Optional[dict[str, tuple[int, int]]]:
+    """The decoder's linear layers (name -> (in, out)) that a Llama-style ``config.json`` describes (per-layer widths of
+    a prunelab checkpoint included; a block pruned to 0 has none), read before any weight; None for other models."""
+    if not cfg or cfg.get("model_type") not in LLAMA_TYPES:
+        return None
+    hidden, heads = int(cfg["hidden_size"]), int(cfg["num_attention_heads"])
+    kv = int(cfg.get("num_key_value_heads") or heads)
+    hd = int(cfg.get("head_dim") or hidden // heads)
+    per_layer = cfg.get("layer_configs") or [{}] * int(cfg["num_hidden_layers"])
+    out: dict[str, tuple[int, int]] = {}
+    for i, lc in enumerate(per_layer):
+        h = lc.get("num_attention_heads", heads)
+        k = lc.get("num_key_value_heads", kv)
+        ffn = lc.get("intermediate_size", cfg["intermediate_size"])
+        at = f"model.layers.{i}."
+        if h:
+            out.update({at + "self_attn.q_proj": (hidden, h * hd), at + "self_attn.k_proj": (hidden, k * hd),
+                        at + "self_attn.v_proj": (hidden, k * hd), at + "self_attn.o_proj": (h * hd, hidden)})
+        if ffn:
+            out.update({at + "mlp.gate_proj": (hidden, ffn), at + "mlp.up_proj": (hidden, ffn),
+                        at + "mlp.down_proj": (ffn, hidden)})
+    return out
+
+
+def check_targets_config(cfg: Optional[dict], spec: LoRASpec) -> None:
+    """:func:`resolve_targets` from ``config.json`` alone: a bad target or a rank above a width fails before the
+    weights load (other architectures are checked once loaded)."""
+    linears = config_linears(cfg)
+    if linears:
+        _choose(linears, spec)
 
 
 def attach(model: nn.Module, spec: LoRASpec, targets: list[str]) -> Any:

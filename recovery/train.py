@@ -19,9 +19,11 @@ uninterrupted run ends with. A state saved by another configuration is refused w
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import math
+import re
 import shutil
 import time
 from contextlib import nullcontext
@@ -31,7 +33,8 @@ from typing import Any, Callable, Optional
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+from safetensors.torch import save as save_tensors
 from tqdm.auto import tqdm
 
 from core.run.errors import ConfigError
@@ -187,13 +190,17 @@ def save_state(state_dir: Path, history: History, params: dict[str, torch.Tensor
     name = f"step-{history.step:08d}"
     target = state_dir / name
     if not target.exists():
+        # Serialised in memory, then written as plain bytes: a full disk is an OSError (ENOSPC), which atomic_dir turns
+        # into one RunDirError line, never torch's zip writer's "unexpected pos" or a safetensors IoError.
+        buf = io.BytesIO()
+        torch.save({"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "rng": torch.get_rng_state(),
+                    "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}, buf)
+        files = {"adapter.safetensors": save_tensors(_adapter_state(params)), "trainer.pt": buf.getvalue()}
+        if best is not None:
+            files["best.safetensors"] = save_tensors(best)
         with atomic_dir(target) as tmp:
-            save_file(_adapter_state(params), str(tmp / "adapter.safetensors"))
-            if best is not None:
-                save_file(best, str(tmp / "best.safetensors"))
-            torch.save({"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "rng": torch.get_rng_state(),
-                        "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
-                       tmp / "trainer.pt")
+            for fname, data in files.items():
+                (tmp / fname).write_bytes(data)
             atomic_write_json(tmp / "meta.json", {"fingerprint": fingerprint, "history": asdict(history)})
     atomic_write_json(state_dir / LATEST, {"step": history.step, "dir": name})
     for old in state_dir.glob("step-*"):
@@ -214,16 +221,47 @@ def _refuse_other(path: Path, saved: dict, now: dict) -> None:
                           "or start afresh (recovery.resume=false)")
 
 
-def check_state(where: Path, spec: LoRASpec, total_steps: int) -> Path:
+def check_state(where: Path, spec: LoRASpec, total_steps: Optional[int] = None) -> Path:
     """The state dir to resume from in ``where``, checked against these options before any work is done (the model's
-    identity is checked when the state is loaded)."""
+    identity is checked when the state is loaded); ``total_steps`` None: the options only (before the text is read).
+    Its ``trainer.pt`` is read once with ``weights_only=True``: a file holding code or objects is refused in one line,
+    before anything is copied into the new run."""
     path = _state_path(where)
     if path is None:
         raise ConfigError(f"recovery.resume: no saved state in {where}")
-    saved = json.loads((path / "meta.json").read_text()).get("fingerprint") or {}
-    _refuse_other(path, {k: saved.get(k) for k in ("spec", "total_steps")},
-                  {"spec": spec.fingerprint(), "total_steps": total_steps})
+    try:
+        saved = json.loads((path / "meta.json").read_text()).get("fingerprint") or {}
+    except (OSError, ValueError, AttributeError) as e:
+        raise ConfigError(f"recovery.resume: {path / 'meta.json'} is unreadable ({type(e).__name__}: "
+                          f"{str(e)[:200]}); start afresh (recovery.resume=false)") from None
+    now: dict[str, Any] = {"spec": spec.fingerprint()}
+    if total_steps is not None:
+        now["total_steps"] = total_steps
+    _refuse_other(path, {k: saved.get(k) for k in now}, now)
+    _read_trainer(path)
     return path
+
+
+def _read_trainer(path: Path) -> dict:
+    """``trainer.pt`` read as plain tensors and containers only; anything else is one ConfigError line, and nothing in
+    the file runs (never a hint to load it with ``weights_only=False``)."""
+    f = path / "trainer.pt"
+    try:
+        trainer = torch.load(f, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - UnpicklingError, RuntimeError, EOFError, ... : one line
+        found = re.search(r"GLOBAL ([\w.]+)", str(e))
+        if found:
+            why = f"it asks to call or build {found.group(1)}"
+        elif "Weights only load failed" in str(e):
+            why = "it holds objects other than tensors"
+        else:
+            why = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:160] if str(e).strip() else 'unreadable'}"
+        raise ConfigError(f"recovery.resume: {f} is not a plain training state ({why}): refused without running it; "
+                          "start afresh (recovery.resume=false)") from None
+    if not isinstance(trainer, dict) or not {"optimizer", "scheduler", "rng"} <= set(trainer):
+        raise ConfigError(f"recovery.resume: {f} is not a training state (no optimizer, scheduler and rng entries); "
+                          "start afresh (recovery.resume=false)")
+    return trainer
 
 
 def load_state(path: Path, params: dict[str, torch.Tensor], opt: Any, sched: Any,
@@ -233,7 +271,7 @@ def load_state(path: Path, params: dict[str, torch.Tensor], opt: Any, sched: Any
     meta = json.loads((path / "meta.json").read_text())
     _refuse_other(path, meta.get("fingerprint") or {}, fingerprint)
     _load_adapters(params, load_file(str(path / "adapter.safetensors")), path)
-    trainer = torch.load(path / "trainer.pt", map_location="cpu", weights_only=True)
+    trainer = _read_trainer(path)
     opt.load_state_dict(trainer["optimizer"])
     sched.load_state_dict(trainer["scheduler"])
     torch.set_rng_state(trainer["rng"])

@@ -37,10 +37,10 @@ from core.models.modeling_hybrid import HybridForCausalLM
 from core.models.modeling_pruned import PrunedLlamaConfig, PrunedLlamaForCausalLM
 from core.models.modeling_sliced import SlicedLlamaForCausalLM
 from core.models import shape as shapes
-from core.models.ref import (KINDS, ModelRef, _check_path, check_config_sizes, gguf_path, gguf_sizes,
-                             read_checked_config, tiny_config)
+from core.models.ref import (KINDS, ModelRef, _check_path, check_config_sizes, check_gguf_cache, gguf_cache_dir,
+                             gguf_path, gguf_sizes, read_checked_config, tiny_config)
 from core.run.errors import LoadError, UserError
-from core.run.io import atomic_dir
+from core.run.io import atomic_dir, atomic_write_json
 
 log = logging.getLogger(__name__)
 
@@ -79,16 +79,55 @@ def build_tiny(num_layers: int = 4, hidden_size: int = 64, intermediate_size: in
 # --------------------------------------------------------------------------- GGUF (embedded model)
 
 
+# llama.cpp's pre-tokenizer (``tokenizer.ggml.pre``) -> the tokenizer.json ``pre_tokenizer`` that splits the same way.
+# transformers' GGUF conversion writes a plain ByteLevel for every byte-level BPE and so drops SmolLM2's one-digit
+# split ("smollm": digits one by one, then GPT-2's regex): "  1" became [" ", " 1"] instead of ["  ", "1"].
+GGUF_PRE_TOKENIZERS = {
+    "smollm": lambda: pre_tokenizers.Sequence([
+        pre_tokenizers.Digits(individual_digits=True),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=True)]),
+    "gpt-2": lambda: pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=True),
+}
+
+
+def gguf_pre(src: Path) -> Optional[str]:
+    """The GGUF's ``tokenizer.ggml.pre`` (llama.cpp's pre-tokenizer name), or None."""
+    from gguf import GGUFReader  # local: numpy
+
+    field = GGUFReader(str(src)).fields.get("tokenizer.ggml.pre")
+    return bytes(field.parts[field.data[0]]).decode(errors="replace") if field is not None and field.data else None
+
+
+def restore_pre_tokenizer(tok: Any, pre: Optional[str]) -> Any:
+    """``tok`` with the pre-tokenizer llama.cpp applies for ``pre`` (:data:`GGUF_PRE_TOKENIZERS`), so the cached
+    tokenizer tokenizes exactly as the GGUF does (tests/core/test_gguf_cache.py compares it with llama.cpp's)."""
+    make = GGUF_PRE_TOKENIZERS.get(pre or "")
+    if make is None:
+        if pre:
+            log.warning("GGUF pre-tokenizer %r is not mapped: the converted tokenizer keeps transformers' own", pre)
+        return tok
+    tok.backend_tokenizer.pre_tokenizer = make()
+    return tok
+
+
 def cached_gguf_dir(ref: ModelRef, cache_dir: str | Path) -> Path:
-    """Convert the packaged GGUF into a safetensors HF dir once; later loads read that dir."""
-    target = Path(cache_dir) / "models" / ref.name
+    """Convert the packaged GGUF into a safetensors HF dir once; later loads read that dir.
+
+    The dir is ``<cache_dir>/models/<name>-<key>`` (:func:`core.models.ref.gguf_cache_dir`: package, file, size,
+    sha256), with the source in ``source.json``: a dir whose source.json differs is refused, never read."""
+    target, source = gguf_cache_dir(ref, cache_dir)
     if (target / "config.json").is_file():
+        check_gguf_cache(target, source)
         return target
     src = gguf_path(ref.gguf_package, ref.gguf_file)
     gguf_sizes(src)  # its metadata bounds-checked before transformers converts it
 
     log.info("converting %s to a cached HF dir %s (once)", src.name, target)
-    tok = AutoTokenizer.from_pretrained(src.parent, gguf_file=src.name)
+    unkeyed = Path(cache_dir) / "models" / ref.name
+    if (unkeyed / "config.json").is_file():
+        log.warning("%s (an earlier version's conversion, keyed by the name only) is no longer read: delete it",
+                    unkeyed)
+    tok = restore_pre_tokenizer(AutoTokenizer.from_pretrained(src.parent, gguf_file=src.name), gguf_pre(src))
     model = AutoModelForCausalLM.from_pretrained(src.parent, gguf_file=src.name, dtype=torch.float32)
     # The dequantised weights are plain fp32; drop the GGUF marker so the model saves as a normal checkpoint.
     model.hf_quantizer = None
@@ -100,8 +139,9 @@ def cached_gguf_dir(ref: ModelRef, cache_dir: str | Path) -> Path:
         with atomic_dir(target) as tmp:
             model.save_pretrained(tmp)
             tok.save_pretrained(tmp)
+            atomic_write_json(tmp / "source.json", source)
     except FileExistsError:  # another process converted it meanwhile
-        pass
+        check_gguf_cache(target, source)
     return target
 
 
@@ -241,9 +281,75 @@ def load_hf_dir(path: Path, *, dtype: str = "float32", device: str = "cpu", devi
         with _read_not_mapped(device == "cpu" and not device_map):
             model, info = _from_pretrained(path, cfg, trust_remote_code, kwargs)
         _check_loading_info(path, info)
-    tok = AutoTokenizer.from_pretrained(path, config=model.config)  # no remote-code prompt for auto_map
+    tok = load_tokenizer(path, config=model.config)  # no remote-code prompt for auto_map
     model.eval()
     return model, tok
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "merges.txt")
+
+
+def load_tokenizer(path: Path, **kw: Any) -> Any:
+    """``AutoTokenizer.from_pretrained(path)``; a random-byte or malformed tokenizer file is one LoadError naming it."""
+    try:
+        return AutoTokenizer.from_pretrained(path, **kw)
+    except Exception as e:  # noqa: BLE001 - tokenizers raises bare Exceptions (and UnicodeDecodeError, ValueError)
+        files = [f for f in TOKENIZER_FILES if (Path(path) / f).is_file()]
+        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
+        bad = _unreadable_tokenizer_file(Path(path), files)
+        what = f"{Path(path) / bad}: not a valid tokenizer file" if bad else f"{path}: no tokenizer could be read"
+        raise LoadError(f"{what} ({type(e).__name__}: {first})") from None
+
+
+def _unreadable_tokenizer_file(path: Path, files: list[str]) -> Optional[str]:
+    """The first tokenizer file that is not UTF-8 JSON, or that the tokenizers library refuses (None: can't tell)."""
+    import json
+
+    for name in files:
+        if name.endswith(".json"):
+            try:
+                data = json.loads((path / name).read_bytes().decode("utf-8"))
+            except (OSError, ValueError):
+                return name
+            if name == "tokenizer.json":
+                try:
+                    Tokenizer.from_str(json.dumps(data))
+                except Exception:  # noqa: BLE001 - the library's own refusal ("missing field `single_word`")
+                    return name
+    return files[0] if len(files) == 1 else None
+
+
+def check_token_ids(model: Any, tok: Any, where: str) -> None:
+    """A LoadError when the tokenizer can produce an id with no embedding row (IndexError in a forward, or worse, a
+    checkpoint saved with a tokenizer that does not fit it)."""
+    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    rows = getattr(emb, "num_embeddings", None)
+    if tok is None or rows is None or not hasattr(tok, "get_vocab"):
+        return
+    vocab = tok.get_vocab()
+    top = max(vocab.values(), default=-1)
+    if top >= rows:
+        name = max(vocab, key=vocab.get)
+        raise LoadError(f"{where}: the tokenizer has token ids up to {top:,} ({name!r}) but the model's embedding has "
+                        f"{rows:,} rows: a tokenizer of another model? (put the model's own tokenizer files beside it)")
+
+
+def check_finite(model: Any, where: str) -> None:
+    """A LoadError naming the first weight that holds NaN or Inf: such a model computes nothing meaningful, and a
+    run on it must never be recorded as a normal result."""
+    with torch.no_grad():
+        for name, t in [*model.named_parameters(), *model.named_buffers()]:
+            if not t.is_floating_point() or t.device.type == "meta" or t.numel() == 0:
+                continue
+            # A float32 sum is finite unless a value is NaN/Inf (or the sum overflows, which only the exact check
+            # below can tell apart): one read of the weights, no temporary, ~10x faster than isfinite on the CPU.
+            if bool(torch.isfinite(t.detach().sum(dtype=torch.float32))):
+                continue
+            # in slices of 16M values: the check's temporary never costs more than 16 MB, whatever the model
+            if not all(bool(torch.isfinite(part).all()) for part in t.detach().reshape(-1).split(1 << 24)):
+                nan, inf = int(torch.isnan(t).sum()), int(torch.isinf(t).sum())
+                raise LoadError(f"{where}: weight {name} holds {nan:,} NaN and {inf:,} Inf value(s): refusing a "
+                                "model whose weights are not finite (a diverged training or a damaged file)")
 
 
 def check_device(device: str) -> None:
@@ -268,7 +374,11 @@ def load_model(ref: ModelRef, *, cache_dir: str | Path, allow_pickle: bool = Fal
     if isinstance(ref.device_map, str) and ref.device_map not in ("auto", "balanced", "balanced_low_0", "sequential"):
         check_device(ref.device_map)
     try:
-        return _load(ref, Path(cache_dir), allow_pickle)
+        model, tok = _load(ref, Path(cache_dir), allow_pickle)
+        where = ref.path or ref.name
+        check_token_ids(model, tok, where)
+        check_finite(model, where)
+        return model, tok
     except UserError:
         raise
     except Exception as e:  # noqa: BLE001 - a broken file raises anything; the user gets one line
@@ -294,6 +404,8 @@ def _load(ref: ModelRef, cache_dir: Path, allow_pickle: bool):
     path = _check_path(ref)
     fmt = legacy.detect_format(path)
     if fmt.kind == "slicegpt":  # SliceGPT's own output, with the base config.json it may have copied beside it
+        return load_as_model(path, fmt=fmt, dtype=torch_dtype(ref.dtype), device=ref.device)
+    if fmt.kind == "state_dict_pt":  # a *.pt state dict beside config.json (the GA's model_state_dict.pt): no opt-in
         return load_as_model(path, fmt=fmt, dtype=torch_dtype(ref.dtype), device=ref.device)
     if path.is_dir() and (path / "config.json").is_file():
         wp = fmt.weights_path
@@ -334,7 +446,12 @@ def load_as_model(path: str | Path, *, allow_pickle: bool = False, fmt: Optional
                         "put the base model's config.json next to it")
     cfg = dict(lm.config)
     check_config_sizes(cfg, str(fmt.config_path or path))
-    if cfg.get("layer_configs"):
+    if llamba.is_llamba_config(cfg):  # the GA's model_state_dict.pt: a Llamba with Llama layers, Cartesia's names
+        cfg, lm.state_dict = legacy.llamba_state_dict_config(lm.state_dict, cfg, fmt.config_path or path)
+        model = HybridForCausalLM(HybridForCausalLM.config_class(**cfg))
+    elif cfg.get("model_type") == "prunelab_hybrid":
+        model = HybridForCausalLM(HybridForCausalLM.config_class(**{k: v for k, v in cfg.items() if k != "model_type"}))
+    elif cfg.get("layer_configs"):
         model = PrunedLlamaForCausalLM(PrunedLlamaConfig(**{k: v for k, v in cfg.items() if k != "model_type"}))
     else:
         model = LlamaForCausalLM(LlamaConfig(**{k: v for k, v in cfg.items() if k != "model_type"}))
@@ -344,9 +461,10 @@ def load_as_model(path: str | Path, *, allow_pickle: bool = False, fmt: Optional
         raise LoadError(f"{path}: state dict does not match its config: missing {missing[:3]}, "
                         f"unexpected {unexpected[:3]}")
     tok = None
-    if fmt.config_path is not None:
-        try:
-            tok = AutoTokenizer.from_pretrained(fmt.config_path.parent)
-        except Exception:  # no tokenizer files beside it
+    for tok_dir in ((fmt.config_path.parent, fmt.config_path.parent / "tokenizer") if fmt.config_path else ()):
+        try:  # beside config.json, or in the tokenizer/ folder the GA's checkpoints have
+            tok = AutoTokenizer.from_pretrained(tok_dir)
+            break
+        except Exception:  # no tokenizer files there
             tok = None
     return model.to(dtype=dtype, device=device).eval(), tok

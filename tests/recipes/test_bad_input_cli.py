@@ -70,6 +70,14 @@ def _no_depth(ckpt: Path, tmp: Path) -> Path:
     return d
 
 
+def _huge_depth(ckpt: Path, tmp: Path) -> Path:
+    """num_hidden_layers = 10^9: refused from config.json before anything is built (it once held 11.8 GB)."""
+    d = _copy(ckpt, tmp / "huge")
+    cfg = json.loads((d / "config.json").read_text())
+    (d / "config.json").write_text(json.dumps({**cfg, "num_hidden_layers": 10**9}))
+    return d
+
+
 def _pickled_bin(ckpt: Path, tmp: Path) -> Path:
     import torch
 
@@ -89,6 +97,7 @@ def _pickled_bin(ckpt: Path, tmp: Path) -> Path:
     (_missing_tensor, "evaluate", "1 missing (model.layers.1.mlp.up_proj.weight)"),
     (_no_depth, "prune", "no num_hidden_layers (model_type 'gpt2'): prunelab reads Llama-style decoders"),
     (_pickled_bin, "prune", "Re-run with allow_pickle=true only if you trust the file"),
+    (_huge_depth, "analyze", "num_hidden_layers=1,000,000,000 is absurd (more than 4,096)"),
 ])
 def test_broken_models(checkpoint, tmp_path, make, task, fragment):
     model_dir = make(checkpoint, tmp_path)
@@ -190,3 +199,196 @@ def test_unexpected_error_traceback_printed_once(tmp_path):
     assert proc.stderr.count("Traceback") == 1 and "simulated bug" in proc.stderr
     m = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert m["status"] == "failed" and m["error"]["type"] == "RuntimeError"
+
+
+# --- run, sweep and job dirs: a path is judged after `..`, `~` and symlinks are followed ------------------------
+# Each case: (the overrides, given the earlier run E and the earlier sweep W; the one-line message). After each,
+# every file of E and W is byte-identical and nothing was created on the way (`<new>` of `<new>/../E` included).
+
+LONG = "x" * 300  # longer than any file system's 255-byte name
+
+
+def tree_digest(root: Path) -> dict[str, str]:
+    """Every file, dir and link under ``root`` -> its content hash (a dir: "dir", a link: its target)."""
+    import hashlib
+
+    out: dict[str, str] = {}
+    for d, dirs, files in os.walk(root):
+        for name in dirs + files:
+            p = Path(d) / name
+            rel = str(p.relative_to(root))
+            if p.is_symlink():
+                out[rel] = "-> " + os.readlink(p)
+            elif p.is_dir():
+                out[rel] = "dir"
+            else:
+                out[rel] = hashlib.sha256(p.read_bytes()).hexdigest()
+    return out
+
+
+@pytest.fixture(scope="module")
+def earlier(tmp_path_factory) -> dict:
+    """An earlier run E (with its model) and an earlier sweep W (two jobs), in one outputs folder."""
+    root = tmp_path_factory.mktemp("earlier")
+    run_dir, sweep = root / "E", root / "W"
+    run_task([*TINY, "ratio=0.5"], run_dir)
+    (run_dir / ".hydra").mkdir()  # as run.py's Hydra leaves it
+    (run_dir / ".hydra" / "overrides.yaml").write_text("- ratio=0.5\n")
+    proc = cli(["-m", *TINY, "save_model=false", "data.num_samples=2", "data.seq_len=16", "ratio=0.2,0.3",
+                f"hydra.sweep.dir={sweep}"])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return {"root": root, "E": run_dir, "W": sweep, "digest": {d: tree_digest(root / d) for d in ("E", "W")}}
+
+
+RUN_DIR_CASES = [  # run.py <TINY> hydra.run.dir=...
+    ("{new}/../E", "{E} already holds a run"),
+    ("{new}/../E/model", "is inside the earlier run {E}"),
+    ("{new}/../W/0", "{W}/0 already holds a run"),
+    ("{new}/../W", "is the earlier sweep {W}"),
+    ("{new}/../W/extra", "is inside the earlier sweep {W}"),
+    ("{link_E}", "{E} already holds a run"),
+    ("{root}/" + LONG, "hydra.run.dir: File name too long"),
+]
+SWEEP_DIR_CASES = [  # run.py -m <TINY> ratio=0.1,0.2 hydra.sweep.dir=... (and the job's subdir)
+    (["hydra.sweep.dir={new}/../W"], "{W} already holds a sweep"),
+    (["hydra.sweep.dir={new}/../E"], "is the earlier run {E}"),
+    (["hydra.sweep.dir={new}/../W/0"], "is the earlier run {W}/0"),
+    (["hydra.sweep.dir={new}/../W/extra"], "is inside the earlier sweep {W}"),
+    (["hydra.sweep.dir={new}", "hydra.sweep.subdir=../E"], "puts job 0 in {E}, outside the sweep dir"),
+    (["hydra.sweep.dir={root}/" + LONG], "hydra.sweep.dir: File name too long"),
+]
+
+
+def _dir_case(earlier: dict, tmp_path: Path, text: str) -> str:
+    link = tmp_path / "link_to_E"
+    if not link.is_symlink():
+        link.symlink_to(earlier["E"])
+    return text.format(new=_new(earlier, tmp_path), link_E=link, **{k: earlier[k] for k in ("root", "E", "W")})
+
+
+def _new(earlier: dict, tmp_path: Path) -> Path:
+    return earlier["root"] / f"new-{tmp_path.name}"  # beside E and W: <new>/../E is E
+
+
+def _nothing_touched(earlier: dict, tmp_path: Path) -> None:
+    assert {d: tree_digest(earlier["root"] / d) for d in ("E", "W")} == earlier["digest"]
+    assert sorted(p.name for p in earlier["root"].iterdir()) == ["E", "W"]  # no <new>, no long name
+
+
+@pytest.mark.parametrize("run_dir,fragment", RUN_DIR_CASES)
+def test_run_dir_never_reaches_an_earlier_run(earlier, tmp_path, run_dir, fragment):
+    proc = cli([*TINY, f"hydra.run.dir={_dir_case(earlier, tmp_path, run_dir)}"])
+    assert_one_clear_line(proc, _dir_case(earlier, tmp_path, fragment))
+    assert "UserWarning" not in proc.stderr  # never Hydra's callback warning
+    _nothing_touched(earlier, tmp_path)
+
+
+@pytest.mark.parametrize("args,fragment", SWEEP_DIR_CASES)
+def test_sweep_dir_never_reaches_an_earlier_run(earlier, tmp_path, args, fragment):
+    proc = cli(["-m", *TINY, "ratio=0.1,0.2", *(_dir_case(earlier, tmp_path, a) for a in args)])
+    assert_one_clear_line(proc, _dir_case(earlier, tmp_path, fragment))
+    assert "UserWarning" not in proc.stderr
+    _nothing_touched(earlier, tmp_path)
+
+
+def test_a_dotdot_path_to_a_new_dir_is_that_dir(tmp_path):
+    """``<new>/../fresh`` is the fresh dir ``<parent>/fresh``: the run goes there and is recorded there."""
+    proc = cli([*TINY, "save_model=false", f"hydra.run.dir={tmp_path / 'new' / '..' / 'fresh'}"])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert json.loads((tmp_path / "fresh" / "metrics.json").read_text())["status"] == "completed"
+
+
+# --- task=table and task=report over hostile folders: (folder maker, what the output must show) ---------------
+
+def _symlink_loops(run: Path, tmp: Path) -> Path:
+    """One run, and three links that lead back into the folder (``a -> .``, ``b -> .``, ``run/up -> ..``):
+    a walk that follows links without remembering where it has been never ends (2^40 paths)."""
+    folder = tmp / "loops"
+    folder.mkdir()
+    shutil.copytree(run, folder / "run", symlinks=True)
+    (folder / "a").symlink_to(".")
+    (folder / "b").symlink_to(".")
+    (folder / "run" / "up").symlink_to("..")
+    return folder
+
+
+def _linked_run(run: Path, tmp: Path) -> Path:
+    """A run reached through a symlinked dir only (still found: links are followed, each real dir once)."""
+    folder = tmp / "linked"
+    folder.mkdir()
+    (folder / "elsewhere").symlink_to(run, target_is_directory=True)
+    return folder
+
+
+FOLDER_CASES = [  # (maker, task): the one earlier run appears exactly once, within the time limit
+    (_symlink_loops, "table"),
+    (_symlink_loops, "report"),
+    (_linked_run, "table"),
+]
+
+
+@pytest.mark.parametrize("make,task", FOLDER_CASES)
+def test_table_and_report_over_hostile_folders(earlier, tmp_path, make, task):
+    folder = make(earlier["E"], tmp_path)
+    out = tmp_path / "out"
+    proc = cli([f"task={task}", "logger=none", f"runs=[{folder}]"], out, timeout=60)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    m = json.loads((out / "metrics.json").read_text())
+    if task == "table":
+        assert m["table"]["runs"] == 1
+    else:
+        assert '<b id="n-runs">1</b>' in (out / "report.html").read_text()
+
+
+# --- writes outside the run dir: only with next_to_inputs=true, never over a file or into a live run -----------
+
+def test_report_writes_into_its_own_run_dir(earlier, tmp_path):
+    out = tmp_path / "out"
+    proc = cli(["task=report", "logger=none", f"runs=[{earlier['W']}]"], out)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert (out / "report.html").is_file() and f"report: {out / 'report.html'}" in proc.stderr
+    assert json.loads((out / "metrics.json").read_text())["report"]["copy"] is None
+    _nothing_touched(earlier, tmp_path)  # the sweep's own report.html is left as it was
+
+
+def test_report_next_to_inputs(earlier, tmp_path):
+    # over an earlier report.html: refused before anything is written
+    proc = cli(["task=report", "logger=none", f"runs=[{earlier['W']}]", "next_to_inputs=true"], tmp_path / "r1")
+    assert_one_clear_line(proc, f"{earlier['W'] / 'report.html'} exists (an earlier report) and is never replaced")
+    _nothing_touched(earlier, tmp_path)
+    # into a live run's dir (this test's own process is the live run): refused
+    live = tmp_path / "live"
+    shutil.copytree(earlier["E"], live)
+    m = json.loads((live / "metrics.json").read_text())
+    (live / "metrics.json").write_text(json.dumps({**m, "status": "running", "pid": os.getpid()}))
+    proc = cli(["task=report", "logger=none", f"runs=[{live}]", "next_to_inputs=true"], tmp_path / "r2")
+    assert_one_clear_line(proc, f"{live} is a run still in progress")
+    assert not (live / "report.html").exists()
+    # a folder with no report yet: the copy is written, recorded and printed
+    folder = tmp_path / "folder"
+    shutil.copytree(earlier["E"], folder / "run")
+    proc = cli(["task=report", "logger=none", f"runs=[{folder}]", "next_to_inputs=true"], tmp_path / "r3")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    copy = folder / "report.html"
+    assert copy.read_bytes() == (tmp_path / "r3" / "report.html").read_bytes()
+    assert json.loads((tmp_path / "r3" / "metrics.json").read_text())["report"]["copy"] == str(copy)
+    assert f"copied next to the inputs (next_to_inputs=true): {copy}" in proc.stderr
+
+
+def test_batch_analyze_writes_into_its_own_run_dir(earlier, tmp_path):
+    models = tmp_path / "models"
+    shutil.copytree(earlier["E"] / "model", models / "m1")
+    before = tree_digest(models)
+    proc = cli(["task=batch_analyze", f"models_dir={models}", "base=tiny", "logger=none"], tmp_path / "b1")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert tree_digest(models) == before  # the models' folder is only read
+    assert (tmp_path / "b1" / "analysis" / "m1" / "model_structure.json").is_file()
+    # next_to_inputs=true: next to the model, recorded and printed
+    proc = cli(["task=batch_analyze", f"models_dir={models}", "base=tiny", "logger=none", "next_to_inputs=true"],
+               tmp_path / "b2")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = models / "m1" / "analysis"
+    assert (out / "model_structure.json").is_file() and not (tmp_path / "b2" / "analysis").exists()
+    rec = json.loads((tmp_path / "b2" / "metrics.json").read_text())["batch_analyze"]
+    assert rec["next_to_inputs"] is True and rec["written_next_to_inputs"] == [str(out)]
+    assert f"analysis written next to the model (next_to_inputs=true): {out}" in proc.stderr

@@ -61,15 +61,38 @@ def _wait_for(path: Path, text: str, proc: subprocess.Popen, timeout: float = 12
     raise AssertionError(f"{text!r} never appeared in {path}")
 
 
-def test_sigterm_during_calibration_is_recorded_as_killed(earlier, tmp_path):
+def _slow_analysis(flag: Path) -> str:
+    """A patch: the analysis announces itself in ``flag``, then takes a minute (a large model's analysis)."""
+    return ("import time, analysis.report as r\n_w = r.write_analysis\n"
+            f"def slow(*a, **k):\n    open({str(flag)!r}, 'w').close()\n    time.sleep(60)\n    return _w(*a, **k)\n"
+            "r.write_analysis = slow")
+
+
+# SIGTERM while a task works, one case per entry point: (args, a patch that makes it slow or None, what marks
+# that the work has begun: a line of run.log or a flag file the patch writes)
+SIGTERM_CASES = {
+    # 400 per-sample gradient passes: long enough to be interrupted in the middle of calibration
+    "prune": ([*TINY, "data.num_samples=400", "data.seq_len=64"], None, "pruning taylor"),
+    "analyze": (["task=analyze", "model=tiny", "logger=none"], _slow_analysis, "flag"),
+}
+
+
+@pytest.mark.parametrize("case", list(SIGTERM_CASES))
+def test_sigterm_is_recorded_as_killed(earlier, tmp_path, case):
     from core.run.record import run_status
 
-    run_dir = tmp_path / "run"
-    # 400 per-sample gradient passes: long enough to be interrupted in the middle of calibration
-    proc = subprocess.Popen([sys.executable, *_argv([*TINY, "data.num_samples=400", "data.seq_len=64",
-                                                     f"hydra.run.dir={run_dir}"])],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    _wait_for(run_dir / "run.log", "pruning taylor", proc)
+    args, patch, mark = SIGTERM_CASES[case]
+    run_dir, flag = tmp_path / "run", tmp_path / "flag"
+    argv = [*args, f"hydra.run.dir={run_dir}"]
+    cmd = _patched(patch(flag), argv) if patch else [sys.executable, *_argv(argv)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    if mark == "flag":
+        t0 = time.time()
+        while not flag.exists():
+            assert proc.poll() is None and time.time() - t0 < 120
+            time.sleep(0.05)
+    else:
+        _wait_for(run_dir / "run.log", mark, proc)
     time.sleep(0.3)
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
@@ -133,6 +156,27 @@ def test_second_run_into_an_occupied_dir_touches_nothing(earlier):
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 1 and "already holds a run" in proc.stderr and "Traceback" not in proc.stderr
     assert _digest(run_dir) == before
+
+
+def test_two_runs_started_together_on_one_run_dir(tmp_path):
+    """Both pass the checks at the same moment (each waits 3 s after them): the exclusive claim of .hydra/ lets
+    one run; the other stops in one line before writing anything, so run.log and .hydra/ are the winner's."""
+    run_dir = tmp_path / "run"
+    patch = ("import time, recipes._callbacks as c\n_u = c._usable\n"
+             "def slow(*a, **k):\n    _u(*a, **k)\n    time.sleep(3)\nc._usable = slow")
+    procs = [subprocess.Popen(_patched(patch, [*TINY, "save_model=false", f"seed={s}", f"hydra.run.dir={run_dir}"]),
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for s in (1, 2)]
+    results = [(p.wait(timeout=300), p.stderr.read()) for p in procs]
+    codes = sorted(code for code, _ in results)
+    assert codes == [0, 1], [err[-1500:] for _, err in results]
+    loser = next(err for code, err in results if code == 1)
+    assert loser.strip().splitlines() == [f"error: {run_dir} already holds a run; runs never overwrite each other "
+                                          "(choose another hydra.run.dir, or leave it out: the default is a new dir)"]
+    m = _record(run_dir)
+    assert m["status"] == "completed"
+    log_text = (run_dir / "run.log").read_text()
+    assert "ERROR" not in log_text and "already holds a run" not in log_text
+    assert f"seed={m['config']['seed']}" in (run_dir / ".hydra" / "overrides.yaml").read_text()
 
 
 def test_runs_started_in_the_same_second_get_their_own_dirs(tmp_path):

@@ -219,3 +219,30 @@ def test_gradient_checkpointing_trains_the_same_adapters(arch, tmp_path):
     assert out[0].keys() == out[1].keys()
     for n in out[0]:
         torch.testing.assert_close(out[1][n], out[0][n], rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("setup", ["dense", "pruned", "blocks removed"])
+def test_the_config_check_sees_the_linears_the_model_has(setup, tmp_path):
+    """``config_linears`` (task=finetune's check before the weights load) names exactly the linear layers, with
+    their widths, that ``decoder_linears`` finds on the loaded model, per-layer widths and removed blocks included."""
+    from conftest import run_task
+    from core.models.load import build_tiny, load_model
+    from core.models.ref import ModelRef, read_config_json
+    from recovery.lora import config_linears
+
+    if setup == "dense":
+        model, tok = build_tiny(num_layers=4)
+        model.save_pretrained(tmp_path / "m")
+        tok.save_pretrained(tmp_path / "m")
+        path = tmp_path / "m"
+    else:
+        extra = ["pruner=shortgpt", "pruner.granularity=sublayer", "pruner.num_layers=3"] \
+            if setup == "blocks removed" else ["ratio=0.5"]
+        run_task(["model=tiny", "pruner=l2", "layers=all", "logger=none", "eval=none", *extra], tmp_path / "run")
+        if setup == "blocks removed":  # some sub-block is gone: the config lists a 0 width
+            lcs = read_config_json(tmp_path / "run" / "model").get("layer_configs") or []
+            assert any(0 in (lc.get("num_attention_heads"), lc.get("intermediate_size")) for lc in lcs), lcs
+        path = tmp_path / "run" / "model"
+    model, _ = load_model(ModelRef.at(path), cache_dir=tmp_path)
+    got = {n: (m.in_features, m.out_features) for n, m in decoder_linears(model).items()}
+    assert config_linears(read_config_json(path)) == got
