@@ -2,8 +2,10 @@
 
 Each entry of ``models_dir`` (a subdir or a weight file) is detected (``core.models.legacy.detect_format``),
 analysed one at a time (structure from safetensors headers where possible, freed before the next),
-compared with the base, and written to ``<model>/analysis/`` or, when that is not writable or already
-holds an analysis (nothing is overwritten), to ``<run_dir>/analysis/<name>/``. A failing model is recorded and the batch goes on.
+compared with the base, and written to ``<run_dir>/analysis/<name>/``: the models' folders are only read. With
+``next_to_inputs=True`` it goes to ``<model>/analysis/`` instead, unless that is not writable or already holds an
+analysis (nothing is overwritten); each model's output dir is recorded and logged. A failing model is recorded
+and the batch goes on.
 """
 
 from __future__ import annotations
@@ -54,11 +56,11 @@ def _writable_dir(target: Path) -> bool:
         return False
 
 
-def output_dir_for(path: Path, name: str, run_dir: Path) -> Path:
-    """``<model>/analysis/`` when writable and not holding an earlier analysis (never overwritten,
-    e.g. a prune run's own), else ``<run_dir>/analysis/<name>/``."""
+def output_dir_for(path: Path, name: str, run_dir: Path, next_to_inputs: bool = False) -> Path:
+    """``<run_dir>/analysis/<name>/``; with ``next_to_inputs``, ``<model>/analysis/`` when writable and not
+    holding anything yet (an earlier analysis, e.g. a prune run's own, is never added to or overwritten)."""
     target = path / "analysis"
-    if path.is_dir() and not (target / "model_structure.json").exists() and _writable_dir(target):
+    if next_to_inputs and path.is_dir() and not target.exists() and _writable_dir(target):
         return target
     return run_dir / "analysis" / name
 
@@ -72,16 +74,26 @@ def model_summary(name: str, s: ModelStructure, base: Optional[ModelStructure]) 
         "nonzero_params": s.nonzero_params,
     }
     if base is not None:
+        structural = (base.total_params - s.total_params) / base.total_params if base.total_params else None
+        # reduction_ratio (the seed's field) stays structural: parameters gone from the shapes. A mask (magnitude,
+        # wanda) keeps every parameter, so its reduction is in nonzero_reduction_ratio: the share of the base's
+        # non-zero weights gone (against its dense count when the base's non-zeros were not counted); None when
+        # the model's non-zeros were not counted (count_nonzero=false).
+        nz, base_nz = s.nonzero_params, base.nonzero_params
+        ref = base_nz if base_nz is not None else base.total_params
         entry["pruning"] = {"original_params": base.total_params, "pruned_params": s.total_params,
-                            "reduction_ratio": (base.total_params - s.total_params) / base.total_params
-                            if base.total_params else None}
+                            "reduction_ratio": structural, "structural_reduction_ratio": structural,
+                            "original_nonzero": base_nz, "pruned_nonzero": nz,
+                            "nonzero_reduction_ratio": max(0.0, 1 - nz / ref) if nz is not None and ref else None}
     return entry
 
 
 def batch_analyze(models_dir: str | Path, base: Optional[ModelStructure], run_dir: str | Path, *,
                   allow_pickle: bool = False, count_nonzero: bool = False,
-                  base_model_dir: Optional[str | Path] = None, ctx: Any = None) -> dict:
-    """Analyse every model in ``models_dir``; write batch_analysis_results.json and models_summary.json."""
+                  base_model_dir: Optional[str | Path] = None, ctx: Any = None, next_to_inputs: bool = False) -> dict:
+    """Analyse every model in ``models_dir``; write batch_analysis_results.json and models_summary.json into
+    ``run_dir``, each model's analysis into ``run_dir/analysis/<name>/`` (``next_to_inputs``: next to the model
+    where that writes over nothing)."""
     run_dir = Path(run_dir)
     entries = scan_models(models_dir)
     results: list[dict] = []
@@ -105,7 +117,10 @@ def batch_analyze(models_dir: str | Path, base: Optional[ModelStructure], run_di
         try:
             s = structure_of(path, name=name, count_nonzero=count_nonzero, allow_pickle=allow_pickle,
                              fallback_config=fallback)
-            out = output_dir_for(path, name, run_dir)
+            out = output_dir_for(path, name, run_dir, next_to_inputs)
+            if next_to_inputs and run_dir not in out.parents:
+                log.info("[%d/%d] %s: analysis written next to the model (next_to_inputs=true): %s", k, len(entries),
+                         name, out)
             summary = write_analysis(out, s, base, model_dir=s.model_dir if path.is_dir() else path,
                                      base_model_dir=base_model_dir)
             rec.update(status="ok", output_dir=str(out), seconds=round(time.perf_counter() - t0, 3),
@@ -126,16 +141,19 @@ def batch_analyze(models_dir: str | Path, base: Optional[ModelStructure], run_di
     for r in results:
         counts[r["status"]] = counts.get(r["status"], 0) + 1
     batch = {"timestamp": now, "models_dir": str(models_dir), "base": base.name if base else None,
-             "counts": counts, "models": results}
+             "next_to_inputs": next_to_inputs, "counts": counts, "models": results}
     models_summary = {"timestamp": now, "models_dir": str(models_dir), "base": base.name if base else None,
                       "models": summaries}
     atomic_write_json(run_dir / "batch_analysis_results.json", batch)
     atomic_write_json(run_dir / "models_summary.json", models_summary)
     if ctx is not None:
-        ctx.log("batch_analyze", {"counts": counts, "models_dir": str(models_dir)})
+        ctx.log("batch_analyze", {"counts": counts, "models_dir": str(models_dir), "next_to_inputs": next_to_inputs,
+                                  "written_next_to_inputs": [r["output_dir"] for r in results if r.get("output_dir")
+                                                             and run_dir not in Path(r["output_dir"]).parents]})
         ctx.log_table("batch/models", pd.DataFrame(
             [{"name": r["name"], "format": r["format"], "status": r["status"],
               "total_params": (r.get("summary") or {}).get("total_params"),
               "reduction_ratio": (r.get("summary") or {}).get("reduction_ratio"),
+              "nonzero_reduction_ratio": (r.get("summary") or {}).get("nonzero_reduction_ratio"),
               "reason": r.get("error") or r["reason"]} for r in results]))
     return batch

@@ -70,9 +70,76 @@ def align_layers(base: ModelStructure, pruned: ModelStructure) -> tuple[list[Opt
         for j, i in enumerate(kept):
             out[i] = pruned.layers[j]
         return out, [f"layers {sorted(removed)} removed (from removed_layers); remaining layers renumbered"]
+    kept, why = match_layers_by_content(base, pruned)
+    if kept is not None:
+        out = [None] * nb
+        for j, i in enumerate(kept):
+            out[i] = pruned.layers[j]
+        gone = [i for i in range(nb) if out[i] is None]
+        return out, [f"layers {gone} removed (not recorded: found by matching each remaining layer's weights with "
+                     f"the base's, layer {len(kept) - 1} is base layer {kept[-1]}); remaining layers renumbered"]
     out = list(pruned.layers) + [None] * (nb - len(pruned.layers))
     return out, [f"{nb - len(pruned.layers)} of {nb} layers removed and renumbered, but which ones is not "
-                 "recorded: compared assuming the last ones were removed (record removed_layers to fix)"]
+                 f"recorded and the weights do not tell ({why}): compared assuming the last ones were removed "
+                 "(record removed_layers to fix)"]
+
+
+# a layer copied unchanged differs from its base layer by at most a dtype rounding (bfloat16: 2^-8 relative)
+CONTENT_TOLERANCE = 1e-2
+
+
+def _layer_samples(s: ModelStructure, layer: LayerStructure) -> Optional[dict[str, tuple[tuple, Any]]]:
+    """Per tensor of the layer, by its name inside the layer: (shape, sampled values); None when unknown."""
+    if s.samples is None or not layer.modules:
+        return None
+    out: dict[str, tuple[tuple, Any]] = {}
+    for mod in layer.modules.values():
+        for tname in mod.tensors:
+            values = s.samples.get(tname)
+            if values is None:
+                return None
+            rest = tname.split(f".{layer.idx}.", 1)[-1]
+            out[rest] = (tuple(s.tensors[tname].shape), values)
+    return out
+
+
+def _same_content(a: dict[str, tuple[tuple, Any]], b: dict[str, tuple[tuple, Any]]) -> bool:
+    """Same tensors, same shapes, sampled values equal within :data:`CONTENT_TOLERANCE` of the base's scale."""
+    if a.keys() != b.keys():
+        return False
+    for k, (shape, va) in a.items():
+        shape_b, vb = b[k]
+        if shape != shape_b or va.shape != vb.shape:
+            return False
+        if va.numel() == 0:
+            continue
+        scale = float(vb.abs().max())
+        if float((va - vb).abs().max()) > CONTENT_TOLERANCE * max(scale, 1e-12):
+            return False
+    return True
+
+
+def match_layers_by_content(base: ModelStructure, pruned: ModelStructure) -> tuple[Optional[list[int]], str]:
+    """For a model with fewer layers and no record of which went (ShortGPT's output saved with a shortened
+    config.json): the base layer each remaining layer is a copy of, found by comparing a few sampled values of
+    every tensor (``ModelStructure.samples``). Accepted only when each remaining layer matches exactly one base
+    layer and the matches keep the layers' order; else (None, why)."""
+    if pruned.samples is None or base.samples is None:
+        return None, "the weights' values were not read"
+    theirs = [(bl.idx, _layer_samples(base, bl)) for bl in base.layers]
+    kept: list[int] = []
+    for layer in pruned.layers:
+        mine = _layer_samples(pruned, layer)
+        if mine is None:
+            return None, f"no values for layer {layer.idx}"
+        hits = [i for i, t in theirs if t is not None and _same_content(mine, t)]
+        if len(hits) != 1:
+            return None, (f"layer {layer.idx} matches no base layer" if not hits else
+                          f"layer {layer.idx} matches base layers {hits}")
+        if kept and hits[0] <= kept[-1]:
+            return None, f"layer {layer.idx} matches base layer {hits[0]}, out of order"
+        kept.append(hits[0])
+    return kept, ""
 
 
 def _module_entry(bm: Optional[ModuleInfo], pm: Optional[ModuleInfo]) -> dict:

@@ -31,16 +31,42 @@ def _effective(d: dict) -> float:
     return max(sp, nz) if nz is not None else sp
 
 
-def sparsity_bars(comparison: dict, path: str | Path, target: Optional[float] = None) -> Path:
-    """One bar per layer (sparsity of its params), attention and MLP side by side; dashed target line."""
+def _without_norms(e: dict) -> dict:
+    """A comparison layer entry's totals over its matrices (attention, MLP, extras), its norm vectors left out:
+    they are never pruned, so counting them would pull a layer pruned at 0.25 below 0.25."""
+    groups = [e[g]["total"] for g in ("attention", "mlp", "extra") if isinstance(e.get(g), dict)]
+    if not groups:
+        return e["total"]
+    orig, kept = sum(t["original"] for t in groups), sum(t["pruned"] for t in groups)
+    out: dict = {"sparsity": 1 - kept / orig if orig else 0.0}
+    if all(t.get("pruned_nonzero") is not None for t in groups):
+        nz = sum(t["pruned_nonzero"] for t in groups)
+        ref = (sum(t["original_nonzero"] for t in groups)
+               if all(t.get("original_nonzero") is not None for t in groups) else orig)
+        out["nonzero_sparsity"] = max(0.0, 1 - nz / ref) if ref else None
+    return out
+
+
+def layer_sparsity(comparison: dict) -> dict[str, np.ndarray]:
+    """The bars of :func:`sparsity_bars`: per layer, the sparsity of its matrices (norms left out), of its attention
+    and of its MLP (structural, or the non-zero one where weights were zeroed in place)."""
     layers = comparison["layers"]
-    idx = np.array([e["layer_idx"] for e in layers])
-    total = np.array([_effective(e["total"]) for e in layers])
-    attn = np.array([_effective(e["attention"]["total"]) if "attention" in e else 0.0 for e in layers])
-    mlp = np.array([_effective(e["mlp"]["total"]) if "mlp" in e else 0.0 for e in layers])
+    return {"layer_idx": np.array([e["layer_idx"] for e in layers]),
+            "layer": np.array([_effective(_without_norms(e)) for e in layers]),
+            "attention": np.array([_effective(e["attention"]["total"]) if "attention" in e else 0.0 for e in layers]),
+            "mlp": np.array([_effective(e["mlp"]["total"]) if "mlp" in e else 0.0 for e in layers])}
+
+
+def sparsity_bars(comparison: dict, path: str | Path, target: Optional[float] = None) -> Path:
+    """One bar per layer (sparsity of its matrices, norms left out), attention and MLP side by side; dashed target
+    line."""
+    layers = comparison["layers"]
+    bars = layer_sparsity(comparison)
+    idx, total = bars["layer_idx"], bars["layer"]
+    attn, mlp = bars["attention"], bars["mlp"]
     fig, ax = plt.subplots(figsize=(max(6, 0.35 * len(layers) + 2), 4))
     w = 0.28
-    ax.bar(idx - w, total, w, label="layer", color="#4c72b0")
+    ax.bar(idx - w, total, w, label="layer (without norms)", color="#4c72b0")
     ax.bar(idx, attn, w, label="attention", color="#dd8452")
     ax.bar(idx + w, mlp, w, label="MLP", color="#55a868")
     if target is not None:

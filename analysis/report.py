@@ -1,8 +1,9 @@
 """Write a model's analysis: JSON, CSV, text summary and plots into ``<out_dir>``, and mirror to W&B.
 
 Files (seed names): ``model_structure.json``, ``model_comparison.json`` (with a base),
-``structure_summary.txt``, ``layers.csv`` (one row per layer x module), ``sparsity.png`` and
-``module_heatmap.png`` (with a base). ``write_analysis`` returns the summary for metrics.json.
+``structure_summary.txt``, ``layers.csv`` (one row per layer x module; ``kind`` tells the projection matrices from
+the norm vectors, which width pruning never touches), ``sparsity.png`` and ``module_heatmap.png`` (with a base).
+``write_analysis`` returns the summary for metrics.json.
 """
 
 from __future__ import annotations
@@ -22,8 +23,23 @@ from core.run.io import atomic_write_json, atomic_write_text
 
 log = logging.getLogger(__name__)
 
-CSV_COLUMNS = ["layer_idx", "group", "module", "original_shape", "pruned_shape", "original_params",
+CSV_COLUMNS = ["layer_idx", "group", "module", "kind", "original_shape", "pruned_shape", "original_params",
                "pruned_params", "retention", "sparsity", "pruned_nonzero", "nonzero_sparsity", "layer_status"]
+# layers.csv's ``kind``: "matrix" = the attention / MLP projections (what pruning shrinks or zeroes), "norm" = the
+# per-layer norm vectors (never pruned: sparsity 0, so a per-layer mean or "sparsity == 0" over all rows would count
+# them), "other" = any other per-layer tensor (SliceGPT's shortcut rotations, a Mamba mixer's)
+KINDS = {"attention": "matrix", "mlp": "matrix", "norm": "norm"}
+GIB = 1024 ** 3
+MIB = 1024 ** 2
+
+
+def row_kind(group: str) -> str:
+    return KINDS.get(group, "other")
+
+
+def fmt_size(n: Optional[int]) -> str:
+    """Bytes as MiB and GiB (the seeds' "GB" are GiB: Llama-3-8B's 16,060,522,496 parameter bytes are 14.96)."""
+    return "n/a" if n is None else f"{n / MIB:,.2f} MiB ({n / GIB:.2f} GiB)"
 
 
 def _pct(x: Optional[float]) -> str:
@@ -35,7 +51,8 @@ def structure_rows(s: ModelStructure) -> list[dict]:
     rows = []
     for layer in s.layers:
         for key, m in layer.modules.items():
-            rows.append({"layer_idx": layer.idx, "group": m.group, "module": m.name, "original_shape": None,
+            rows.append({"layer_idx": layer.idx, "group": m.group, "module": m.name, "kind": row_kind(m.group),
+                         "original_shape": None,
                          "pruned_shape": " x ".join(map(str, m.shape or [])), "original_params": None,
                          "pruned_params": m.params, "retention": None, "sparsity": None,
                          "pruned_nonzero": m.nonzero,
@@ -44,8 +61,50 @@ def structure_rows(s: ModelStructure) -> list[dict]:
     return rows
 
 
+_MODULE_ORDER = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def _num(v: Any) -> Optional[float]:
+    return None if v is None or (isinstance(v, float) and v != v) else float(v)
+
+
+def module_dimensions(rows: list[dict]) -> list[str]:
+    """The per-module dimension table (the seed's "detailed module analysis"): for each projection, its original
+    and compressed shape per layer, with retention and sparsity; consecutive layers that agree share one line."""
+    by_module: dict[tuple[str, str], list[dict]] = {}
+    for r in rows:
+        if r.get("kind", row_kind(r["group"])) != "norm":
+            by_module.setdefault((r["group"], r["module"]), []).append(r)
+    order = lambda k: ({"attention": 0, "mlp": 1}.get(k[0], 2),  # noqa: E731
+                       _MODULE_ORDER.index(k[1]) if k[1] in _MODULE_ORDER else 99, k[1])
+    compared = any(r.get("original_shape") not in (None, "") for r in rows)
+    lines = []
+    for key in sorted(by_module, key=order):
+        lines.append(f"{key[0]}.{key[1]}")
+        lines.append(f"  {'layers':<9} " + (f"{'original':>13} -> " if compared else "")
+                     + f"{'compressed' if compared else 'shape':<13} {'retention':>9} {'sparsity':>9} "
+                       f"{'non-zero sparsity':>18}")
+        runs: list[list] = []
+        for r in sorted(by_module[key], key=lambda r: r["layer_idx"]):
+            ret, sp, nz = _num(r.get("retention")), _num(r.get("sparsity")), _num(r.get("nonzero_sparsity"))
+            sig = (r.get("original_shape"), r.get("pruned_shape"), None if ret is None else round(ret, 4),
+                   None if nz is None else round(nz, 4),
+                   r.get("layer_status") if r.get("layer_status") in ("removed", "zeroed") else None)
+            if runs and runs[-1][2] == sig and runs[-1][1] == r["layer_idx"] - 1:
+                runs[-1][1] = r["layer_idx"]
+            else:
+                runs.append([r["layer_idx"], r["layer_idx"], sig, sp])
+        for a, b, (orig, new, ret, nz, status), sp in runs:
+            f = lambda v: "n/a" if v is None else f"{v:.4f}"  # noqa: E731
+            lines.append(f"  {f'{a}-{b}' if b != a else str(a):<9} " + (f"{orig or '-':>13} -> " if compared else "")
+                         + f"{new or '-':<13} {f(ret):>9} {f(sp):>9} {f(nz):>18}"
+                         + (f"  {status}" if status in ("removed", "zeroed") else ""))
+    return lines
+
+
 def summary_text(s: ModelStructure, comparison: Optional[dict], size: Optional[dict],
-                 size_cmp: Optional[dict], compare_error: Optional[str] = None) -> str:
+                 size_cmp: Optional[dict], compare_error: Optional[str] = None,
+                 rows: Optional[list[dict]] = None) -> str:
     out = io.StringIO()
     w = lambda line="": out.write(line + "\n")  # noqa: E731
     bar = "=" * 100
@@ -125,13 +184,33 @@ def summary_text(s: ModelStructure, comparison: Optional[dict], size: Optional[d
                                       f"{r['untouched_inside_range']}"))
         for v in cons["verdicts"]:
             w(f"! {v}")
+    if rows:
+        w()
+        w(bar)
+        w("Per-module dimensions" + (" (original -> compressed)" if comparison else ""))
+        w(bar)
+        for line in module_dimensions(rows):
+            w(line)
     if size:
         w()
         w(bar)
-        w(f"Size on disk: {size['total_bytes'] / 2**20:.2f} MiB ({size['path']})")
+        w(f"Size on disk: {fmt_size(size['total_bytes'])} ({size['path']})")
         w(bar)
         for f in size["files"]:
             w(f"  {f['bytes']:>14,}  {f['category']:<9} {f['file']}")
+        pb = size.get("param_bytes")
+        if pb:
+            w(f"parameter bytes    : stored {fmt_size(pb['stored'])}; fp32 {fmt_size(pb['fp32'])}, "
+              f"fp16/bf16 {fmt_size(pb['fp16'])}")
+        if size.get("unread_weight_bytes"):
+            w(f"not counted        : {fmt_size(size['unread_weight_bytes'])} of weight files the loader does not "
+              "read (marked unread)")
+        if size_cmp:
+            o, p = size_cmp["original_total_bytes"], size_cmp["pruned_total_bytes"]
+            red = size_cmp.get("total_bytes_reduction")
+            w(f"original total     : {fmt_size(o)}")
+            w(f"compressed total   : {fmt_size(p)}")
+            w(f"reduced on disk    : {fmt_size(o - p)}" + (f" ({red:.2%})" if red is not None else ""))
         for line in size.get("explanation", []):
             w(f"- {line}")
         for line in (size_cmp or {}).get("explanation", []):
@@ -192,10 +271,12 @@ def write_analysis(out_dir: str | Path, pruned: ModelStructure, base: Optional[M
         files.append("model_comparison.json")
     else:
         rows = structure_rows(pruned)
+    for r in rows:
+        r["kind"] = row_kind(r["group"])
     frame = pd.DataFrame(rows, columns=CSV_COLUMNS)
     atomic_write_text(out / "layers.csv", frame.to_csv(index=False))
     files.append("layers.csv")
-    text = summary_text(pruned, comparison, size, size_cmp, compare_error)
+    text = summary_text(pruned, comparison, size, size_cmp, compare_error, rows)
     atomic_write_text(out / "structure_summary.txt", text)
     files.append("structure_summary.txt")
     images: dict[str, Path] = {}
@@ -220,6 +301,8 @@ def write_analysis(out_dir: str | Path, pruned: ModelStructure, base: Optional[M
         summary.update({
             "original_params": comparison["total_params"]["original"],
             "reduction_ratio": comparison["total_params"]["reduction_ratio"],
+            # masks keep every parameter: the share of the base's non-zero weights gone (None when not counted)
+            "nonzero_reduction_ratio": comparison["total_params"].get("nonzero_sparsity"),
             "retention": comparison["total_params"]["retention"],
             "sparsity": comparison["total_params"]["sparsity"],
             "layer_sparsity": comparison["layer_params"]["sparsity"],

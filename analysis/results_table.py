@@ -23,7 +23,7 @@ import shutil
 import socket
 import time
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Optional
+from typing import Any, Iterable, Iterator, Mapping, Optional
 
 import pandas as pd
 
@@ -42,15 +42,38 @@ ORPHAN_GRACE_S = 3600.0  # another host's run: partial dirs removed only once it
 PARTIAL_GLOB = ".*.partial-*"  # core.run.io.atomic_dir's temp dirs, beside their target in the run dir
 
 
+def walk_once(root: str | Path) -> Iterator[tuple[str, list[str]]]:
+    """(dir, file names) of every directory under ``root``, each real directory once: symlinked run dirs are
+    followed (which Path.rglob does not), and a symlink loop (``a -> .``, ``up -> ..``) ends there instead of
+    walking the same tree again and again. Unreadable dirs are skipped."""
+    seen: set[tuple[int, int]] = set()
+
+    def first_visit(path: str) -> bool:
+        try:
+            st = os.stat(path)
+        except OSError:
+            return False
+        key = (st.st_dev, st.st_ino)
+        if key in seen:
+            return False
+        seen.add(key)
+        return True
+
+    if not first_visit(str(root)):
+        return
+    for d, dirs, files in os.walk(root, followlinks=True):
+        dirs[:] = [n for n in dirs if first_visit(os.path.join(d, n))]  # os.walk descends only into these
+        yield d, files
+
+
 def find_metrics(paths: Iterable[str | Path]) -> list[Path]:
     """Every ``metrics.json`` under the given run dirs / folders of runs / files, sorted, deduplicated."""
     found: set[Path] = set()
     for p in map(Path, paths):
         if p.is_file() and p.name == "metrics.json":
             found.add(p.resolve())
-        elif p.is_dir():  # os.walk: follows symlinked run dirs, which Path.rglob does not
-            found.update((Path(d) / "metrics.json").resolve() for d, _, files in os.walk(p, followlinks=True)
-                         if "metrics.json" in files)
+        elif p.is_dir():
+            found.update((Path(d) / "metrics.json").resolve() for d, files in walk_once(p) if "metrics.json" in files)
         else:
             log.warning("table: %s is neither a run dir nor a metrics.json; skipped", p)
     return sorted(found)
@@ -118,6 +141,36 @@ def _ratio(m: dict, cfg: dict) -> Any:
     return _get(cfg, "ratio") if m.get("task") == "prune" else m.get("ratio")
 
 
+def bytes_on_disk(path: Any) -> Optional[int]:
+    """Bytes of a model on disk, counted as the analysis counts them (``analysis.size``: the weight files the loader
+    reads, tokenizer, config), or None where there is no such local path."""
+    if not path or not isinstance(path, (str, Path)):
+        return None
+    p = Path(path).expanduser()
+    if not p.exists():
+        return None
+    from analysis.size import size_report  # local: torch (the format check), only when a model is on disk
+
+    try:
+        return int(size_report(p)["total_bytes"])
+    except (OSError, ValueError):
+        return None
+
+
+def _model_bytes(m: dict, source: str) -> Optional[int]:
+    """The compressed / evaluated model's bytes on disk: the run's saved ``model/``, the model an evaluate run
+    read, else what the run recorded when it saved (``checkpoint.bytes``)."""
+    saved = Path(source) / "model"
+    if m.get("task") != "evaluate" and saved.is_dir():
+        return bytes_on_disk(saved)
+    found = bytes_on_disk(_get(m, "model", "path")) if m.get("task") == "evaluate" else None
+    return found if found is not None else _get(m, "checkpoint", "bytes")
+
+
+def _gib(n: Optional[int]) -> Optional[float]:
+    return None if n is None else n / 1024 ** 3
+
+
 def rows_from_metrics(m: dict, source: str) -> list[dict]:
     """Zero, one or two rows (base, compressed) from one run's metrics dict."""
     cfg = m.get("config") or {}
@@ -128,7 +181,9 @@ def rows_from_metrics(m: dict, source: str) -> list[dict]:
     rows = []
     if "base" in ev:
         base_params = params.get("base") or _get(ev, "base", "efficiency", "params")
+        base_bytes = bytes_on_disk(_get(cfg, "model", "path"))
         rows.append({**common, "model": model_name, "method": "base", "is_base": True,
+                     "model_bytes": base_bytes, "model_GiB": _gib(base_bytes),
                      "params": base_params, "params_kept_pct": 100.0 if base_params else None,
                      "nonzero_params": params.get("nonzero_base"),
                      "sparsity_pct": 0.0 if params.get("nonzero_base") else None,
@@ -141,6 +196,7 @@ def rows_from_metrics(m: dict, source: str) -> list[dict]:
         is_base = m.get("task") == "evaluate" and not m.get("method")
         if is_base and kept is None:
             kept = 100.0  # an uncompressed model evaluated on its own
+        model_bytes = _model_bytes(m, source)
         rows.append({
             **common, "model": model_name, "method": m.get("method") or ("base" if is_base else None),
             "is_base": is_base and side == "model" and "base" not in ev,
@@ -150,7 +206,8 @@ def rows_from_metrics(m: dict, source: str) -> list[dict]:
             "params": params.get("pruned") or params.get("model") or _get(ev, side, "efficiency", "params"),
             "params_kept_pct": kept, "nonzero_params": params.get("nonzero"),
             "sparsity_pct": params.get("sparsity_pct", 0.0 if is_base and params.get("nonzero") else None),
-            "flops_kept_pct": _get(m, "flops", "kept_pct"), **_eval_columns(ev[side]),
+            "flops_kept_pct": _get(m, "flops", "kept_pct"), "model_bytes": model_bytes,
+            "model_GiB": _gib(model_bytes), **_eval_columns(ev[side]),
         })
         if "recovered" in ev:  # recovery=lora / task=finetune: the same model after recovery, a row of its own
             label = _get(cfg, "recovery", "name") or "recovered"
@@ -256,7 +313,7 @@ def collect(paths: Iterable[str | Path], notes: Optional[Mapping[str, str]] = No
         return pd.DataFrame()
     out = pd.concat(parts, ignore_index=True) if len(parts) > 1 else parts[0].reset_index(drop=True)
     ordered = ["model", "method", "ratio", "unit", "attn_layers", "mlp_layers", "params", "params_kept_pct",
-               "nonzero_params", "sparsity_pct", "flops_kept_pct", "ppl",
+               "nonzero_params", "sparsity_pct", "flops_kept_pct", "model_bytes", "model_GiB", "ppl",
                "ppl_protocol", *TASK_LABELS.values(), "avg", "MMLU", "mmlu_shots", "prefill_tok_s",
                "decode_tok_s", "decode_ms_per_tok", "limit", "task", "status", "error", "note", "run"]
     cols = [c for c in ordered if c in out.columns] + [c for c in out.columns if c not in ordered]
@@ -271,7 +328,7 @@ def split_completed(df: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
     return df[done], df[~done]
 
 
-_INT_COLUMNS = ("params", "nonzero_params", "mmlu_shots", "limit")
+_INT_COLUMNS = ("params", "nonzero_params", "model_bytes", "mmlu_shots", "limit")
 _MERGE_FREE = ("run", "status", "limit")
 
 

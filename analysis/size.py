@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Optional
 
-from analysis.structure import ModelStructure
+from analysis.structure import ModelStructure, loader_weight_files
 
 _TOKENIZER = ("tokenizer", "vocab", "merges", "special_tokens_map", "added_tokens", "spiece", "sentencepiece")
 _WEIGHTS = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
@@ -42,11 +42,21 @@ def size_report(path: str | Path, structure: Optional[ModelStructure] = None) ->
                        and not p.name.startswith("."))
     entries = [{"file": str(p.relative_to(path)) if path.is_dir() else p.name, "bytes": p.stat().st_size,
                 "category": _category(p)} for p in files]
+    # only the weight files the loader reads are the model: an HF download's original/consolidated.00.pth (or a
+    # pytorch_model.bin beside the safetensors) is listed as "unread" and not counted in the total
+    used = loader_weight_files(path) if path.is_dir() else None
+    if used is not None:
+        used_set = {p.resolve() for p in used}
+        for e, p in zip(entries, files):
+            if e["category"] == "weights" and p.resolve() not in used_set:
+                e["category"] = "unread"
     by_cat: dict[str, int] = {}
     for e in entries:
         by_cat[e["category"]] = by_cat.get(e["category"], 0) + e["bytes"]
+    unread = by_cat.pop("unread", 0)
     total = sum(by_cat.values())
-    out: dict[str, Any] = {"path": str(path), "files": entries, "bytes_by_category": by_cat, "total_bytes": total}
+    out: dict[str, Any] = {"path": str(path), "files": entries, "bytes_by_category": by_cat, "total_bytes": total,
+                           "unread_weight_bytes": unread}
     if structure is None:
         return out
     n = structure.total_params
@@ -75,6 +85,9 @@ def size_report(path: str | Path, structure: Optional[ModelStructure] = None) ->
         expl.append(f"non-weight files {others / MB:.2f} MiB ({others / total:.1%} of the total): "
                     + ", ".join(f"{c} {b / MB:.2f} MiB" for c, b in sorted(by_cat.items()) if c != "weights")
                     + " — these do not shrink when the model is pruned")
+    if unread:
+        expl.append(f"not counted: {unread / MB:.2f} MiB of weight files the loader does not read ("
+                    + ", ".join(e["file"] for e in entries if e["category"] == "unread") + ")")
     out["explanation"] = expl
     return out
 

@@ -26,7 +26,8 @@ from typing import Any, Iterator, Mapping, Optional
 
 import torch
 
-from core.models.legacy import detect_format, load_legacy
+from core.models.legacy import detect_format, read_for_analysis
+from core.models.llamba import is_llamba_config, llamba_key_to_hybrid
 from core.models.llama import head_dim
 from core.run.errors import LoadError
 
@@ -134,6 +135,8 @@ class ModelStructure:
     class_names: dict[str, str] = field(default_factory=dict)  # "attention"/"mlp" -> class name
     meta: dict = field(default_factory=dict)  # checkpoint_info.json, bundle extras
     model_dir: Optional[str] = None
+    # a few values of each layer tensor, read on demand (analysis.compare aligns renumbered layers by content)
+    samples: Optional["TensorSamples"] = field(default=None, repr=False, compare=False)
 
     # ------------------------------------------------------------------ totals
     def _sum(self, names: list[str]) -> int:
@@ -424,6 +427,30 @@ def safetensors_files(weights: Path) -> list[Path]:
     return sorted(weights.glob("*.safetensors"))
 
 
+def loader_weight_files(path: str | Path) -> Optional[list[Path]]:
+    """The weight files the loader reads for the model at ``path`` (``detect_format``: the safetensors shards, or
+    the one pickle / ``pytorch_model.bin`` shards), or None when ``path`` is not a model it can read. Other weight
+    files beside them (an HF download's ``original/consolidated.00.pth``, a ``pytorch_model.bin`` next to the
+    safetensors) are not part of the model as loaded."""
+    fmt = detect_format(Path(path))
+    wp = fmt.weights_path
+    if fmt.kind in ("unknown", "eval_only") or wp is None:
+        return None
+    if wp.is_file():
+        return [wp]
+    try:
+        files = safetensors_files(wp)
+    except LoadError:
+        return None
+    if files:
+        return files
+    index = wp / "pytorch_model.bin.index.json"
+    try:
+        return sorted({wp / f for f in json.loads(index.read_text())["weight_map"].values()})
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
+
+
 def count_nonzero_safetensors(files: list[Path], tensors: dict[str, TensorInfo],
                               chunk_bytes: int = 32 << 20) -> None:
     """Fill ``nonzero`` by reading each tensor's bytes in chunks into one reused buffer.
@@ -457,6 +484,90 @@ def count_nonzero_safetensors(files: list[Path], tensors: dict[str, TensorInfo],
 
 def _dtype_name(dt: torch.dtype) -> str:
     return str(dt).replace("torch.", "")
+
+
+# --------------------------------------------------------------------------- content samples (layer alignment)
+
+SAMPLES_PER_TENSOR = 16
+
+
+def sample_positions(numel: int, k: int = SAMPLES_PER_TENSOR) -> list[int]:
+    """``k`` flat indices spread over a tensor (the same for every tensor of that size), all of them when smaller."""
+    if numel <= k:
+        return list(range(numel))
+    return [(2 * j + 1) * numel // (2 * k) for j in range(k)]
+
+
+class TensorSamples:
+    """A few values of each layer tensor, as float32 (``get(name)``; None when unknown): enough to tell which base
+    layer a renumbered layer is a copy of (``analysis.compare.align_layers``), at the cost of a few reads."""
+
+    def get(self, name: str) -> Optional[torch.Tensor]:
+        raise NotImplementedError
+
+
+class StateDictSamples(TensorSamples):
+    """Samples taken when the tensors were in memory (a state dict, a module): kept, the tensors are not."""
+
+    def __init__(self, sd: Mapping[str, torch.Tensor], names: Any):
+        self._values: dict[str, torch.Tensor] = {}
+        for name in names:
+            t = sd.get(name)
+            if not isinstance(t, torch.Tensor) or t.device.type == "meta" or not _LAYER_RE.match(name):
+                continue
+            flat = t.detach().reshape(-1)
+            self._values[name] = flat[sample_positions(flat.numel())].to("cpu", torch.float32).clone()
+
+    def get(self, name: str) -> Optional[torch.Tensor]:
+        return self._values.get(name)
+
+
+class SafetensorsSamples(TensorSamples):
+    """Samples read on demand from safetensors files: one small read per value, nothing mapped or kept open."""
+
+    def __init__(self, files: list[Path]):
+        self._files = list(files)
+        self._where: Optional[dict[str, tuple[Path, int, str, int]]] = None
+
+    def _index(self) -> dict[str, tuple[Path, int, str, int]]:
+        if self._where is None:
+            where = {}
+            for f in self._files:
+                n, header = _read_header(f)
+                for tname, meta in header.items():
+                    if tname != "__metadata__" and meta["dtype"] in ST_DTYPES:
+                        numel = 1
+                        for d in meta["shape"]:
+                            numel *= int(d)
+                        where[tname] = (f, 8 + n + int(meta["data_offsets"][0]), meta["dtype"], numel)
+            self._where = where
+        return self._where
+
+    def get(self, name: str) -> Optional[torch.Tensor]:
+        entry = self._index().get(name)
+        if entry is None:
+            return None
+        f, start, code, numel = entry
+        dtype = getattr(torch, ST_DTYPES[code][0])
+        esize = ST_DTYPES[code][1]
+        raw = bytearray()
+        try:
+            with open(f, "rb") as fh:
+                for pos in sample_positions(numel):
+                    fh.seek(start + pos * esize)
+                    chunk = fh.read(esize)
+                    if len(chunk) != esize:
+                        return None
+                    raw += chunk
+        except OSError:
+            return None
+        if not raw:
+            return torch.empty(0)
+        return torch.frombuffer(raw, dtype=dtype).to(torch.float32)
+
+
+def _samples_of_state_dict(sd: Mapping[str, torch.Tensor], tensors: Mapping[str, TensorInfo]) -> TensorSamples:
+    return StateDictSamples(sd, tensors)
 
 
 def tensors_from_state_dict(sd: Mapping[str, torch.Tensor], count_nonzero: bool = False,
@@ -495,16 +606,23 @@ def tensors_from_state_dict(sd: Mapping[str, torch.Tensor], count_nonzero: bool 
 
 
 def _module_class_names(model: torch.nn.Module) -> dict[str, str]:
+    return _class_names_of_paths({mname: type(mod).__name__ for mname, mod in model.named_modules()})
+
+
+def _class_names_of_paths(classes: Mapping[str, str]) -> dict[str, str]:
+    """{"attention": ..., "mlp": ...}: the class of the first layer's attention / MLP module (``module path ->
+    class name``; a qualified name, as a legacy pickle names it, gives its last part)."""
     names: dict[str, str] = {}
-    for mname, mod in model.named_modules():
+    for mname, cls in classes.items():
         m = _LAYER_RE.match(mname + ".x")
         if not m:
             continue
         rest = m.group("rest")[:-2]
+        cls = cls.rpartition(".")[2]
         if rest in ("self_attn", "attn", "attention") and "attention" not in names:
-            names["attention"] = type(mod).__name__
+            names["attention"] = cls
         elif rest in ("mlp", "feed_forward") and "mlp" not in names:
-            names["mlp"] = type(mod).__name__
+            names["mlp"] = cls
     return names
 
 
@@ -528,8 +646,10 @@ def structure_of(source: Any, *, config: Optional[dict] = None, name: str, count
         tensors, tied = tensors_from_state_dict(source.state_dict(keep_vars=True), count_nonzero)
         tensors = {k: v for k, v in tensors.items() if not k.endswith(("inv_freq", "rotary_emb.inv_freq"))}
         tied = tied or _is_tied_module(source)
-        return build_structure(tensors, cfg, name=name, source=f"<{type(source).__name__}>", fmt="module",
-                               tied=tied or None, class_names=_module_class_names(source))
+        s = build_structure(tensors, cfg, name=name, source=f"<{type(source).__name__}>", fmt="module",
+                            tied=tied or None, class_names=_module_class_names(source))
+        s.samples = StateDictSamples(source.state_dict(keep_vars=True), tensors)
+        return s
     if isinstance(source, (str, Path)):
         return _structure_of_path(Path(source), config=config, name=name, count_nonzero=count_nonzero,
                                   allow_pickle=allow_pickle, fallback_config=fallback_config)
@@ -537,8 +657,10 @@ def structure_of(source: Any, *, config: Optional[dict] = None, name: str, count
         values = list(source.values())
         if values and all(isinstance(v, torch.Tensor) for v in values):
             tensors, tied = tensors_from_state_dict(source, count_nonzero, equal_copies_tied=True)
-            return build_structure(tensors, config or fallback_config, name=name, source="<state dict>",
-                                   fmt="state_dict", tied=tied or None)
+            s = build_structure(tensors, config or fallback_config, name=name, source="<state dict>",
+                                fmt="state_dict", tied=tied or None)
+            s.samples = StateDictSamples(source, tensors)
+            return s
         tensors = {}
         for k, v in source.items():
             if isinstance(v, TensorInfo):
@@ -594,16 +716,29 @@ def _structure_of_path(path: Path, *, config: Optional[dict], name: str, count_n
         if count_nonzero:
             count_nonzero_safetensors(st_files, tensors)
         s = build_structure(tensors, cfg or fallback_config, name=name, source=str(path), fmt=fmt.kind, meta=meta)
+        s.samples = SafetensorsSamples(st_files)
     else:
-        lm = load_legacy(path if path.is_file() else wp, allow_pickle=allow_pickle, fmt=fmt)
+        # bundles and whole-model pickles: read without running their code (core.models.legacy.read_restricted)
+        lm = read_for_analysis(path if path.is_file() else wp, allow_pickle=allow_pickle, fmt=fmt)
         try:
             if lm.model is not None:
                 s = structure_of(lm.model, config=cfg if cfg is not None else lm.config, name=name,
                                  count_nonzero=count_nonzero, fallback_config=fallback_config)
             else:
-                tensors, tied = tensors_from_state_dict(lm.state_dict or {}, count_nonzero, equal_copies_tied=True)
-                s = build_structure(tensors, cfg or lm.config or fallback_config, name=name, source=str(path),
-                                    fmt=fmt.kind, tied=tied or None, meta=meta)
+                sd = lm.state_dict or {}
+                config = cfg or lm.config or fallback_config
+                if config and is_llamba_config(config):  # Cartesia's backbone.* names (a Llamba or a GA hybrid)
+                    sd = {llamba_key_to_hybrid(k): v for k, v in sd.items()}
+                tensors, tied = tensors_from_state_dict(sd, count_nonzero, equal_copies_tied=True)
+                tensors = {k: v for k, v in tensors.items() if not k.endswith("inv_freq")}
+                s = build_structure(tensors, config, name=name, source=str(path), fmt=fmt.kind, tied=tied or None,
+                                    meta={**lm.meta, **meta}, class_names=_class_names_of_paths(lm.module_classes))
+                s.samples = _samples_of_state_dict(sd, tensors)
+            if lm.stubbed:  # the model's own classes first, torch's and the kernels' last
+                named = sorted(lm.stubbed, key=lambda c: (c.startswith(("torch.", "kernels.")), c.rpartition(".")[2]))
+                s.notes.append(f"read without unpickling any code: the {len(named)} classes it names were not "
+                               f"imported ({', '.join(c.rpartition('.')[2] for c in named[:12])}"
+                               f"{', ...' if len(named) > 12 else ''})")
         finally:
             del lm
         s.source, s.format = str(path), fmt.kind

@@ -83,16 +83,39 @@ def model_names() -> list[str]:
     return sorted(p.stem for p in (CONF_DIR / "model").glob("*.yaml"))
 
 
+def _is_option(name_or_path: str) -> bool:
+    return "/" not in name_or_path and (CONF_DIR / "model" / f"{name_or_path}.yaml").is_file()
+
+
 def resolve_model(name_or_path: str) -> ModelRef:
     """``base=smollm2`` (an option of conf/model/) or ``base=/path/to/model`` -> a ModelRef."""
-    option = CONF_DIR / "model" / f"{name_or_path}.yaml"
-    if "/" not in name_or_path and option.is_file():
+    if _is_option(name_or_path):
+        option = CONF_DIR / "model" / f"{name_or_path}.yaml"
         merged = OmegaConf.merge(OmegaConf.structured(ModelRef), OmegaConf.load(option))
         return _placed(OmegaConf.to_object(merged))  # type: ignore[arg-type]
     path = Path(name_or_path).expanduser()
     if not path.exists():
         raise LoadError(f"'{name_or_path}' is neither a model name ({', '.join(model_names())}) nor an existing path")
     return ModelRef.at(path)
+
+
+def replacement_models(spec: Any) -> tuple[ModelRef, ModelRef]:
+    """(base, donor) of ``task=replace`` / ``task=search`` as they are loaded. The base: a conf/model/ option with its
+    own dtype and device, a path in its checkpoint's own dtype on CUDA when present; ``replacement.dtype`` /
+    ``.device`` override either (replacement/spec.py). The donor (loaded whole only for search.fitness=kl's targets;
+    otherwise its layers are read one at a time): an option keeps its own, a path takes the base's placement."""
+    base = resolve_model(spec.base)
+    if not _is_option(spec.base):
+        base = dataclasses.replace(base, dtype="auto", device="auto")
+    if spec.dtype is not None:
+        base = dataclasses.replace(base, dtype=spec.dtype)
+    if spec.device is not None:
+        base = dataclasses.replace(base, device=spec.device)
+    base = _placed(base)
+    donor = resolve_model(spec.donor)
+    if not _is_option(spec.donor):
+        donor = dataclasses.replace(donor, dtype=base.dtype, device=base.device)
+    return base, donor
 
 
 def donor_dir(ref: ModelRef, cache_dir: str) -> Path:

@@ -29,7 +29,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
 from core.run import plan as P
 from core.run.errors import ConfigError, LoadError, UserError
-from recipes._common import build, cuda_count, plain, resolve_device, resolve_model
+from recipes._common import build, cuda_count, plain, replacement_models, resolve_device, resolve_model
 
 log = logging.getLogger(__name__)
 
@@ -254,8 +254,8 @@ def device_errors(cfg: DictConfig, count: int) -> list[str]:
     if str(cfg.task) == "prune":
         errors += P.device_errors(OmegaConf.select(cfg, "pruner.device"), count, "pruner.device")
     if str(cfg.task) in ("replace", "search"):
-        errors += P.device_errors(OmegaConf.select(cfg, "replacement.donor_device"), count,
-                                  "replacement.donor_device")
+        for key in ("replacement.device", "replacement.donor_device"):
+            errors += P.device_errors(OmegaConf.select(cfg, key), count, key)
     return errors
 
 
@@ -612,7 +612,7 @@ def plan_export(cfg: DictConfig) -> Plan:
 
 
 def _donor(cfg: DictConfig, spec: Any) -> tuple[Any, Any, Optional[dict]]:
-    base_ref, donor_ref = resolve_model(spec.base), resolve_model(spec.donor)
+    base_ref, donor_ref = replacement_models(spec)
     donor_cfg, _ = model_config(donor_ref, cfg.paths.cache_dir)
     return base_ref, donor_ref, donor_cfg
 

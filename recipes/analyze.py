@@ -2,6 +2,8 @@
 
     python run.py task=analyze model=<path> base=smollm2
     (+ allow_pickle=true for legacy torch pickles you trust; count_nonzero=false for shapes only)
+
+The report (``structure_summary.txt``: totals, per-layer summary, per-module dimensions, sizes) is also printed.
 """
 
 from __future__ import annotations
@@ -63,6 +65,9 @@ def run(cfg: DictConfig, ctx: Any) -> dict:
     summary = write_analysis(ctx.run_dir / "analysis", s, base, expected_ranges=_ranges_from_info(s.meta),
                              target_sparsity=float(target) if target is not None else None,
                              model_dir=model_dir, base_model_dir=base_dir, ctx=ctx)
+    # the console gets the report, as the seed's analyze_pruning.py printed it: totals, the per-layer summary
+    # (original / compressed parameters, retention, sparsity), the per-module dimensions and the sizes
+    log.info("analysis of %s:\n%s", s.name, (Path(summary["dir"]) / "structure_summary.txt").read_text())
     log.info("analysis of %s written to %s", s.name, summary["dir"])
     if summary.get("comparison_error"):
         log.error("not compared with base=%s: %s", cfg.base, summary["comparison_error"])

@@ -3,7 +3,12 @@
     python run.py task=batch_analyze models_dir=<dir> base=smollm2
     (+ allow_pickle=true for legacy torch pickles you trust; count_nonzero=false for shapes only)
 
-Every model is tried and recorded; the run fails (exit 1, one line naming them) when any model failed.
+Each model's analysis goes into this run's dir (``analysis/<name>/``); the models' folders are only read.
+``next_to_inputs=true`` writes it to ``<model>/analysis/`` instead where that folder does not exist yet (recorded
+per model in ``batch_analysis_results.json`` and logged).
+
+Every model is tried and recorded; the run fails (exit 1, one line naming them) when any model failed, or when
+no model in the folder could be analysed (every entry skipped, or the folder empty).
 """
 
 from __future__ import annotations
@@ -39,9 +44,17 @@ def run(cfg: DictConfig, ctx: Any) -> dict:
                                         count_nonzero=count_nonzero, allow_pickle=bool(cfg.allow_pickle))
                       if cfg.base else (None, None))
     result = batch_analyze(cfg.models_dir, base, ctx.run_dir, allow_pickle=bool(cfg.allow_pickle),
-                           count_nonzero=count_nonzero, base_model_dir=base_dir, ctx=ctx)
+                           count_nonzero=count_nonzero, base_model_dir=base_dir, ctx=ctx,
+                           next_to_inputs=bool(cfg.next_to_inputs))
     log.info("batch analysis of %s: %s", cfg.models_dir, result["counts"])
     failed = [r["name"] for r in result["models"] if r.get("status") == "failed"]
+    if not any(str(r.get("status", "")).startswith("ok") for r in result["models"]):
+        skipped = [f"{r['name']} ({r.get('reason') or r.get('status')})" for r in result["models"]
+                   if r.get("status") != "failed"]
+        raise DataError(f"batch_analyze: no model in {cfg.models_dir} could be analysed ({len(result['models'])} "
+                        f"entries: {len(failed)} failed, {len(result['models']) - len(failed)} skipped"
+                        f"{': ' + '; '.join(skipped[:3]) if skipped else ''}); see "
+                        f"{Path(ctx.run_dir) / 'batch_analysis_results.json'}")
     if failed:
         raise DataError(f"batch_analyze: {len(failed)} of {len(result['models'])} models failed "
                         f"({', '.join(failed[:5])}{', ...' if len(failed) > 5 else ''}); the others are analysed, "

@@ -11,6 +11,7 @@ has the seed's fields (replaced_layers, score with its metric, description, crea
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from pathlib import Path
@@ -23,8 +24,9 @@ from core.models.ref import model_config
 from core.run.errors import UserError
 from core.run.io import atomic_write_text
 from core.run.wandb_view import WandbView
-from recipes._common import (build, donor_dir, headline_metrics, plain, resolve_model, tokenizer_or_donors,
-                             write_card)
+from replacement.spec import hybrid_readme
+from recipes._common import (build, donor_dir, headline_metrics, plain, replacement_models,
+                             tokenizer_or_donors, write_card)
 from recipes._plan import plan_replace
 
 log = logging.getLogger(__name__)
@@ -33,24 +35,7 @@ METRICS = {"ppl": "minimize", "avg_acc": "maximize", "mmlu": "maximize"}
 WANDB_VIEW = WandbView(method="replace")  # W&B method of every hybrid; layer_range: the replaced layers
 plan = plan_replace  # dry_run=true prints it; a run checks it before loading (recipes/_plan.py)
 
-README = """Hybrid model made by prunelab (task=replace)
 
-base:  {base}
-donor: {donor}
-replaced layers (taken from the donor): {layers}
-{description}
-Load it anywhere (torch + transformers only, no prunelab):
-
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    model = AutoModelForCausalLM.from_pretrained("{path}", trust_remote_code=True)
-    tok = AutoTokenizer.from_pretrained("{path}", trust_remote_code=True)
-
-Test it (generation check + a limited MMLU) with prunelab:
-
-    python run.py task=evaluate model={path} eval=mmlu eval.limit=50 eval.generation.enabled=true
-
-checkpoint_info.json holds the layers, the scores measured by the run, the base, the donor and the full config.
-"""
 
 
 def validate(cfg: DictConfig) -> list[str]:
@@ -69,7 +54,7 @@ def run(cfg: DictConfig, ctx: Any) -> dict:
     from replacement.hybrid import DonorLayers, assemble, check_compatible, check_layers
 
     spec = build(cfg.replacement, "replacement")
-    base_ref, donor_ref = resolve_model(spec.base), resolve_model(spec.donor)
+    base_ref, donor_ref = replacement_models(spec)
     cache_dir, run_dir = cfg.paths.cache_dir, Path(cfg.paths.output_dir)
 
     # 1. Without weights: both configs, the layer list, the donor's files.
@@ -85,8 +70,8 @@ def run(cfg: DictConfig, ctx: Any) -> dict:
     tok = tokenizer_or_donors(tok, donor.path)
     if len(model.model.layers) != donor.depth:
         check_compatible({"num_hidden_layers": len(model.model.layers)}, donor.config, spec.base, spec.donor)
-    if base_ref.dtype != "auto":
-        donor.dtype = torch_dtype(base_ref.dtype)
+    donor.dtype = next(model.parameters()).dtype  # the donor's layers join the base in the base's dtype
+    base_ref = dataclasses.replace(base_ref, dtype=str(donor.dtype).removeprefix("torch."))  # as used, for the record
     assemble(model, donor, layers)
     t_build = time.perf_counter() - t0
     log.info("hybrid: %s with layers %s from %s (%.1f s)", spec.base, layers, spec.donor, t_build)
@@ -116,9 +101,8 @@ def run(cfg: DictConfig, ctx: Any) -> dict:
             info["mmlu_score"] = spec.score  # the seed's field name
         out = save_checkpoint(model, tok, run_dir / "model", info,
                               save_dtype=torch_dtype(cfg.save_dtype) if cfg.save_dtype else None)
-        atomic_write_text(out / "README.txt", README.format(
-            base=spec.base, donor=spec.donor, layers=layers, path=out.resolve(),
-            description=f"description: {spec.description}\n" if spec.description else ""))
+        atomic_write_text(out / "README.txt",
+                          hybrid_readme(spec.base, spec.donor, layers, out.resolve(), spec.description))
         write_card(out, ctx, settings=("replacement",))  # README.md: the model card (README.txt: the seed's note)
         ctx.log("checkpoint", {"path": str(out), "bytes": sum(f.stat().st_size for f in out.iterdir())})
         log.info("checkpoint: %s", out)

@@ -13,6 +13,7 @@ Outputs: ``search/results.json``, ``search/convergence_k<k>.png``, ``search/best
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -27,11 +28,13 @@ from analysis.lm_eval_tasks import run_lm_eval
 from core.data.text import calibration_and_eval_sources, calibration_batch, eval_tokens, mix_record
 from core.models.ref import model_config
 from core.run.errors import ConfigError, UserError
-from core.run.io import atomic_write_json
+from core.run.io import atomic_write_json, atomic_write_text
 from core.run.record import run_status
 from core.run.wandb_view import WandbView
 from core.search import Subsets, search
-from recipes._common import build, donor_dir, plain, resolve_model, tokenizer_or_donors, text_spec, write_card
+from replacement.spec import hybrid_readme
+from recipes._common import (build, donor_dir, plain, replacement_models, text_spec, tokenizer_or_donors,
+                             write_card)
 from recipes._plan import plan_search
 
 log = logging.getLogger(__name__)
@@ -73,17 +76,34 @@ def _resume_dir(resume: str, outputs_root: str, here: Path) -> Path:
     return max(found)[1]
 
 
+def _check_states(source: Path, expected: dict) -> None:
+    """The states of ``source`` against the settings known before any weight loads (the search checks every key
+    again when it reads a state): another configuration is one ConfigError line, and nothing is copied."""
+    for f in sorted((source / "search" / "state").glob("*.json")):
+        try:
+            saved = json.loads(f.read_text())["fingerprint"]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise ConfigError(f"search.resume: {f} is not a readable search state ({type(e).__name__}: {e})") from None
+        now = json.loads(json.dumps(expected, default=str))
+        differ = [k for k in now if isinstance(saved, dict) and saved.get(k, "<absent>") != now[k]]
+        if differ:
+            raise ConfigError(f"search.resume: {f} is the state of another search configuration ("
+                              + "; ".join(f"{k}: {saved.get(k, '<absent>')!r} in the state, {now[k]!r} now"
+                                          for k in differ[:4])
+                              + "): resume with the same settings, or start afresh without search.resume")
+
+
 def run(cfg: DictConfig, ctx: Any) -> dict:
     # local: torch + transformers; validation imports this module (analysis.plots: matplotlib)
     from analysis.perplexity import perplexity
     from analysis.plots import convergence
     from core.models.checkpoint import save_checkpoint
-    from core.models.load import load_model, torch_dtype
+    from core.models.load import load_model
     from replacement.fitness import HybridFitness, donor_logprobs
     from replacement.hybrid import DonorLayers, adopt_attention, check_compatible, swapped
 
     rspec, sspec = build(cfg.replacement, "replacement"), build(cfg.search, "search")
-    base_ref, donor_ref = resolve_model(rspec.base), resolve_model(rspec.donor)
+    base_ref, donor_ref = replacement_models(rspec)
     cache_dir, run_dir = cfg.paths.cache_dir, Path(cfg.paths.output_dir)
     out_dir = run_dir / "search"
 
@@ -95,8 +115,11 @@ def run(cfg: DictConfig, ctx: Any) -> dict:
     if too_big:
         raise ConfigError(f"search.k={list(sspec.k)}: {too_big} larger than the model's {n} layers")
     (out_dir / "state").mkdir(parents=True, exist_ok=True)
+    fingerprint = {"base": rspec.base, "donor": rspec.donor, "fitness": sspec.fitness, "tokens": sspec.tokens,
+                   "task": sspec.task, "limit": sspec.limit, "data": plain(cfg.data)}
     if sspec.resume:
         source = _resume_dir(sspec.resume, cfg.paths.outputs_root, run_dir)
+        _check_states(source, {**fingerprint, "seed": sspec.seed, "budget": sspec.budget})  # before any weight
         for f in sorted((source / "search" / "state").glob("*.json")):
             shutil.copy2(f, out_dir / "state" / f.name)  # the earlier run is never modified
         log.info("resuming the search of %s", source)
@@ -106,8 +129,8 @@ def run(cfg: DictConfig, ctx: Any) -> dict:
     model, tok = load_model(base_ref, cache_dir=cache_dir, allow_pickle=cfg.allow_pickle)
     tok = tokenizer_or_donors(tok, donor.path)
     adopt_attention(model, donor)  # a Llamba base takes the donor Llama's heads and RoPE
-    if base_ref.dtype != "auto":
-        donor.dtype = torch_dtype(base_ref.dtype)
+    donor.dtype = next(model.parameters()).dtype  # the donor's layers join the base in the base's dtype
+    base_ref = dataclasses.replace(base_ref, dtype=str(donor.dtype).removeprefix("torch."))  # as used, for the record
     calib_src, _ = calibration_and_eval_sources(text_spec(cfg.data), text_spec(cfg.eval.ppl), cache_dir,
                                                 evaluation=False)
     rows = math.ceil(sspec.tokens / cfg.data.seq_len)
@@ -132,8 +155,6 @@ def run(cfg: DictConfig, ctx: Any) -> dict:
     log.info("fitness (%s) of the base %.4f, of the donor %.4f", sspec.fitness, reference["base"], reference["donor"])
 
     # 3. The search, per k and strategy (each resumable from its own state file).
-    fingerprint = {"base": rspec.base, "donor": rspec.donor, "fitness": sspec.fitness, "tokens": sspec.tokens,
-                   "task": sspec.task, "limit": sspec.limit, "data": plain(cfg.data)}
     results: dict[str, Any] = {"fitness": sspec.fitness, "direction": "minimize", "reference": reference,
                                "setup_s": t_setup, "layers": n, "k": {}}
     best_overall: dict[int, tuple[float, tuple[int, ...]]] = {}
@@ -159,7 +180,10 @@ def run(cfg: DictConfig, ctx: Any) -> dict:
         plot = convergence(curves, out_dir / f"convergence_k{k}.png", title=f"k = {k} of {n} layers ({sspec.fitness})",
                            xlabel="fitness evaluations (full-fidelity equivalents)")
         ctx.log_image(f"search/convergence_k{k}", plot)
-    results["best"] = {str(k): {"layers": list(c), "fitness": f} for k, (f, c) in best_overall.items()}
+    results["best"] = {str(k): {"layers": list(c), "fitness": f, **_score(sspec, f)}
+                       for k, (f, c) in best_overall.items()}
+    if sspec.fitness == "lm_eval":  # the reference's accuracies as the user reads them, beside the minimised fitness
+        results["reference_accuracy"] = {name: 1.0 - v for name, v in reference.items()}
 
     # 4. Held-out perplexity of the base, each k's best hybrid and the donor: how much damage each k recovers.
     if cfg.eval.ppl.enabled:
@@ -187,15 +211,31 @@ def run(cfg: DictConfig, ctx: Any) -> dict:
             sources = ["donor" if i in layers else "base" for i in range(n)]
             with swapped(model, {i: donor[i] for i in layers}):
                 model.config.layer_sources = sources
-                out = save_checkpoint(model, tok, out_dir / f"best_k{k}", {
-                    "method": "replace", "replaced_layers": list(layers), "score": {"metric": sspec.fitness, "value": f},
-                    "description": f"best {k}-layer set of task=search ({', '.join(sspec.strategies)})",
-                    "base": rspec.base, "donor": rspec.donor, "base_model": base_ref.to_dict(),
-                    "donor_model": donor_ref.to_dict(), "config": plain(cfg)})
+                description = f"best {k}-layer set of task=search ({', '.join(sspec.strategies)})"
+                scored = _score(sspec, f)
+                info = {"method": "replace", "replaced_layers": list(layers),
+                        "score": {"metric": scored.get("task", sspec.fitness), "value": scored.get("accuracy", f),
+                                  "source": "this run"},
+                        "fitness": {"metric": sspec.fitness, "value": f, "direction": "minimize"},
+                        "description": description, "base": rspec.base, "donor": rspec.donor,
+                        "base_model": base_ref.to_dict(), "donor_model": donor_ref.to_dict(), "config": plain(cfg)}
+                if scored.get("task", "").startswith("mmlu"):
+                    info["mmlu_score"] = scored["accuracy"]  # the seed's field name
+                out = save_checkpoint(model, tok, out_dir / f"best_k{k}", info)
             model.config.layer_sources = None
+            atomic_write_text(out / "README.txt", hybrid_readme(rspec.base, rspec.donor, list(layers), out.resolve(),
+                                                                description, task="task=search"))
             write_card(out, ctx, settings=("replacement", "search"), label=f"k{k}")
             log.info("k=%d best hybrid saved: %s", k, out)
     return {"fitness": best_overall[max(best_overall)][0]}
+
+
+def _score(sspec: Any, fitness: float) -> dict:
+    """A fitness as the user reads it: under ``fitness=lm_eval`` the accuracy on the task (fitness = 1 - accuracy)
+    and the task's name (``mmlu`` for ``mmlu:5``); nothing for kl / ppl, whose fitness is the score itself."""
+    if sspec.fitness != "lm_eval":
+        return {}
+    return {"accuracy": 1.0 - fitness, "task": str(sspec.task).partition(":")[0]}
 
 
 def _lm_eval_fitness(model: Any, tok: Any, donor: Any, sspec: Any):

@@ -1,6 +1,10 @@
 """task=table: every run record under ``runs`` (default ``paths.outputs_root``) in one table (CSV, Markdown, LaTeX).
 
     python run.py task=table runs='[outputs/multirun/2026-11-22/11-00-00]'
+    python run.py task=table            # every run under the outputs (the seed's check_model_size.py, no arguments)
+
+Each model row carries its size on disk (``model_bytes``, ``model_GiB``: the run's saved ``model/``, or the model an
+evaluate run read, counted as ``task=analyze`` counts it).
 
 Completed runs give the results; every other run (failed, killed, interrupted, dead, still running) is listed
 apart, with its status and error and no numbers. The unfinished checkpoint dirs (``.model.partial-*``) of runs

@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
+from core.models.ref import DTYPE_NAMES
 from core.run.errors import ConfigError
 
 STRATEGIES = ("evolve", "ga", "score_topk", "random", "exhaustive")
@@ -20,6 +21,34 @@ FITNESS = {"kl": "KL(donor || hybrid) per token, lower is better",
            "lm_eval": "1 - accuracy on an lm-eval task (search.task, search.limit), lower is better"}
 
 
+_README = """Hybrid model made by prunelab ({task})
+
+base:  {base}
+donor: {donor}
+replaced layers (taken from the donor): {layers}
+{description}
+Load it anywhere (torch + transformers only, no prunelab):
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    model = AutoModelForCausalLM.from_pretrained("{path}", trust_remote_code=True)
+    tok = AutoTokenizer.from_pretrained("{path}", trust_remote_code=True)
+
+Test it (generation check + a limited MMLU) with prunelab:
+
+    python run.py task=evaluate model={path} eval=mmlu eval.limit=50 eval.generation.enabled=true
+
+checkpoint_info.json holds the layers, the scores measured by the run, the base, the donor and the full config.
+"""
+
+
+def hybrid_readme(base: str, donor: str, layers: list[int], path: Any, description: str = "",
+                  task: str = "task=replace") -> str:
+    """The seed's ``README.txt`` beside a hybrid (task=replace, and task=search's best hybrids): what it is made of,
+    how to load it without prunelab, how to test it."""
+    return _README.format(task=task, base=base, donor=donor, layers=list(layers), path=path,
+                          description=f"description: {description}\n" if description else "")
+
+
 @dataclass(frozen=True)
 class ReplacementSpec:
     """The base model with the donor's decoder layers at ``layers``."""
@@ -29,6 +58,11 @@ class ReplacementSpec:
     layers: list[int] = field(default_factory=list)  # decoder indices taken from the donor
     description: str = ""
     donor_device: Optional[str] = None  # where donor layers wait while not swapped in (null: the model's device)
+    # Where the base (and so the hybrid) lives. null: a base named by a conf/model/ option keeps that option's
+    # dtype/device; a base given as a path loads in its checkpoint's own dtype (config.json's torch_dtype) on CUDA
+    # when present (auto). A value here overrides both.
+    dtype: Optional[str] = None  # float32 | float16 | bfloat16 | auto
+    device: Optional[str] = None  # cpu | cuda | cuda:N | auto
     score: Optional[float] = None  # a score measured elsewhere (e.g. by a search), recorded as given
     score_metric: Optional[str] = None  # its name, e.g. "mmlu"
 
@@ -41,6 +75,8 @@ class ReplacementSpec:
         dup = sorted({i for i in self.layers if self.layers.count(i) > 1})
         if dup:
             raise ConfigError(f"replacement.layers: layer(s) {dup} given more than once")
+        if self.dtype is not None and self.dtype not in DTYPE_NAMES:
+            raise ConfigError(f"replacement.dtype={self.dtype}: one of {', '.join(DTYPE_NAMES)} (null: the base's own)")
         if self.score is not None and not self.score_metric:
             raise ConfigError("replacement.score needs replacement.score_metric (the metric's name, e.g. mmlu)")
 

@@ -18,13 +18,17 @@ a whole model needs a full unpickle, which can execute arbitrary code, hence ``a
 
 from __future__ import annotations
 
+import codecs
 import io
 import json
 import logging
+import pickle
 import pickletools
 import re
+import types
 import warnings
 import zipfile
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -69,6 +73,8 @@ class LegacyModel:
     tokenizer: Any = None
     config: Optional[dict] = None
     meta: dict = field(default_factory=dict)  # other keys of a bundle (method, pruning_ratio, ...)
+    module_classes: dict = field(default_factory=dict)  # read_restricted: module path -> the class the pickle names
+    stubbed: list = field(default_factory=list)  # read_restricted: the classes it stood in for, never imported
 
 
 # --------------------------------------------------------------------------- pickle inspection
@@ -258,11 +264,30 @@ def detect_format(path: str | Path, _depth: int = 0) -> FormatInfo:
                 if info.kind in ("pickle_bundle", "unknown"):  # an old bundle next to a config.json, or corrupt
                     return info
             return FormatInfo("hf", weights, f"HF dir ({cfg.get('model_type', '?')})", cfg_path, path)
-    # no config.json: legacy pickles, by name first, then any .pt/.bin
+    # no HF weights: legacy pickles. SliceGPT's own .pt + .json first (its folder may also hold the dill bundle
+    # convert_slicegpt_model.py wrote, which needs SliceGPT's classes), then, beside a config.json, a state dict
+    # (the GA's model_state_dict.pt beside its model.pt: safe to read), then pickles by name, then any .pt/.bin
+    pickles = sorted(p for p in files if p.suffix in (".pt", ".pth", ".bin"))
+    for p in pickles:
+        if p.suffix == ".pt" and p.with_suffix(".json").is_file():
+            info = _detect_file(p)
+            if info.kind == "slicegpt":
+                bundles = sorted(names & set(BUNDLE_NAMES))
+                if bundles:
+                    info.reason += f"; preferred over {', '.join(bundles)} (a pickle of the same model)"
+                return info
+    if cfg_path.is_file():
+        by_name = sorted(pickles, key=lambda p: (p.name != "model_state_dict.pt", p.name))
+        for p in by_name:
+            info = _detect_file(p)
+            if info.kind == "state_dict_pt":
+                others = sorted(q.name for q in pickles if q != p)
+                if others:
+                    info.reason += f"; beside config.json, preferred over {', '.join(others)}"
+                return info
     for name in BUNDLE_NAMES + ("model.pt",):
         if name in names:
             return _detect_file(path / name)
-    pickles = sorted(p for p in files if p.suffix in (".pt", ".pth", ".bin"))
     for p in pickles:
         info = _detect_file(p)
         if info.kind == "slicegpt":
@@ -317,17 +342,34 @@ class _SafeLoadRefused(Exception):
         return cls("pickle that torch's tensors-only loader refuses")
 
 
+# keys under which a wrapper dict holds the state dict: {'state_dict': sd}, the old scripts' {'model': sd, ...},
+# {'model_state_dict': sd} (training checkpoints)
+STATE_DICT_KEYS = ("state_dict", "model", "model_state_dict")
+
+
 def _as_state_dict(obj: Any) -> Optional[dict[str, torch.Tensor]]:
-    """``obj`` as a state dict (a dict of tensors, or ``{'state_dict': {...}, ...}``), else None."""
-    if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
-        obj = obj["state_dict"]
-    if isinstance(obj, dict) and all(isinstance(v, torch.Tensor) for v in obj.values()):
+    """``obj`` as a state dict (a dict of tensors, or one of them nested one level down under
+    :data:`STATE_DICT_KEYS` beside other entries), else None."""
+    if isinstance(obj, dict):
+        for key in STATE_DICT_KEYS:
+            inner = obj.get(key)
+            if isinstance(inner, dict) and inner and all(isinstance(v, torch.Tensor) for v in inner.values()):
+                return inner
+    if isinstance(obj, dict) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
         return obj
     return None
 
 
-def _safe_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    """A state dict read with torch's weights-only unpickler; ``_SafeLoadRefused`` when it refuses the file."""
+def _wrapper_meta(obj: Any, sd: dict) -> dict:
+    """The plain entries beside a nested state dict ({'model': sd, 'method': ..., 'pruning_ratio': ...})."""
+    if not isinstance(obj, dict) or obj is sd:
+        return {}
+    return {str(k): v for k, v in obj.items() if v is not sd and isinstance(v, (str, int, float, bool, type(None)))}
+
+
+def _safe_state_dict(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
+    """(state dict, the plain entries beside it when nested) read with torch's weights-only unpickler;
+    ``_SafeLoadRefused`` when it refuses the file."""
     try:
         with warnings.catch_warnings():  # "Detected pickle protocol 4 ...": a refusal below says it our way
             warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
@@ -339,8 +381,10 @@ def _safe_state_dict(path: Path) -> dict[str, torch.Tensor]:
         raise LoadError(f"{path} is not a readable torch state dict: {type(e).__name__}: {msg[:200]}") from None
     sd = _as_state_dict(obj)
     if sd is None:
-        raise LoadError(f"{path}: expected a dict of tensors, got {type(obj).__name__}")
-    return sd
+        raise LoadError(f"{path}: expected a dict of tensors (or one under {', '.join(map(repr, STATE_DICT_KEYS))}),"
+                        f" got {type(obj).__name__}" + (f" with keys {sorted(map(str, obj))[:6]}"
+                                                        if isinstance(obj, dict) else ""))
+    return sd, _wrapper_meta(obj, sd)
 
 
 def load_legacy(path: str | Path, allow_pickle: bool = False, fmt: Optional[FormatInfo] = None) -> LegacyModel:
@@ -360,7 +404,8 @@ def load_legacy(path: str | Path, allow_pickle: bool = False, fmt: Optional[Form
         config = _read_json(fmt.config_path)
     if fmt.kind in ("state_dict_pt", "slicegpt") or (fmt.kind == "hf" and wp.suffix == ".bin"):
         try:
-            return LegacyModel(fmt.kind, state_dict=_safe_state_dict(wp), config=config)
+            sd, meta = _safe_state_dict(wp)
+            return LegacyModel(fmt.kind, state_dict=sd, config=config, meta=meta)
         except _SafeLoadRefused as e:
             if not allow_pickle:
                 raise _pickle_refusal(wp, e.what, e.detail) from None
@@ -374,13 +419,46 @@ def load_legacy(path: str | Path, allow_pickle: bool = False, fmt: Optional[Form
     return _full_unpickle(wp, config)
 
 
+def read_for_analysis(path: str | Path, allow_pickle: bool = False, fmt: Optional[FormatInfo] = None) -> LegacyModel:
+    """Tensors and config of a legacy file for analysis (structure, sizes, comparison), running none of its code.
+
+    Bundles, whole-model pickles and state dicts torch's tensors-only loader refuses (pickle protocol 4, a stray
+    non-tensor class) are read by :func:`read_restricted`, with or without ``allow_pickle``: it imports nothing and
+    calls only torch's tensor-rebuild functions, so it needs no opt-in (docs/decisions.md#restricted-reader). Only
+    a file it cannot make sense of is fully unpickled, and only with ``allow_pickle``.
+    """
+    path = Path(path)
+    fmt = fmt or detect_format(path)
+    if fmt.kind not in ("pickle_bundle", "whole_model_pt"):
+        try:
+            return load_legacy(path, allow_pickle=False, fmt=fmt)
+        except PickleNotAllowed as refused:
+            first: LoadError = refused
+    else:
+        first = _pickle_refusal(fmt.weights_path or path, fmt.kind)
+    try:
+        lm = read_restricted(path, fmt)
+    except LoadError as e:
+        if not allow_pickle:
+            raise PickleNotAllowed(f"{e}; {first}") from None
+        log.warning("%s; falling back to a full unpickle (allow_pickle=true)", e)
+        return load_legacy(path, allow_pickle=True, fmt=fmt)
+    if lm.kind == "state_dict_pt" and fmt.kind in ("slicegpt", "hf"):
+        lm.kind = fmt.kind
+    return lm
+
+
 def _full_unpickle(wp: Path, config: Optional[dict], state_dict_kind: str = "state_dict_pt") -> LegacyModel:
     """``torch.load(weights_only=False)``: runs whatever the file holds; call only with ``allow_pickle``."""
     log.warning("unpickling %s (allow_pickle=true): this runs whatever code the file contains", wp)
     try:
         obj = torch.load(wp, map_location="cpu", weights_only=False)
     except Exception as e:  # missing classes (e.g. a SliceGPT module without its package), corrupt file
-        raise LoadError(f"could not unpickle {wp}: {type(e).__name__}: {str(e)[:300]}") from None
+        hint = ""
+        if isinstance(e, (AttributeError, ModuleNotFoundError, ImportError)):
+            hint = (" (the file names a class this environment does not have, e.g. one of an older transformers: "
+                    "task=analyze and task=batch_analyze read it without unpickling any code)")
+        raise LoadError(f"could not unpickle {wp}: {type(e).__name__}: {str(e)[:300]}{hint}") from None
     if isinstance(obj, torch.nn.Module):
         return LegacyModel("whole_model_pt", model=obj, config=_module_config(obj) or config)
     if isinstance(obj, dict) and isinstance(obj.get("model"), torch.nn.Module):
@@ -390,7 +468,7 @@ def _full_unpickle(wp: Path, config: Optional[dict], state_dict_kind: str = "sta
                            config=_module_config(obj["model"]) or config, meta=meta)
     sd = _as_state_dict(obj)
     if sd is not None:
-        return LegacyModel(state_dict_kind, state_dict=sd, config=config)
+        return LegacyModel(state_dict_kind, state_dict=sd, config=config, meta=_wrapper_meta(obj, sd))
     raise LoadError(f"{wp}: unpickled a {type(obj).__name__}, expected an nn.Module, a {{'model', 'tokenizer'}} "
                     "dict or a state dict")
 
@@ -403,3 +481,280 @@ def _module_config(model: torch.nn.Module) -> Optional[dict]:
         return cfg.to_dict()
     except Exception:  # a config object without to_dict
         return None
+
+
+# --------------------------------------------------------------------------- restricted reading (analysis)
+#
+# A bundle pickled under another transformers (LLM-Pruner's llama3.py under 4.4x references LlamaSdpaAttention,
+# GPT2TokenizerFast, ...) cannot be fully unpickled here, and a full unpickle runs whatever the file holds. For
+# analysis only tensors, names and the config matter: ``read_restricted`` unpickles with an unpickler that imports
+# nothing. Its allow-list (:data:`_SAFE_GLOBALS`) is torch's tensor-rebuild functions, a few containers and torch's
+# value types; every other class or function the pickle names becomes a :class:`Stub` subclass of that name, which
+# records what the pickle gives it (constructor arguments, state, items) and runs nothing. The module tree is then
+# walked through the stubs' recorded ``_parameters`` / ``_buffers`` / ``_modules``.
+
+
+class Stub:
+    """An instance of a class the restricted reader did not import. ``_stub_args``: what a call or ``__new__``
+    got; ``_stub_state``: what ``__setstate__`` (pickle's BUILD) got; ``_stub_items`` / ``_stub_list``: what
+    ``SETITEMS`` / ``APPENDS`` added. Nothing of the original class runs."""
+
+    _stub_name = "?"
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> "Stub":
+        obj = object.__new__(cls)
+        d = obj.__dict__
+        d["_stub_args"], d["_stub_kwargs"], d["_stub_state"] = args, kwargs, None
+        d["_stub_items"], d["_stub_list"] = {}, []
+        return obj
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:  # a REDUCE call: the arguments are kept by __new__
+        pass
+
+    def __call__(self, *args: Any, **kwargs: Any) -> "Stub":  # what a stubbed function returned, called again
+        return _stub_class(self._stub_name + "()")(*args, **kwargs)
+
+    def __setstate__(self, state: Any) -> None:
+        self.__dict__["_stub_state"] = state
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        self._stub_items[key] = value
+
+    def append(self, value: Any) -> None:
+        self._stub_list.append(value)
+
+    def extend(self, values: Any) -> None:
+        self._stub_list.extend(values)
+
+    def __repr__(self) -> str:
+        return f"<stub {self._stub_name}>"
+
+    @property
+    def stub_dict(self) -> dict:
+        """The object's attributes as pickled (``__dict__`` state, or the dict half of ``(state, slotstate)``)."""
+        st = self._stub_state
+        if isinstance(st, tuple) and len(st) == 2:
+            st = st[0] if isinstance(st[0], dict) else st[1]
+        return st if isinstance(st, dict) else {}
+
+
+_STUB_CLASSES: dict[str, type] = {}
+
+
+def _stub_class(qualified: str) -> type:
+    cls = _STUB_CLASSES.get(qualified)
+    if cls is None:
+        module, _, name = qualified.rpartition(".")
+        cls = type(name or qualified, (Stub,), {"_stub_name": qualified, "__module__": f"<stub {module}>"})
+        _STUB_CLASSES[qualified] = cls
+    return cls
+
+
+def _reconstructor(cls: Any, base: Any, state: Any = None) -> Any:
+    """``copyreg._reconstructor`` (protocols 0 and 1), for stubs only."""
+    if isinstance(cls, type) and issubclass(cls, Stub):
+        return cls()
+    raise pickle.UnpicklingError(f"restricted reader: copyreg._reconstructor of {cls!r}")
+
+
+def _newobj(cls: Any, *args: Any) -> Any:
+    """``copyreg.__newobj__``, for stubs and the allowed containers only."""
+    if isinstance(cls, type) and (issubclass(cls, Stub) or cls in (OrderedDict, set, frozenset)):
+        return cls.__new__(cls, *args)
+    raise pickle.UnpicklingError(f"restricted reader: copyreg.__newobj__ of {cls!r}")
+
+
+def _rebuild_from_type_v2(func: Any, new_type: Any, args: Any, state: Any) -> Any:
+    """``torch._tensor._rebuild_from_type_v2`` for a plain tensor or Parameter rebuilt by an allowed function
+    (transformers 5 pickles parameters carrying ``_is_hf_initialized`` this way); anything else is refused."""
+    if func not in _REBUILD_FUNCS or new_type not in (torch.Tensor, torch.nn.Parameter):
+        raise pickle.UnpicklingError(f"restricted reader: _rebuild_from_type_v2 with {func!r}, {new_type!r}")
+    return torch._tensor._rebuild_from_type_v2(func, new_type, args, state)
+
+
+def _dill_create_type(typeobj: Any, name: Any, bases: Any = (), namespace: Any = None) -> type:
+    """dill's by-value class (SliceGPT's ``UninitializedLlamaForCausalLM``): a stub class of that name; the class
+    body (``namespace``, functions dill rebuilt as stubs) is never executed."""
+    return _stub_class(f"<dill>.{name}" if isinstance(name, str) else "<dill>.?")
+
+
+_REBUILD_FUNCS = frozenset(getattr(torch._utils, n) for n in (
+    "_rebuild_tensor", "_rebuild_tensor_v2", "_rebuild_tensor_v3", "_rebuild_parameter",
+    "_rebuild_parameter_with_state") if hasattr(torch._utils, n))
+
+
+def _safe_globals() -> dict[str, Any]:
+    out: dict[str, Any] = {f"torch._utils.{f.__name__}": f for f in _REBUILD_FUNCS}
+    out.update({
+        "torch._tensor._rebuild_from_type_v2": _rebuild_from_type_v2,
+        "torch.Tensor": torch.Tensor, "torch.nn.parameter.Parameter": torch.nn.Parameter,
+        "torch.Size": torch.Size, "torch.device": torch.device,
+        "collections.OrderedDict": OrderedDict, "_codecs.encode": codecs.encode,
+        "copyreg._reconstructor": _reconstructor, "copyreg.__newobj__": _newobj,
+        "dill._dill._create_type": _dill_create_type,
+    })
+    for mod in ("builtins", "__builtin__"):
+        out.update({f"{mod}.set": set, f"{mod}.frozenset": frozenset, f"{mod}.bytearray": bytearray,
+                    f"{mod}.complex": complex, f"{mod}.slice": slice})
+    out.update({f"torch.{n}": v for n, v in vars(torch).items() if isinstance(v, torch.dtype)})
+    return out
+
+
+_SAFE_GLOBALS = _safe_globals()
+
+
+class _RestrictedUnpickler(pickle.Unpickler):
+    """Resolves only :data:`_SAFE_GLOBALS`; any other global is a :class:`Stub` class named after it.
+    (torch's loader subclasses this and resolves its storage types first; storages come through its
+    ``persistent_load``, which reads the archive's tensor records.)"""
+
+    def find_class(self, module: str, name: str) -> Any:
+        qualified = f"{module}.{name}"
+        found = _SAFE_GLOBALS.get(qualified)
+        if found is not None:
+            return found
+        _STUBBED.add(qualified)
+        return _stub_class(qualified)
+
+
+_STUBBED: set[str] = set()  # the classes stubbed by the current read_restricted (reset by it; one at a time)
+
+
+def _restricted_load(file: Any, **kwargs: Any) -> Any:
+    return _RestrictedUnpickler(file, **kwargs).load()
+
+
+# what torch.load needs of a pickle module: its Unpickler (subclassed for storages) and load (legacy headers)
+RESTRICTED_PICKLE = types.SimpleNamespace(__name__="prunelab_restricted_pickle", Unpickler=_RestrictedUnpickler,
+                                          load=_restricted_load)
+
+
+def _is_module_stub(obj: Any) -> bool:
+    return isinstance(obj, Stub) and isinstance(obj.stub_dict.get("_modules"), dict)
+
+
+def _walk_modules(root: Stub) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """(state dict, module path -> class name) from a stubbed ``nn.Module`` tree, as ``state_dict()`` names
+    them: parameters, then persistent buffers, of every module (shared tensors under each name, as torch does)."""
+    sd: dict[str, torch.Tensor] = {}
+    classes: dict[str, str] = {}
+    stack: list[tuple[str, Any]] = [("", root)]
+    while stack:
+        prefix, mod = stack.pop()
+        if prefix.count(".") > 64:  # a cycle in a crafted file: torch's own state_dict() would recurse forever
+            raise LoadError("the pickled module tree is more than 64 levels deep (a cycle?)")
+        st = mod.stub_dict
+        classes[prefix.rstrip(".")] = mod._stub_name
+        for key in ("_parameters", "_buffers"):
+            entries = st.get(key)
+            skip = st.get("_non_persistent_buffers_set") if key == "_buffers" else None
+            skip = skip if isinstance(skip, (set, frozenset, list, tuple)) else ()
+            if isinstance(entries, dict):
+                for name, t in entries.items():
+                    if isinstance(t, torch.Tensor) and name not in skip:
+                        sd[prefix + str(name)] = t
+        children = [(prefix + str(n) + ".", c) for n, c in st["_modules"].items() if _is_module_stub(c)]
+        stack.extend(reversed(children))
+    return sd, classes
+
+
+def _plain(value: Any, depth: int = 0) -> Any:
+    """A JSON-able copy of a recovered value: stubs, tensors and other objects become None."""
+    if depth > 20:
+        return None
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, torch.dtype):
+        return str(value).replace("torch.", "")
+    if isinstance(value, dict):
+        return {str(k): _plain(v, depth + 1) for k, v in value.items()}
+    if isinstance(value, (list, tuple, set, frozenset)):
+        return [_plain(v, depth + 1) for v in value]
+    return None
+
+
+def _config_of(root: Stub) -> Optional[dict]:
+    """The pickled model's ``config`` (a stubbed PretrainedConfig: its attributes) as a config.json-like dict;
+    ``model_type`` (a class attribute, not pickled) from the config class's module path."""
+    cfg = root.stub_dict.get("config")
+    if not isinstance(cfg, Stub):
+        return None
+    out = {k: v for k, v in _plain(cfg.stub_dict).items() if not k.startswith("_") or k == "_name_or_path"}
+    if "model_type" not in out:
+        m = re.match(r"transformers\.models\.(\w+)\.configuration_\w+\.", cfg._stub_name)
+        if m:
+            out["model_type"] = m.group(1)
+    if not out.get("architectures"):
+        out["architectures"] = [root._stub_name.rpartition(".")[2]]
+    return out
+
+
+def read_restricted(path: str | Path, fmt: Optional[FormatInfo] = None) -> LegacyModel:
+    """A bundle or whole-model pickle read for analysis without running any of its code (see :class:`Stub`).
+
+    Returns the tensors as ``state_dict`` (the names ``model.state_dict()`` had), the model's config when it
+    was pickled with one, ``module_classes`` (module path -> the class the pickle names) and the bundle's other
+    plain entries as ``meta``. A LoadError when no module tree can be recovered (e.g. a pickle whose classes
+    were made by code that must run).
+    """
+    path = Path(path)
+    fmt = fmt or detect_format(path)
+    wp = fmt.weights_path if fmt.weights_path is not None else path
+    _STUBBED.clear()
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", category=UserWarning)
+            warnings.filterwarnings("ignore", category=FutureWarning)
+            obj = torch.load(wp, map_location="cpu", weights_only=False, pickle_module=RESTRICTED_PICKLE,
+                             mmap=zipfile.is_zipfile(wp))
+    except Exception as e:  # noqa: BLE001 - a pickle the stubs cannot stand in for, a corrupt file
+        raise LoadError(f"{wp}: could not be read without unpickling code ({type(e).__name__}: "
+                        f"{str(e)[:200]})") from None
+    stubbed = sorted(_STUBBED)
+    meta: dict = {}
+    root = obj
+    if isinstance(obj, dict) and "model" in obj:
+        root = obj["model"]
+        meta = {str(k): _plain(v) for k, v in obj.items() if k not in ("model", "tokenizer")
+                and isinstance(v, (str, int, float, bool, dict, list, type(None)))}
+    if isinstance(root, dict):  # a state dict (plain, or nested under 'model' / 'state_dict'): the tensors as they are
+        sd = _as_state_dict(root)
+        if sd is None:
+            raise LoadError(f"{wp}: a dict that holds no state dict (keys {sorted(map(str, root))[:6]})")
+        return LegacyModel("state_dict_pt", state_dict=sd, config=_read_json(fmt.config_path)
+                           if fmt.config_path else None, meta=meta or _wrapper_meta(root, sd), stubbed=stubbed)
+    if not _is_module_stub(root):
+        what = root._stub_name if isinstance(root, Stub) else type(root).__name__
+        raise LoadError(f"{wp}: no nn.Module found in the pickle (got {what}), nothing to analyse")
+    sd, classes = _walk_modules(root)
+    if not sd:
+        raise LoadError(f"{wp}: the pickled module holds no tensors")
+    config = _config_of(root)
+    if config is None and fmt.config_path is not None:
+        config = _read_json(fmt.config_path)
+    log.info("%s read without unpickling code: %d tensors, %d classes stood in for (%s)", wp, len(sd),
+             len(stubbed), ", ".join(s.rpartition(".")[2] for s in stubbed[:6]) + (" ..." if len(stubbed) > 6 else ""))
+    return LegacyModel(fmt.kind if fmt.kind in ("pickle_bundle", "whole_model_pt") else "whole_model_pt",
+                       state_dict=sd, config=config, meta=meta, module_classes=classes, stubbed=stubbed)
+
+
+def llamba_state_dict_config(sd: dict[str, torch.Tensor], cfg: dict, where: str | Path) -> tuple[dict, dict]:
+    """(``HybridConfig`` kwargs, the state dict in ``HybridForCausalLM``'s names) for a state dict in Cartesia's
+    names saved beside a Llamba ``config.json``: the GA's ``model_state_dict.pt``, a Llamba whose layers listed in
+    ``checkpoint_info.json``'s ``replaced_layers`` are Llama decoder layers. A layer holding ``self_attn.*`` is an
+    attention layer; its heads come from the attention fields of ``config.json`` (the donor Llama's), which must
+    then be there."""
+    from core.models.llamba import hybrid_config_from_llamba, llamba_key_to_hybrid  # light: no torch at import
+
+    sd = {llamba_key_to_hybrid(k): v for k, v in sd.items()}
+    n = int(cfg["n_layer"])
+    types = ["attention" if f"model.layers.{i}.self_attn.q_proj.weight" in sd else "mamba2" for i in range(n)]
+    attention = [i for i, t in enumerate(types) if t == "attention"]
+    if attention and not cfg.get("num_attention_heads"):
+        raise LoadError(f"{where}: layers {attention} are Llama attention layers, but config.json (a Llamba config) "
+                        "has no num_attention_heads / num_key_value_heads / head_dim: add the donor Llama's attention "
+                        "fields (from its config.json) to it")
+    kwargs = hybrid_config_from_llamba(cfg, attention=cfg if attention else None)
+    kwargs["layer_types"] = types
+    kwargs["layer_sources"] = ["donor" if t == "attention" else "llamba" for t in types]
+    return kwargs, sd

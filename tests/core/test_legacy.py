@@ -74,7 +74,8 @@ def test_detect_without_unpickling(files, monkeypatch):
 
 
 @pytest.mark.parametrize("d", ["bundle", "whole"])
-def test_full_pickles_refused_without_opt_in(files, d):
+def test_full_pickles_refused_without_opt_in(files, d, monkeypatch):
+    """Loading a bundle needs the opt-in; analysing it does not: the restricted reader runs none of its code."""
     root, _ = files
     with pytest.raises(PickleNotAllowed) as e:
         load_legacy(root / d)
@@ -82,7 +83,28 @@ def test_full_pickles_refused_without_opt_in(files, d):
     assert "allow_pickle=true" in msg and "arbitrary code" in msg
     assert isinstance(e.value, LoadError)
     with pytest.raises(PickleNotAllowed):
-        structure_of(root / d, name=d)
+        load_as_model(root / d)
+    modes = []
+    real_load = torch.load
+    monkeypatch.setattr(torch, "load", lambda *a, **k: modes.append((k.get("weights_only"), k.get("pickle_module")))
+                        or real_load(*a, **k))
+    s = structure_of(root / d, name=d)
+    assert modes == [(False, legacy.RESTRICTED_PICKLE)]  # never torch's own full unpickler
+    assert s.total_params == PRUNED_TOTAL and s.format == detect_format(root / d).kind
+    assert s.class_names == {"attention": "LlamaAttention", "mlp": "LlamaMLP"}
+
+
+def test_restricted_read_equals_full_unpickle(files):
+    """The restricted reader gives the tensors a full unpickle gives, under the state_dict() names."""
+    root, pruned = files
+    full = load_legacy(root / "bundle", allow_pickle=True)
+    lm = legacy.read_restricted(root / "bundle")
+    assert lm.kind == "pickle_bundle" and lm.meta == {"method": "taylor"} and lm.model is None
+    want = full.model.state_dict()
+    assert list(lm.state_dict) == list(want)
+    assert all(torch.equal(lm.state_dict[k], want[k]) for k in want)
+    assert lm.config["num_attention_heads"] == 8 and lm.config["model_type"] == "llama"
+    assert lm.module_classes["model.layers.1.self_attn"].endswith("modeling_llama.LlamaAttention")
 
 
 @pytest.mark.parametrize("d", ["bundle", "bundle2", "whole"])

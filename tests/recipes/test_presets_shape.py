@@ -67,8 +67,13 @@ def test_llama3_obs_runs_on_the_8b_shape(tmp_path):
 def test_llamba_replace_search_composes_to_the_seed_ga(tmp_path, monkeypatch):
     monkeypatch.setenv("LLAMBA_8B_PATH", "/models/Llamba-8B")
     cfg = compose(["experiment=llamba_replace_search"], tmp_path)
-    assert cfg.task == "search" and cfg.replacement.base == "/models/Llamba-8B"
+    assert cfg.task == "search" and cfg.replacement.base == "llamba_8b"
     assert cfg.replacement.donor == "llama3_8b_instruct"
+    from recipes._common import build, replacement_models
+
+    base, donor = replacement_models(build(cfg.replacement, "replacement"))
+    assert (base.path, base.dtype, base.device) == ("/models/Llamba-8B", "bfloat16", "cuda")
+    assert (donor.name, donor.dtype, donor.device) == ("llama3_8b_instruct", "bfloat16", "cuda")
     assert list(cfg.search.strategies) == ["ga"] and list(cfg.search.k) == [1, 2, 3, 4]
     assert cfg.search.fitness == "lm_eval" and cfg.search.task == "mmlu:5"
     import run
@@ -85,10 +90,9 @@ def test_llamba_replace_search_runs_on_the_shapes(tmp_path):
     t0 = time.perf_counter()
     _, m = run_task(["experiment=llamba_replace_search", f"replacement.base={base}", f"replacement.donor={donor}",
                      "search.task=mmlu_high_school_geography:0", "search.limit=1", "search.k=[1]",
-                     "search.budget=2", "search.tokens=64", "data.seq_len=32",
-                     "plan.force=true",  # a base given as a path loads in float32 (~8 GB here): a shared machine
-                     *FAST], tmp_path)
+                     "search.budget=2", "search.tokens=64", "data.seq_len=32", *FAST], tmp_path)
     assert m["status"] == "completed", m.get("error")
+    assert m["plan"]["dtype"] == "bfloat16"  # a base given as a path loads in its own dtype (not float32)
     res = json.loads((tmp_path / "search" / "results.json").read_text())
     entry = res["k"]["1"]["ga"]
     assert res["fitness"] == "lm_eval" and entry["evaluations"] >= 1

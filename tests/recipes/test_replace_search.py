@@ -151,12 +151,47 @@ def test_killed_search_resumes_to_the_same_answer(pair, tmp_path):
 
 
 def test_search_with_an_lm_eval_fitness(pair, tmp_path):
-    """The seed's fitness: 1 - accuracy of an lm-eval task on the hybrid (a few items: the wiring, not a score)."""
+    """The seed's fitness: 1 - accuracy of an lm-eval task on the hybrid (a few items: the wiring, not a score).
+    The best hybrid is stored as the seed's scripts stored it: the accuracy (mmlu_score for an MMLU task), the
+    README.txt of task=replace, and the minimised fitness beside them under its own name."""
     base, donor = pair
     _, m = run_task(["task=search", *FAST, f"replacement.base={base}", f"replacement.donor={donor}",
-                     "search.fitness=lm_eval", "search.task=piqa", "search.limit=4", "search.k=[1]",
-                     "search.strategies=[score_topk]", "search.budget=5", "search.tokens=64"], tmp_path)
+                     "search.fitness=lm_eval", "search.task=mmlu_high_school_geography:0", "search.limit=4",
+                     "search.k=[1]", "search.strategies=[score_topk]", "search.budget=5", "search.tokens=64",
+                     "search.save_best=true"], tmp_path)
     res = json.loads((tmp_path / "search" / "results.json").read_text())
     entry = res["k"]["1"]["score_topk"]
     assert m["status"] == "completed" and entry["evaluations"] == 4
     assert all(0.0 <= h["fitness"] <= 1.0 and h["fitness"] * 4 == round(h["fitness"] * 4) for h in entry["history"])
+    best = res["best"]["1"]
+    assert best["accuracy"] == 1.0 - best["fitness"] and best["task"] == "mmlu_high_school_geography"
+    assert set(res["reference_accuracy"]) == {"base", "donor"}
+    out = tmp_path / "search" / "best_k1"
+    info = json.loads((out / "checkpoint_info.json").read_text())
+    assert info["mmlu_score"] == best["accuracy"] == info["score"]["value"]
+    assert info["score"]["metric"] == "mmlu_high_school_geography"
+    assert info["fitness"] == {"metric": "lm_eval", "value": best["fitness"], "direction": "minimize"}
+    readme = (out / "README.txt").read_text()
+    assert f"replaced layers (taken from the donor): {best['layers']}" in readme and "task=search" in readme
+
+
+def test_a_base_given_as_a_path_loads_in_its_own_dtype(pair, tmp_path):
+    """A path base (a Llamba-8B dir, say) loads in its checkpoint's dtype, not float32; replacement.dtype overrides."""
+    import torch
+
+    from core.models.load import build_tiny
+
+    _, donor = pair
+    base16 = tmp_path / "base16"
+    model, tok = build_tiny(num_layers=4, seed=1)
+    model.to(torch.bfloat16).save_pretrained(base16)
+    tok.save_pretrained(base16)
+    for extra, want in (([], "bfloat16"), (["replacement.dtype=float32"], "float32")):
+        run = tmp_path / f"run_{want}"
+        _, m = run_task(["task=replace", f"replacement.base={base16}", f"replacement.donor={donor}",
+                         "replacement.layers=[2]", *FAST, *extra], run)
+        assert m["status"] == "completed"
+        info = json.loads((run / "model" / "checkpoint_info.json").read_text())
+        assert info["base_model"]["dtype"] == want and info["base_model"]["device"] == "cpu"
+        saved = json.loads((run / "model" / "config.json").read_text())
+        assert saved.get("torch_dtype", saved.get("dtype")) == want
