@@ -72,6 +72,9 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 _CHOICES = {"metric": ("WIFV", "WIFN", "IFV"), "structure": ("AL-AM", "AL-MM", "UL-UM")}
+# footprint(): float64 copies of a projection's [out, in] weight alive at once while its channels are scored
+# (pruning/stats.py channel_scores: the copy, and its square (WIFV) or absolute value (WIFN); IFV makes the copy only)
+SCORE_COPIES = {"WIFV": 2, "WIFN": 2, "IFV": 1}
 
 
 @dataclass(frozen=True)
@@ -148,7 +151,8 @@ class FLAP:
                   free: Optional[tuple[Optional[int], Optional[int]]] = None) -> Any:
         """Peak memory and work of this prune on a model of ``config.json`` ``cfg`` (torch-free; core/run/plan.py):
         the layer stream (pruning/memory.py: weights, the carried hidden states (one copy, where ``states`` puts them), one layer's forward on a
-        micro-batch; the moments are a few vectors per layer), then one layer's surgery. One forward of every layer
+        micro-batch; the moments are a few vectors per layer), and the larger of the float64 scoring of one projection
+        (:data:`SCORE_COPIES`) and one layer's surgery. One forward of every layer
         up to the last one in range. The budget is checked here (:func:`check_budget`), before any weight loads."""
         from core.run.plan import dtype_bytes, geometry, span
         from pruning.memory import layer_weight_params, layers_up_to, stream
@@ -159,9 +163,18 @@ class FLAP:
         p = stream(cfg, tokens=tokens, seq_len=seq_len, batch_size=self.batch_size, dtype=dtype, model_device=device,
                    device=self.device, offload=self.offload, states=self.states, device_free=(free or (None,))[0],
                    host_free=(free or (None, None))[1])
-        p.add(**{"one layer's surgery (new weights)":
-                 max(layer_weight_params(geo, l) for l in range(geo.depth)) * dtype_bytes(dtype, cfg)})
         last = max((e - 1 for s, e in ranges.values() if e > s), default=-1) if self.ratio > 0 else -1
+        # after a layer's forward, stats.channel_scores copies each watched projection's weight to float64 and
+        # squares it (WIFV) or takes its absolute value (WIFN) beside the copy: SCORE_COPIES x [out, in] float64 of
+        # the largest o_proj / down_proj in range, on the device the layer runs on, with the hidden states still
+        # held; the surgery (one layer's new weights) comes after the pass, so the larger of the two is the peak
+        scored = [geo.hidden * geo.heads[l] * geo.head_dim for l in range(*ranges["attention"])] + \
+                 [geo.hidden * geo.widths[l] for l in range(*ranges["mlp"])] if last >= 0 else []
+        terms = {f"scoring one projection in float64 (x{SCORE_COPIES[self.metric]} its weight)":
+                 SCORE_COPIES[self.metric] * 8 * max(scored, default=0),
+                 "one layer's surgery (new weights)":
+                 max(layer_weight_params(geo, l) for l in range(geo.depth)) * dtype_bytes(dtype, cfg)}
+        p.add(**dict([max(terms.items(), key=lambda kv: kv[1])]))
         widths = None
         if self.structure == "UL-UM":
             cut = {k: {l: min(math.floor(float(self.ratio) * unit_costs(geo, k, l)[0] + 1e-9),

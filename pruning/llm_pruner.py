@@ -56,6 +56,9 @@ TAYLOR_VARIANTS = ("vectorize", "param_first", "param_second", "param_mix")
 TAYLOR_SAVED_PER_TOKEN = {"hidden": 10, "kv": 3, "intermediate": 2}
 TAYLOR_NORM_FLOAT32 = 4
 TAYLOR_SCORE_TEMPS = 3  # float32 temporaries of one weight's per-row score (w, w * g, its abs)
+# float32 temporaries of one weight's score per importance (_row_scores: l1 / l2 hold the float copy and its
+# abs / square; random draws a vector per layer)
+SCORE_TEMPS = {"taylor": TAYLOR_SCORE_TEMPS, "l1": 2, "l2": 2, "random": 0}
 _CHOICES = {"importance": IMPORTANCES, "taylor": TAYLOR_VARIANTS, "group_reduction": ("sum", "mean", "max"),
             "rounding": ("floor", "nearest", "ceil")}
 
@@ -142,7 +145,8 @@ class LLMPruner:
                   free: Any = None) -> Any:
         """Peak memory and work of this prune on a model of ``config.json`` ``cfg`` (torch-free; core/run/plan.py).
 
-        ``l1`` / ``l2`` / ``random``: the weights, one linear's float32 scores, one layer's surgery. ``taylor``: a
+        ``l1`` / ``l2`` / ``random``: the weights and the larger of one linear's float32 scores
+        (:data:`SCORE_TEMPS`) and one layer's surgery (they come one after the other). ``taylor``: a
         full forward + backward (pruning.calibration.gradient_passes) on the model's device: the weights, the
         activations every layer saves for backward (:data:`TAYLOR_SAVED_PER_TOKEN` per token and layer) for one
         pass (``param_second`` / ``param_mix``: one sample per pass; ``vectorize`` / ``param_first``:
@@ -163,10 +167,14 @@ class LLMPruner:
         largest = max(geo.hidden * max(geo.widths or (0,)), geo.hidden * max(geo.heads or (0,)) * geo.head_dim)
         on_device = accelerator(device)
         p = Placement({"weights": model_bytes(cfg, dtype)}, {}, on_device, device)
-        p.add(**{"one linear's float32 scores": TAYLOR_SCORE_TEMPS * 4 * largest})
         layer_max = max((geo.group_params(l) * geo.kv_heads[l] + geo.channel_params() * geo.widths[l]
                          for l in range(geo.depth)), default=0)
-        p.add(**{"one layer's surgery (new weights)": layer_max * b})
+        scores = {"one linear's float32 scores": SCORE_TEMPS[self.importance] * 4 * largest}
+        surgery = {"one layer's surgery (new weights)": layer_max * b}
+        if self.importance == "taylor":  # scored inside the backward pass, next to its gradients and activations
+            p.add(**scores, **surgery)
+        else:  # scored before the surgery starts: the larger of the two is the peak
+            p.add(**max((scores, surgery), key=lambda d: sum(d.values())))
         forwards = 0
         samples = max(1, math.ceil(int(tokens) / max(1, int(seq_len)))) if tokens else 0
         if self.importance == "taylor":

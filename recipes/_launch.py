@@ -59,6 +59,10 @@ def set_up() -> None:
         os.environ.setdefault(var, "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("WANDB_SILENT", "true")
+    # transformers reads a checkpoint's tensors on worker threads by default: several tensors in flight at once, a
+    # load peak that varies from run to run. One at a time, the peak is the weights plus one tensor, as planned
+    # (core/run/plan.py); HF_DEACTIVATE_ASYNC_LOAD=0 in the environment brings the threads back.
+    os.environ.setdefault("HF_DEACTIVATE_ASYNC_LOAD", "1")
     register_configs()
     # The default run/sweep dirs (conf/hydra/default.yaml) are claimed with an exclusive mkdir; the cache keeps one
     # answer per config, and Hydra copies it into every job's config (joblib, submitit) so all agree on the dir.

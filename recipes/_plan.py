@@ -449,12 +449,33 @@ def _unknown(task: str, name: str, why: str, device: str, dtype: str) -> Plan:
     return Plan(task, name, device, dtype, unknown=why)
 
 
-def _load_phase(cfg_json: dict, dtype: str, device: str) -> P.Footprint:
-    """The weights where they go, and one tensor read through the host on its way (the largest: the embedding)."""
+def _reads_in_place(ref: Any, cfg_json: dict, dtype: str) -> bool:
+    """True where core/models/load.py reads the weights in place (``_read_plain_llama``): a plain Llama on the CPU
+    in one ``model.safetensors`` stored in the dtype asked for (the shapes, the embedded model's float32 cache,
+    Llama-3-8B in bfloat16). Nothing is staged on the way then; elsewhere transformers stages one tensor at a time."""
+    from core.models import shape as shapes
+    from core.models.ref import weights_dtype
+
+    if (str(ref.device) != "cpu" or ref.device_map or cfg_json.get("model_type") != "llama"
+            or cfg_json.get("quantization_config")):
+        return False
+    if ref.kind == "shape":
+        return shapes.storage_dtype(ref.dtype) == dtype
+    if ref.kind == "gguf":
+        return dtype == "float32"  # the cached conversion is float32
+    path = Path(str(ref.path or "")).expanduser()
+    return (ref.kind == "hf" and path.is_dir() and (path / "model.safetensors").is_file()
+            and not (path / "model.safetensors.index.json").exists() and weights_dtype(path) == dtype)
+
+
+def _load_phase(cfg_json: dict, dtype: str, device: str, ref: Any = None) -> P.Footprint:
+    """The weights where they go, and one tensor read through the host on its way (the largest: the embedding),
+    unless they are read in place (:func:`_reads_in_place`)."""
     weights = P.model_bytes(cfg_json, dtype)
-    return P.Footprint.of({"weights": weights}, {"one tensor being read": int(cfg_json["vocab_size"])
-                                                 * int(cfg_json["hidden_size"]) * P.dtype_bytes(dtype, cfg_json)},
-                          on_device=P.accelerator(device))
+    staged = {} if ref is not None and _reads_in_place(ref, cfg_json, dtype) else {
+        "one tensor being read": int(cfg_json["vocab_size"]) * int(cfg_json["hidden_size"])
+        * P.dtype_bytes(dtype, cfg_json)}
+    return P.Footprint.of({"weights": weights}, staged, on_device=P.accelerator(device))
 
 
 def _eval_phase(cfg: DictConfig, cfg_json: dict, dtype: str, device: str, weights: Optional[int] = None) -> P.Footprint:
@@ -523,7 +544,7 @@ def plan_prune(cfg: DictConfig) -> Plan:
         changed = [w for w in fp.widths if any(v[0] != v[1] for k, v in w.items() if k != "layer")]
         if changed:
             plan.lines.append(("widths after", _widths_line(fp.widths)))
-    plan.phases["load"] = _load_phase(config, dtype, ref.device)
+    plan.phases["load"] = _load_phase(config, dtype, ref.device, ref)
     if cfg.eval.compare_base:
         plan.phases["evaluate base"] = _eval_phase(cfg, config, dtype, ref.device)
     plan.phases["prune"] = fp
@@ -564,7 +585,7 @@ def plan_evaluate(cfg: DictConfig) -> Plan:
     config, dtype, plan = started
     plan.lines.append(("evaluates", f"eval={cfg.eval.name}" + (f", tasks {list(cfg.eval.tasks)}" if cfg.eval.tasks
                                                                  else "")))
-    plan.phases["load"] = _load_phase(config, dtype, ref.device)
+    plan.phases["load"] = _load_phase(config, dtype, ref.device, ref)
     plan.phases["evaluate"] = _eval_phase(cfg, config, dtype, ref.device)
     plan.notes.append("lm-eval's batches and a prunelab checkpoint's base model (evaluated after the model is freed) "
                       "are not counted")
@@ -585,7 +606,7 @@ def plan_finetune(cfg: DictConfig) -> Plan:
     plan.lines.append(("trains", f"LoRA rank {spec.rank} on {spec.targets}, {fp.tokens:,} tokens "
                                  f"(micro-batch {spec.micro_batch} x {spec.seq_len}), {fp.layer_forwards:,} "
                                  "decoder-layer passes (forward + backward)"))
-    plan.phases["load"] = _load_phase(config, dtype, ref.device)
+    plan.phases["load"] = _load_phase(config, dtype, ref.device, ref)
     plan.phases["evaluate"] = _eval_phase(cfg, config, dtype, ref.device)
     plan.phases["recovery (LoRA)"] = fp
     if cfg.save_model:
@@ -603,7 +624,7 @@ def plan_export(cfg: DictConfig) -> Plan:
     config, dtype, plan = started
     fmt = OmegaConf.select(cfg, "export.format", default=None) or OmegaConf.select(cfg, "export.name", default="")
     plan.lines.append(("writes", f"export={fmt}"))
-    plan.phases["load"] = _load_phase(config, dtype, ref.device)
+    plan.phases["load"] = _load_phase(config, dtype, ref.device, ref)
     largest = int(config["vocab_size"]) * int(config["hidden_size"])
     plan.phases["write"] = P.Footprint.of({"weights": P.model_bytes(config, dtype)},
                                           {"one tensor converted (float32, twice)": 2 * 4 * largest},

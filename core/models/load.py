@@ -200,17 +200,19 @@ _SAFETENSORS_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}
 
 
 def _read_plain_llama(path: Path, cfg: dict, dtype: str) -> Optional[Any]:
-    """A plain fp32 Llama in one ``model.safetensors`` on the CPU, read straight into its parameters; else None.
+    """A plain Llama in one ``model.safetensors`` on the CPU, stored in the dtype asked for (float32, bfloat16 or
+    float16; ``auto``: the stored one), read straight into its parameters; else None.
 
-    The model is built without initialising its weights (its RoPE buffers are computed as usual), then each
-    tensor's bytes are read from the file into the parameter's own memory with ``readinto``: one pass at page-cache
-    speed, no mapped file kept alive and no second copy (the peak is the model's bytes). Same parameters, buffers,
-    config and generation config as ``from_pretrained`` (tests/core/test_fast_read.py compares them). Anything
-    else (another dtype or layout, sharded or quantised weights, a key or shape that does not match) returns None
-    and goes through ``from_pretrained``, which reads it or names what is wrong.
+    The model is built in that dtype without initialising its weights (its RoPE buffers are computed as usual), then
+    each tensor's bytes are read from the file into the parameter's own memory with ``readinto``: one pass at
+    page-cache speed, no mapped file kept alive and no second copy (the peak is the model's bytes, as the planner
+    counts it; transformers' own read holds a few tensors' worth more, ~2.4 GiB more for Llama-3-8B's widths).
+    Same parameters, buffers, config and generation config as ``from_pretrained`` (tests/core/test_fast_read.py
+    compares them). Anything else (a cast, another layout, sharded or quantised weights, a key or shape that does
+    not match) returns None and goes through ``from_pretrained``, which reads it or names what is wrong.
     """
     file = path / "model.safetensors"
-    if (dtype != "float32" or cfg.get("model_type") != "llama" or cfg.get("quantization_config")
+    if (cfg.get("model_type") != "llama" or cfg.get("quantization_config")
             or cfg.get("architectures", ["LlamaForCausalLM"]) != ["LlamaForCausalLM"] or not file.is_file()
             or (path / "model.safetensors.index.json").exists()):
         return None
@@ -225,20 +227,31 @@ def _read_plain_llama(path: Path, cfg: dict, dtype: str) -> Optional[Any]:
             return None
         header = json.loads(fh.read(size))
         header.pop("__metadata__", None)
+        stored = {_SAFETENSORS_DTYPES.get(h.get("dtype")) if isinstance(h, dict) else None for h in header.values()}
+        if len(stored) != 1 or None in stored or (dtype != "auto" and stored != {dtype}):
+            return None
+        want = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[stored.pop()]
         config = AutoConfig.from_pretrained(path)
         if torch.get_default_dtype() != torch.float32:
             return None
-        with no_init_weights():
-            model = LlamaForCausalLM(config)
+        torch.set_default_dtype(want)  # parameters are created in the stored dtype: no float32 copy first
+        try:
+            with no_init_weights():
+                model = LlamaForCausalLM(config)
+        finally:
+            torch.set_default_dtype(torch.float32)
+        if want != torch.float32:
+            model.config.dtype = want  # as from_pretrained(dtype=...) records it
         model.tie_weights()  # a tied lm_head is the embedding: one parameter, one entry
         params = dict(model.named_parameters())
+        width = torch.finfo(want).bits // 8
         if set(header) != set(params) or any(
-                _SAFETENSORS_DTYPES.get(h.get("dtype")) != "float32" or list(params[k].shape) != h.get("shape")
-                or h["data_offsets"][1] - h["data_offsets"][0] != params[k].numel() * 4 for k, h in header.items()):
+                params[k].dtype != want or list(params[k].shape) != h.get("shape")
+                or h["data_offsets"][1] - h["data_offsets"][0] != params[k].numel() * width for k, h in header.items()):
             return None
         base = 8 + size
         for name, h in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]):
-            view = memoryview(params[name].data.numpy()).cast("B")
+            view = memoryview(params[name].data.reshape(-1).view(torch.uint8).numpy())
             fh.seek(base + h["data_offsets"][0])
             done = 0
             while done < len(view):
@@ -341,9 +354,11 @@ def check_finite(model: Any, where: str) -> None:
         for name, t in [*model.named_parameters(), *model.named_buffers()]:
             if not t.is_floating_point() or t.device.type == "meta" or t.numel() == 0:
                 continue
-            # A float32 sum is finite unless a value is NaN/Inf (or the sum overflows, which only the exact check
-            # below can tell apart): one read of the weights, no temporary, ~10x faster than isfinite on the CPU.
-            if bool(torch.isfinite(t.detach().sum(dtype=torch.float32))):
+            # A sum is finite unless a value is NaN/Inf (or the sum overflows, e.g. in float16, which the exact
+            # check below tells apart): one read of the weights, ~10x faster than isfinite on the CPU. In the
+            # tensor's own dtype (it accumulates in float32 anyway): sum(dtype=float32) would first copy a bfloat16
+            # tensor whole to float32 (+2 GiB for Llama-3-8B's embedding).
+            if bool(torch.isfinite(t.detach().sum())):
                 continue
             # in slices of 16M values: the check's temporary never costs more than 16 MB, whatever the model
             if not all(bool(torch.isfinite(part).all()) for part in t.detach().reshape(-1).split(1 << 24)):

@@ -70,25 +70,37 @@ SELECTIONS = ("obs", "wanda", "flap", "magnitude")
 ALLOCATIONS = ("uniform", "depth", "flap", "search")
 AUTOCAST = (None, "auto", "bfloat16", "float16")
 TOKENS_AUTO = "auto"
-# footprint(): what the fit of one projection with n inputs holds at once (pruning/obs/fit.py, pruning/compensate.py):
-# float64 (n+1)^2 matrices (the fit's and the guard's Gram buffers, bias-augmented in place; the inverse OBS
-# downdates and one temporary of its downdate, or the Cholesky factor and the inverse of damped_inverse) and float64
-# [out, n+1] weights (the two cross terms, W_aug, the target fit, the OBS working copy, the guard's plain removal and
-# candidate, one product of the guard's error from sums)
-FIT_MATRICES = 4
-FIT_ROWS = 8
+# footprint(): what the fit of one projection with n inputs and out outputs holds at once (pruning/obs/fit.py
+# fit_sums, pruning/compensate.py), with the defaults (target=dense, guard, bias; fewer buffers otherwise), in float64
+# (n+1)^2 matrices and float64 (n+1) x out rows at each of its three peaks; the formula takes the largest.
+# Alive throughout: the sums (ProjectionSums), 2 matrices (the fit's and the guard's Gram buffers, bias-augmented in
+# place) and 3 rows (w_aug, cross, held_cross); from ProjectionFit on, 1 row more: the target fit (w_fit, b_fit).
+#   inverse (prune_columns: damped_inverse's damped copy and Cholesky factor, then the factor and the inverse; then
+#     each downdate's hinv[:, S] @ m next to the inverse): 4 matrices; 5 rows: the 4 above and prune_columns' working
+#     copy wa (7 with groups of several columns, o_proj's KV groups: the selection's wa[:, c] and its solve stay
+#     alive through the downdate).
+#   selection (obs, the costs of a round): 3 matrices (the Grams, the inverse); 7 rows: the 5, and for one column
+#     per group wa[:, alive] and its square (8 with groups: wa[:, c], its solve and their product).
+#   guard (ProjectionFit.guard, the inverse gone): 2 matrices; 9 rows: the 5 (wa is the candidate), the plain removal,
+#     its bias-augmented copy and two products of HeldOut._from_sums (w @ H and its product with w).
+# down_proj (n = 3.5 out) peaks at the inverse; n = out (o_proj) at the guard.
+FIT_PEAKS = {"inverse": (4, 5, 7), "selection": (3, 7, 8), "guard": (2, 9, 9)}  # matrices, rows, rows with groups
 BLOCK_TOKENS = 4096  # pruning.compensate.BLOCK_TOKENS: tokens per float32 block folded into the sums
 
 
-def layer_step_bytes(n: int, out: int, micro_tokens: int, dtype_bytes: int, hidden: int) -> dict[str, int]:
+def layer_step_bytes(n: int, out: int, micro_tokens: int, dtype_bytes: int, hidden: int, *, grouped: bool = False
+                     ) -> dict[str, int]:
     """What the pass (pruning/obs/fit.py ``prune_sequential``) adds, where the layers run, while it prunes one
     projection with ``n`` inputs and ``out`` outputs (``down_proj``: ``n`` = intermediate; ``o_proj``: heads x
     head_dim), on micro-batches of ``micro_tokens`` tokens in a model of ``dtype_bytes`` per value: the
-    projection's sums and fit (float64, :data:`FIT_MATRICES` ``(n+1)^2`` + :data:`FIT_ROWS` ``(n+1) x out``), one
+    projection's sums and fit (float64: the largest of :data:`FIT_PEAKS`, ``(n+1)^2`` matrices + ``(n+1) x out``
+    rows; ``grouped``: the removed groups have several columns, o_proj's KV groups), one
     micro-batch's captured inputs with the residual and the target it is folded with, and the float32 block being
     folded. None of it grows with the calibration tokens: the carried states (pruning/memory.py ``stream``) do."""
     block = min(int(micro_tokens), BLOCK_TOKENS)
-    return {"one projection's sums and fit (float64)": 8 * (FIT_MATRICES * (n + 1) ** 2 + FIT_ROWS * (n + 1) * out),
+    fit = max(mats * (n + 1) ** 2 + (grows if grouped else rows) * (n + 1) * out
+              for mats, rows, grows in FIT_PEAKS.values())
+    return {"one projection's sums and fit (float64)": 8 * fit,
             "one micro-batch's captured inputs, residual and target":
                 int(micro_tokens) * (n + 2 * hidden) * dtype_bytes,
             "the float32 block being folded": block * (n + out) * 4}
@@ -144,7 +156,7 @@ class StructuredOBS:
     guard: bool = True  # keep an update only if it lowers the held-out error
     holdout: float = 0.1  # share of calibration samples held out for the guard
     rounds: int = 8  # obs selection: removal steps per layer, the inverse downdated between them
-    damp: float = 0.01  # relative to the mean diagonal of the Gram matrix
+    damp: float = 0.1  # relative to the mean diagonal of the Gram matrix (regularises the change: generalises)
     target: str = "dense"  # dense: refit towards the dense model's outputs (+1 forward/layer) | layer: its own
     refit_attention: bool = False  # target=dense: also refit o_proj of every pruned layer towards the dense outputs
     allocation: str = "uniform"  # uniform | depth | flap | search
@@ -368,7 +380,7 @@ class StructuredOBS:
         if mlp_layers:
             stages.append(layer_step_bytes(width, geo.hidden, m, b, geo.hidden))
         if att_plan:
-            stages.append(layer_step_bytes(q, geo.hidden, m, b, geo.hidden))
+            stages.append(layer_step_bytes(q, geo.hidden, m, b, geo.hidden, grouped=True))
         if stages:
             p.add(**max(stages, key=lambda terms: sum(terms.values())))
         last = max(pruned, default=-1)

@@ -470,49 +470,93 @@ BENCHES.append(
 
 @block("docs/scale.md", "scale-table")
 def scale_table(results: Path) -> str:
-    """Per method: time and memory at Llama-3-8B's and Llama-3-70B's widths (the newest completed scale line per
-    (method, shape)), and the planner's peak device memory at the method's defaults on the full models."""
-    newest: dict[tuple[str, str], dict[str, Any]] = {}
+    """Per method: time and memory at Llama-3-8B's and Llama-3-70B's widths (the newest measured scale line per
+    (method, shape)), and the planner's peak device memory at the method's defaults on the full models (the newest
+    line that has it), on one GPU and, for a layer-streamed method, with offload."""
+    newest: dict[tuple[str, str], dict[str, Any]] = {}  # the newest run (completed, or refused by its plan)
     planned: dict[tuple[str, str], dict[str, Any]] = {}  # the newest GPU prediction at defaults (measured or not)
+
+    def newer(ln: dict[str, Any], store: dict, key: tuple[str, str]) -> bool:
+        return key not in store or datetime.fromisoformat(ln["date"]) >= datetime.fromisoformat(store[key]["date"])
+
     for ln in load(results).get("scale", []):
         key = (str(ln.get("method")), str(ln.get("shape")))
-        for store, ok in ((newest, ln.get("status") == "completed"),
-                          (planned, get(ln, "full_depth_cuda_defaults.device_bytes") is not None)):
-            if ok and (key not in store or datetime.fromisoformat(ln["date"]) >= datetime.fromisoformat(
-                    store[key]["date"])):
-                store[key] = ln
+        if (ln.get("status") == "completed" or _refused(ln)) and newer(ln, newest, key):
+            newest[key] = ln
+        if get(ln, "full_depth_cuda_defaults.device_bytes") is not None and newer(ln, planned, key):
+            planned[key] = ln
     if not newest and not planned:
         return "No results yet (`python tests/bench/scale_bench.py`)."
     methods = list(dict.fromkeys(m for m, _ in [*newest, *planned]))
     header = ["method", "8B: × dense layer", "8B: peak RSS × model", "8B: measured / predicted",
               "70B: × dense layer", "70B: peak RSS × model", "70B: measured / predicted",
-              "GPU peak at defaults, Llama-3-8B (GiB)", "GPU peak at defaults, 70B (GiB)"]
+              "tokens at defaults (8B / 70B)", "GPU peak at defaults, Llama-3-8B (GiB)",
+              "GPU peak at defaults, 70B (GiB)", "70B with offload: GPU / host (GiB)"]
     out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for m in methods:
         cells = [m]
         for shape in ("8b", "70b"):
             ln = newest.get((m, shape))
+            if ln is not None and _refused(ln):
+                cells += [MISSING, MISSING, f"does not fit this host: {_refusal(ln)}"]
+                continue
             f = _scale_fields(ln) if ln else {}
             cells += [fmt(f.get("layer_ratio")) if ln else MISSING, fmt(f.get("host_over_model")) if ln else MISSING,
                       (f"{fmt(f.get('measured_gib'))} / {fmt(f.get('predicted_gib'))} GiB"
                        f" ({'+' if (f.get('error_pct') or 0) >= 0 else ''}{fmt(f.get('error_pct'))}%)") if ln
                       else MISSING]
+        tokens = [get(planned[(m, sh)], "full_depth_cuda_defaults.tokens") if (m, sh) in planned else None
+                  for sh in ("8b", "70b")]
+        shown = ["none" if t == 0 else fmt(t) for t in tokens]
+        cells.append(MISSING if tokens == [None, None] else shown[0] if tokens[0] == tokens[1]
+                     else f"{shown[0]} / {shown[1]}")
         for shape in ("8b", "70b"):
             ln = planned.get((m, shape))
             dev = get(ln, "full_depth_cuda_defaults.device_bytes") if ln else None
             cells.append(MISSING if dev is None else "on the CPU (base given as a path)" if dev == 0
                          else fmt(_gib(dev)))
+        off = planned.get((m, "70b"))
+        cells.append(f"{fmt(_gib(get(off, 'full_depth_offload_defaults.device_bytes')))} / "
+                     f"{fmt(_gib(get(off, 'full_depth_offload_defaults.host_bytes')))}"
+                     if off and get(off, "full_depth_offload_defaults.device_bytes") is not None else MISSING)
         out.append("| " + " | ".join(cells) + " |")
     used = [*newest.values(), *planned.values()]
     dates = sorted(ln["date"][:10] for ln in used)
     commits = sorted({str(ln["commit"]) for ln in used})
+    runs = [ln for ln in newest.values() if ln.get("status") == "completed"]
+    common = {}
+    for shape in ("8b", "70b"):
+        settings = [(ln.get("layers"), ln.get("tokens")) for ln in runs if ln.get("shape") == shape
+                    and ln.get("unit") == "prune"]
+        common[shape] = max(set(settings), key=settings.count) if settings else (None, None)
+    odd = [f"{ln['method']} {str(ln['shape']).upper()}: {fmt(ln.get('layers'))} layer(s), {fmt(ln.get('tokens'))} "
+           f"tokens" for ln in runs if ln.get("unit") == "prune"
+           and (ln.get("layers"), ln.get("tokens")) != common[str(ln.get("shape"))]]
+    shapes = ", ".join(f"{shape.upper()} with {fmt(common[shape][0])} layer(s) and {fmt(common[shape][1])} "
+                       "calibration tokens" for shape in ("8b", "70b") if common[shape][0] is not None)
     out += ["", f"Measured {dates[0]}{'' if dates[0] == dates[-1] else ' to ' + dates[-1]} (commit "
             f"{', '.join(commits)}) on {_machine(used[0])}, shared with other jobs (the time is a ratio to a dense "
-            "forward measured in the same child); the shapes: 8B with 2 layers, 70B with 1, calibration "
-            "2 × 512 tokens; — : not measured. The GPU columns are the planner's full-depth peak on one device "
-            "(`model.device=cuda`, no offload) at the method's defaults. Every line: "
+            f"forward measured in the same child); the shapes: {shapes}"
+            f"{' (except ' + '; '.join(odd) + ')' if odd else ''}; LoRA and the search as their lines' notes say; "
+            "— : not measured. \"does not fit this host\": the run's plan exceeded this machine's memory and it "
+            "stopped before loading (the planner's prediction). The GPU columns are the planner's full-depth peak "
+            "on one device (`model.device=cuda`, no offload) at the method's defaults, with the tokens those defaults "
+            "draw (calibration; LoRA: its training tokens; none: the method reads no text); above 80 GiB a single 80 GB GPU does not hold it. With offload "
+            "(`model.device=cpu pruner.offload=true pruner.device=cuda`, layer-streamed methods only): the "
+            "weights in host RAM, one decoder layer at a time on the GPU. Every line: "
             "`tests/bench/results/scale.jsonl`; all columns: [benchmarks](benchmarks.md)."]
     return "\n".join(out)
+
+
+def _refused(ln: dict[str, Any]) -> bool:
+    """A scale run its plan stopped before loading (the planner's one-line refusal)."""
+    return ln.get("status") != "completed" and "cannot fit" in str(ln.get("error") or "")
+
+
+def _refusal(ln: dict[str, Any]) -> str:
+    """``predicted 45.01 GiB > 20.1 GiB available``: the figures of the refusal, as the run printed them."""
+    text = str(ln.get("error") or "")
+    return fmt(text.split("predicted peak ", 1)[-1].split(";", 1)[0] if "predicted peak " in text else text)
 
 
 def _fill(template: str, line: dict[str, Any]) -> str:

@@ -16,7 +16,13 @@ One child process per (method, shape), ``OMP_NUM_THREADS=1``, small token counts
   baseline included) against ``measured_host_bytes``; ``host_error`` = measured / predicted - 1.
 - ``full_depth``: the extrapolation: ``seconds`` = per-layer seconds x depth; the planner's peak host and device
   memory for the full-depth model with the same settings (``model.num_layers=null``, header only) on the CPU, and
-  its peak device memory on one GPU at the method's defaults (``model.device=cuda``).
+  its peak device memory on one GPU at the method's defaults (``model.device=cuda``); ``--plan-only`` records
+  that alone, and for a layer-streamed pruner also with offload (``full_depth_offload_defaults``: the weights in
+  host RAM, one decoder layer at a time on the GPU).
+
+Some pairs differ from the common settings (``VARIANTS``: ShortGPT needs two layers to drop one; obs at the 8B
+width runs one layer on 8,192 tokens); a run whose plan does not fit this machine stops before loading, in one line,
+and its line says so (status failed, the planner's refusal as its error).
 
 The renderer (tests/bench/render.py) turns the newest line per (method, shape) into docs/benchmarks.md's scale
 section and the table in docs/scale.md.
@@ -52,37 +58,68 @@ METHODS: dict[str, tuple[list[str], str, str]] = {
     "slicegpt": (["pruner=slicegpt", "ratio=0.1", *CAL], "prune", ""),
     "obs": (["pruner=obs", "ratio=0.05", f"pruner.tokens={ROWS * SEQ}", f"pruner.seq_len={SEQ}",
              "pruner.progress=false"], "prune", "uniform allocation"),
-    "obs_search": (["pruner=obs", "ratio=0.05", f"pruner.tokens={ROWS * SEQ}", f"pruner.seq_len={SEQ}",
+    "obs_search": (["pruner=obs", "ratio=0.05", f"pruner.tokens={2 * ROWS * SEQ}", f"pruner.seq_len={SEQ}",
                     "pruner.allocation=search", "pruner.search_budget=3", f"pruner.search_tokens={SEQ}",
                     "pruner.progress=false"], "prune", "allocation=search, budget 3"),
     "lora": (["task=finetune", "recovery=lora", "recovery.steps=2", "recovery.micro_batch=1",
               f"recovery.seq_len={SEQ}", "recovery.eval_every=0", "recovery.eval_tokens=512"], "step",
              "LoRA recovery (task=finetune), per optimizer step of 1 x 512 tokens"),
 }
+# (method, shape) -> the depth and overrides that differ from SHAPES / METHODS there, and why
+VARIANTS: dict[tuple[str, str], dict] = {
+    # ShortGPT removes whole layers: a 1-layer shape has none it may drop
+    ("shortgpt", "70b"): {"layers": 2},
+    # obs at the 8B width: one layer (one down_proj fit with n = 14,336 takes minutes on one thread) on 8,192
+    # calibration tokens (16 x 512), otherwise its defaults (rounds 8, target dense, guard, holdout 0.1, batch 8)
+    ("obs", "8b"): {"layers": 1, "args": ["pruner.tokens=8192"], "tokens": 8192},
+}
 SEARCH = ("search_kl", "replacement fitness (task=search, kl, prefix cache), per fitness evaluation; 8B: Llamba-8B's "
-                       "shape <- Llama-3-8B's, 70B: the shape with itself; the base loads in float32 (a path)")
+                       "shape <- Llama-3-8B's, 70B: the shape with itself; both given as paths, loaded in their checkpoints' "
+                       "dtype (bfloat16)")
+
+
+def _layers(method: str, shape: str) -> int:
+    return VARIANTS.get((method, shape), {}).get("layers", SHAPES[shape][1])
+
+
+def _tokens(method: str, shape: str, unit: str) -> int:
+    return VARIANTS.get((method, shape), {}).get("tokens", ROWS * SEQ if unit != "step" else SEQ)
 
 
 def _overrides(method: str, shape: str) -> tuple[list[str], str, str]:
-    name, layers, _ = SHAPES[shape]
-    if method == "search_kl":  # a base given as a path loads in float32 on the CPU (ModelRef.at)
+    name, layers = SHAPES[shape][0], _layers(method, shape)
+    if method == "search_kl":  # the shortened shapes' dirs, given as paths
         cache = ROOT / ".cache" / "models"
         donor = cache / f"shape-{name.removesuffix('_shape')}-L{layers}-bfloat16"
         base = cache / f"shape-llamba_8b-L{layers}-bfloat16" if shape == "8b" else donor
         return ([f"replacement.base={base}", f"replacement.donor={donor}", "task=search", "search.k=[1]", "search.strategies=[random]",
                  "search.budget=2", f"search.tokens={SEQ}", f"data.seq_len={SEQ}"], "evaluation", SEARCH[1])
     args, unit, note = METHODS[method]
-    return ([f"model={name}", f"model.num_layers={layers}", "model.device=cpu", "layers=all", *args], unit, note)
+    extra = VARIANTS.get((method, shape), {}).get("args", [])
+    return ([f"model={name}", f"model.num_layers={layers}", "model.device=cpu", "layers=all", *args, *extra], unit, note)
 
 
 def _defaults(method: str, shape: str) -> list[str]:
     """The method at its own defaults (ratio 0.25, default layers, default tokens) on the full model."""
     name = SHAPES[shape][0]
-    if method == "search_kl":
-        return _overrides(method, shape)[0]
+    if method == "search_kl":  # the shapes by name (full depth, header only), the search's defaults, on the GPU
+        base, donor = ("llamba_8b_shape", "llama3_8b_shape") if shape == "8b" else (name, name)
+        return [f"replacement.base={base}", f"replacement.donor={donor}", "task=search", "replacement.device=cuda"]
     first = METHODS[method][0][0]
     extra = {"obs_search": ["pruner.allocation=search"], "lora": ["recovery=lora"]}.get(method, [])
     return [f"model={name}", first, *extra]
+
+
+OFFLOAD = ["model.device=cpu", "pruner.offload=true", "pruner.device=cuda"]  # weights on the host, one layer on the GPU
+
+
+def _offloads(method: str) -> bool:
+    """A layer-streamed pruner (its config has ``offload``) other than the allocation search (whole-model forwards)."""
+    if method not in METHODS or method == "obs_search":
+        return False
+    group = METHODS[method][0][0].removeprefix("pruner=")
+    path = ROOT / "conf" / "pruner" / f"{group}.yaml"
+    return path.is_file() and any(line.startswith("offload:") for line in path.read_text().splitlines())
 
 
 def _compose(args: list[str], run_dir: Path):
@@ -97,6 +134,8 @@ def _full_depth_plan(args: list[str], run_dir: Path, device: str) -> dict:
 
     full = [a for a in args if not a.startswith(("model.num_layers=", "model.device="))]
     full += ["model.num_layers=null", f"model.device={device}", "dry_run=true", "plan.device_memory=80GB"]
+    if device == "offload":  # the model on the host, its layers run on one GPU
+        full = [a for a in full if not a.startswith("model.device=")] + OFFLOAD
     cfg, _ = _compose(full, run_dir)
     prepared = prepare(cfg, run.check(cfg))
     if prepared.error is not None or prepared.plan is None:
@@ -157,7 +196,8 @@ def child(method: str, shape: str, out: Path) -> None:
     from recipes._plan import model_config
     from recipes._common import resolve_model
 
-    name, layers, depth = SHAPES[shape]
+    name, depth = SHAPES[shape][0], SHAPES[shape][2]
+    layers = _layers(method, shape)
     ref = resolve_model(name)
     import dataclasses
 
@@ -175,19 +215,27 @@ def child(method: str, shape: str, out: Path) -> None:
         evals = sum(e.get("evaluations", 0) for k in (res.get("k") or {}).values() for e in k.values()) + 2
         work_s = wall - float(timings.get("load_s") or 0) if res else None
         count = evals * layers
-    tokens = ROWS * SEQ if unit != "step" else SEQ
-    dense = _dense_layer_seconds(cfg_json, tokens, batch_rows=ROWS if unit != "evaluation" else 4)
+    tokens = _tokens(method, shape, unit)
+    # a run its plan stopped measured nothing to compare with
+    dense = _dense_layer_seconds(cfg_json, tokens, batch_rows=ROWS if unit != "evaluation" else 4) \
+        if m.get("status") == "completed" else None
     line = {"method": method, "shape": shape, "model": name, "layers": layers, "depth": depth, "unit": unit,
-            "note": note, "tokens": tokens, "status": m.get("status"), "error": error or (m.get("error") or {}).get(
-                "message"), "wall_s": round(wall, 2), "work_s": None if work_s is None else round(float(work_s), 2),
+            "note": note, "tokens": tokens, "status": m.get("status"),
+            # the run's own one line (a plan's refusal) before the exit it caused
+            "error": (m.get("error") or {}).get("message") or error, "wall_s": round(wall, 2),
+            "work_s": None if work_s is None else round(float(work_s), 2),
             "per_layer_s": None if not work_s else round(float(work_s) / count, 3),
-            "dense_layer_s": round(dense, 4),
-            "model_bytes": P.model_bytes(cfg_json, "float32" if unit == "evaluation" else "bfloat16"),
+            "dense_layer_s": None if dense is None else round(dense, 4),
+            # at the dtype the plan says the run used (a base given as a path: its checkpoint's)
+            "model_bytes": P.model_bytes(cfg_json, (m.get("plan") or {}).get("dtype")
+                                         or ("float32" if unit == "evaluation" else "bfloat16")),
             "predicted_host_bytes": plan.get("host_bytes"), "predicted_parts": plan.get("host_parts"),
+            # the run's own peak RSS after each stage (a peak so far: which stage set the child's peak)
+            "stage_peaks_mib": m.get("memory"),
             "full_depth_cpu": _full_depth_plan(args, work / "full_cpu", "cpu"),
             "full_depth_cuda": _full_depth_plan(args, work / "full_cuda", "cuda"),
             "full_depth_cuda_defaults": _full_depth_plan(_defaults(method, shape), work / "full_defaults", "cuda")}
-    line["layer_ratio"] = round(line["per_layer_s"] / dense, 2) if line["per_layer_s"] else None
+    line["layer_ratio"] = round(line["per_layer_s"] / dense, 2) if line["per_layer_s"] and dense else None
     out.write_text(json.dumps(line))
 
 
@@ -199,7 +247,8 @@ def main() -> int:
     ap.add_argument("--shapes", default="8b,70b")
     ap.add_argument("--skip", default="", help="comma-separated method:shape pairs to leave out")
     ap.add_argument("--plan-only", action="store_true",
-                    help="no run: record the planner's full-depth GPU peak at each method's defaults (status planned)")
+                    help="no run: record the planner's full-depth GPU peak at each method's defaults, and with "
+                         "offload where the method streams layers (status planned)")
     a = ap.parse_args()
     if a.child:
         child(*a.child, a.out)
@@ -211,10 +260,13 @@ def main() -> int:
         for shape in a.shapes.split(","):
             for method in methods:
                 name, layers, depth = SHAPES[shape]
-                record({"method": method, "shape": shape, "model": name, "depth": depth, "status": "planned",
+                line = {"method": method, "shape": shape, "model": name, "depth": depth, "status": "planned",
                         "full_depth_cuda_defaults": _full_depth_plan(_defaults(method, shape),
-                                                                     work / f"{method}-{shape}", "cuda")},
-                       __file__, threads=1)
+                                                                     work / f"{method}-{shape}", "cuda")}
+                if _offloads(method):
+                    line["full_depth_offload_defaults"] = _full_depth_plan(_defaults(method, shape),
+                                                                           work / f"{method}-{shape}-offload", "offload")
+                record(line, __file__, threads=1)
         return 0
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
     for shape in a.shapes.split(","):
@@ -233,10 +285,11 @@ def main() -> int:
             measured = int(c.peak_rss_gib * 1024**3)
             line.update({"measured_host_bytes": measured, "child_wall_s": round(c.wall_s, 1),
                          "child_returncode": c.returncode})
-            if line.get("model_bytes"):
+            done = line.get("status") == "completed"  # a run stopped by its plan measured only its start
+            if line.get("model_bytes") and done:
                 line["host_over_model"] = round(measured / line["model_bytes"], 2)
             pred = line.get("predicted_host_bytes")
-            line["host_error"] = round(measured / pred - 1, 3) if pred else None
+            line["host_error"] = round(measured / pred - 1, 3) if pred and done else None
             fd = line.get("full_depth_cpu") or {}
             if line.get("per_layer_s"):
                 line["full_depth_seconds"] = round(line["per_layer_s"] * line["depth"] *

@@ -14,8 +14,9 @@ from core.models.load import build_tiny, load_hf_dir
 from core.run.errors import LoadError
 
 
-def _saved(tmp_path, tied: bool):
+def _saved(tmp_path, tied: bool, dtype: str = "float32"):
     model, tok = build_tiny(num_layers=2, hidden_size=64, intermediate_size=96, seed=3)
+    model.to(getattr(torch, dtype))
     if tied:
         model.config.tie_word_embeddings = True
         model.tie_weights()
@@ -25,22 +26,26 @@ def _saved(tmp_path, tied: bool):
     return tmp_path
 
 
-def _slow(path):
+def _slow(path, dtype: str = "float32"):
     original = load._read_plain_llama
     load._read_plain_llama = lambda *a: None
     try:
-        return load_hf_dir(path)
+        return load_hf_dir(path, dtype=dtype)
     finally:
         load._read_plain_llama = original
 
 
-@pytest.mark.parametrize("tied", [False, True])
-def test_fast_read_is_from_pretrained(tmp_path, tied):
-    path = _saved(tmp_path, tied)
+@pytest.mark.parametrize("tied,dtype", [(False, "float32"), (True, "float32"), (False, "bfloat16"),
+                                        (True, "float16")])
+def test_fast_read_is_from_pretrained(tmp_path, tied, dtype):
+    """Stored in the dtype asked for (Llama-3-8B in bfloat16, say): read in place, exactly as from_pretrained."""
+    path = _saved(tmp_path, tied, dtype)
     cfg = json.loads((path / "config.json").read_text())
-    assert load._read_plain_llama(path, cfg, "float32") is not None  # the fast path is the one taken
-    fast, _ = load_hf_dir(path)
-    slow, _ = _slow(path)
+    assert load._read_plain_llama(path, cfg, dtype) is not None  # the fast path is the one taken
+    assert load._read_plain_llama(path, cfg, "auto") is not None  # auto: the stored dtype
+    fast, _ = load_hf_dir(path, dtype=dtype)
+    slow, _ = _slow(path, dtype)
+    assert next(fast.parameters()).dtype == getattr(torch, dtype)
     assert type(fast) is type(slow) and not fast.training
     a, b = fast.state_dict(), slow.state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

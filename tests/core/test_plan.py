@@ -170,6 +170,40 @@ def test_taylor_says_what_its_backward_needs(cfg8b):
     assert fp.widths[0]["kv_heads"] == [8, 6] and fp.widths[0]["intermediate_size"] == [14336, 10752]
 
 
+def test_flap_counts_the_float64_scoring_of_its_widest_projection():
+    """FLAP's scores copy a projection's weight to float64 and square it (pruning/stats.py channel_scores): at the
+    70B width that is 2 x 8 x 8,192 x 28,672 bytes for down_proj, more than one layer's surgery (the scale
+    benchmark measured +18.9% over a plan that counted only the surgery)."""
+    from pruning.flap import FLAP
+
+    cfg = shape_config("llama3_70b", 1)
+    score = "scoring one projection in float64 (x2 its weight)"
+    fp = FLAP(ratio=0.1).footprint(cfg, 1024, "bfloat16", "cpu", seq_len=512)
+    assert fp.host_parts[score] == 2 * 8 * 8192 * 28672
+    assert "one layer's surgery (new weights)" not in fp.host_parts  # after the pass: the larger of the two counts
+    ifv = FLAP(ratio=0.1, metric="IFV").footprint(cfg, 1024, "bfloat16", "cpu", seq_len=512)
+    assert ifv.host_parts["scoring one projection in float64 (x1 its weight)"] == 8 * 8192 * 28672
+    # attention alone: o_proj's scoring (2 x 8 x 8,192 x 64 x 128) is below one layer's new weights
+    attention_only = FLAP(ratio=0.1, mlp_layers=(0, 0)).footprint(cfg, 1024, "bfloat16", "cpu", seq_len=512)
+    assert 2 * 8 * 8192 * 64 * 128 < attention_only.host_parts["one layer's surgery (new weights)"] \
+        == 2 * P.layer_params(cfg, 0) - 2 * 2 * 8192  # its attention + MLP weights (the two norms are kept)
+    assert score not in attention_only.host_parts
+
+
+def test_l1_l2_count_their_scores_or_their_surgery_not_both():
+    """l2 scores every weight (a float32 copy and its square) before the surgery starts: the peak is the larger of
+    the two (the scale benchmark measured -19.7% against a plan that added them at the 70B width)."""
+    from pruning.llm_pruner import LLMPruner
+
+    cfg = shape_config("llama3_70b", 1)
+    scores, surgery = "one linear's float32 scores", "one layer's surgery (new weights)"
+    for importance in ("l1", "l2"):
+        fp = LLMPruner(importance=importance).footprint(cfg, 0, "bfloat16", "cpu")
+        assert fp.host_parts[scores] == 2 * 4 * 8192 * 28672 and surgery not in fp.host_parts
+    taylor = LLMPruner().footprint(cfg, 1024, "bfloat16", "cpu", seq_len=512)  # scored inside the backward
+    assert taylor.host_parts[scores] == 3 * 4 * 8192 * 28672 and surgery in taylor.host_parts
+
+
 def test_budgets_are_checked_from_the_config(cfg8b):
     from pruning import PruneError
     from pruning.flap import FLAP
