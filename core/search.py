@@ -25,7 +25,7 @@ evaluations (``evaluations``) and the equivalents spent (``cost``); cache hits a
 - ``score_topk``: each item alone (for Subsets the singletons {i}), ranked, and the top-k combination: n + 1
   evaluations (refused when the budget is smaller; not defined for Levels). A heuristic: it ignores interactions.
 - ``ga``: ``population`` distinct random candidates, then generations of ``offspring`` children: tournament
-  selection of 3, crossover, mutation with probability 1/2 or until the child is new (in neither the population
+  selection of ``tournament`` (3), crossover, mutation with probability ``mutation`` (1/2) or until the child is new (in neither the population
   nor the earlier top-fidelity scores, where it lost already), else a new random one. The next population is
   the best ``population`` of parents and children together (elitist, (mu + lambda)).
 - ``evolve`` (EvoPress-style (1 + lambda)): generation 0 is ``offspring`` random candidates, later generations
@@ -304,6 +304,7 @@ class _Run:
         self.size = space.size()
         self.members: dict[Candidate, bool] = {}
         self.last_save = -math.inf
+        self.tournament, self.mutation = TOURNAMENT, MUTATION  # ga's (search() sets them)
         self.stopped = ""
 
     def units(self, fidelity: Fidelity) -> float:
@@ -418,14 +419,14 @@ def _ga(run: _Run, rng: random.Random, population: int, offspring: int) -> None:
         return sorted(cs, key=lambda c: (_rank(value[c]), c))
 
     def tournament() -> Candidate:
-        return order(rng.sample(pop, min(TOURNAMENT, len(pop))))[0]
+        return order(rng.sample(pop, min(run.tournament, len(pop))))[0]
 
     pop = order(pop)[:population]
     while not run.exhausted:
         seen, children = set(pop), []
         for _ in range(offspring):
             child = space.crossover(tournament(), tournament(), rng)
-            if rng.random() < MUTATION or not run.new(child, seen):
+            if rng.random() < run.mutation or not run.new(child, seen):
                 child = space.mutate(child, rng)
             for attempt in range(2 * RETRIES):
                 if run.new(child, seen):
@@ -587,18 +588,24 @@ def search(space: Space, fitness: Fitness, *, strategy: str, budget: float, seed
            fidelities: Optional[Sequence[float]] = None, state_path: str | Path | None = None,
            fingerprint: Optional[dict[str, Any]] = None, population: int = 16, offspring: int = 8,
            on_eval: Optional[Callable[[Evaluation], None]] = None, save_every_s: float = 1.0,
-           initial: Sequence[Sequence[int]] = ()) -> SearchResult:
+           initial: Sequence[Sequence[int]] = (), tournament: int = TOURNAMENT,
+           mutation: float = MUTATION) -> SearchResult:
     """Search ``space`` for the candidate of lowest ``fitness`` (see the module docstring).
 
     ``population``: ga's population size. ``offspring``: ga's children and evolve's lambda per generation.
-    ``initial``: candidates ga / evolve start from (see "Initial candidates").
+    ``initial``: candidates ga / evolve start from (see "Initial candidates"). ``tournament``: ga's tournament
+    size; ``mutation``: the probability that ga mutates a child (it always does when the child is not new).
     """
+    if not (isinstance(tournament, int) and tournament >= 1) or not 0.0 <= float(mutation) <= 1.0:
+        raise SearchError(f"tournament={tournament} must be >= 1 and mutation={mutation} in [0, 1]")
     t0 = time.perf_counter()
     fids = _check(space, strategy, budget, fidelities, population, offspring)
     seeds = _initial(space, strategy, initial)
     mine = {"space": space.spec(), "strategy": strategy, "seed": seed, "budget": budget, "fidelities": fids}
     if strategy == "ga":
         mine["population"] = population
+        if (tournament, float(mutation)) != (TOURNAMENT, MUTATION):  # states written before these were settable
+            mine["tournament"], mine["mutation"] = tournament, float(mutation)
     if strategy in ("ga", "evolve"):
         mine["offspring"] = offspring
     if seeds:
@@ -612,6 +619,7 @@ def search(space: Space, fitness: Fitness, *, strategy: str, budget: float, seed
     restored = _load_state(path, fp) if path is not None and path.exists() else []
 
     run = _Run(space, fitness, fids, float(budget), restored, path, fp, on_eval, save_every_s, seeds)
+    run.tournament, run.mutation = tournament, float(mutation)
     run.save()
     completed = False
     try:

@@ -114,6 +114,11 @@ def run(cfg: DictConfig, ctx: Any) -> dict:
     too_big = [k for k in sspec.k if k > n]
     if too_big:
         raise ConfigError(f"search.k={list(sspec.k)}: {too_big} larger than the model's {n} layers")
+    outside = [c for c in sspec.initial if max(c) >= n]
+    unused = [c for c in sspec.initial if len(c) not in sspec.k]
+    if outside or unused:
+        raise ConfigError(f"search.initial: {outside or unused} " + (f"name layers past the model's {n}" if outside
+                          else f"match no k in search.k={list(sspec.k)}"))
     (out_dir / "state").mkdir(parents=True, exist_ok=True)
     fingerprint = {"base": rspec.base, "donor": rspec.donor, "fitness": sspec.fitness, "tokens": sspec.tokens,
                    "task": sspec.task, "limit": sspec.limit, "data": plain(cfg.data)}
@@ -163,6 +168,8 @@ def run(cfg: DictConfig, ctx: Any) -> dict:
         for strategy in sspec.strategies:
             levels = sspec.levels() if strategy == "evolve" else [full]
             res = search(Subsets(n, k), fitness, strategy=strategy, budget=sspec.budget, seed=sspec.seed,
+                         population=sspec.population, offspring=sspec.offspring, tournament=sspec.tournament,
+                         mutation=sspec.mutation, initial=sspec.initial_for(k) if strategy in ("ga", "evolve") else (),
                          fidelities=levels, state_path=out_dir / "state" / f"k{k}_{strategy}.json",
                          fingerprint=fingerprint,
                          on_eval=lambda e, tag=f"search/k{k}/{strategy}": ctx.log_series(

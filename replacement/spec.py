@@ -112,9 +112,27 @@ class SearchSpec:
     resume: Optional[str] = None  # null | "latest" | a killed search's run dir
     save_best: bool = False  # save each k's best hybrid as a checkpoint
     prefix_cache: bool = True  # reuse the base's hidden states up to a candidate's first swapped layer
+    # ga / evolve (core/search.py): population size (ga), children per generation (ga; evolve's lambda), ga's
+    # tournament size and mutation probability, and layer sets to start from (each used for the k of its length)
+    population: int = 16
+    offspring: int = 8
+    tournament: int = 3
+    mutation: float = 0.5
+    initial: list[list[int]] = field(default_factory=list)
+
+    def initial_for(self, k: int) -> list[list[int]]:
+        """The ``initial`` sets of ``k`` layers (the others serve other k)."""
+        return [list(c) for c in self.initial if len(c) == k]
 
     def __post_init__(self) -> None:
         errors = []
+        if self.population < 2 or self.offspring < 1 or self.tournament < 1 or not 0.0 <= self.mutation <= 1.0:
+            errors.append(f"search.population={self.population} (>= 2), offspring={self.offspring} (>= 1), "
+                          f"tournament={self.tournament} (>= 1), mutation={self.mutation} (in [0, 1])")
+        bad = [c for c in self.initial if not c or any(not isinstance(i, int) or isinstance(i, bool) or i < 0
+                                                       for i in c) or len(set(c)) != len(c)]
+        if bad:
+            errors.append(f"search.initial: {bad} are not sets of distinct layer indices")
         if not self.k or any(not isinstance(k, int) or k <= 0 for k in self.k):
             errors.append(f"search.k={self.k}: each k must be a positive number of layers")
         unknown = [s for s in self.strategies if s not in STRATEGIES]

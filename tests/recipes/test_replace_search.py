@@ -195,3 +195,25 @@ def test_a_base_given_as_a_path_loads_in_its_own_dtype(pair, tmp_path):
         assert info["base_model"]["dtype"] == want and info["base_model"]["device"] == "cpu"
         saved = json.loads((run / "model" / "config.json").read_text())
         assert saved.get("torch_dtype", saved.get("dtype")) == want
+
+
+def test_the_ga_settings_come_from_the_command_line(pair, tmp_path):
+    """The seed GA's knobs: population, offspring, tournament, mutation and the sets to start from, recorded in the
+    search's state (its resume fingerprint); a start set of the wrong size or past the depth fails before loading."""
+    base, donor = pair
+    args = ["task=search", *FAST, f"replacement.base={base}", f"replacement.donor={donor}", "search.k=[2]",
+            "search.strategies=[ga]", "search.budget=6", "search.tokens=64", "search.population=4",
+            "search.offspring=2", "search.tournament=2", "search.mutation=0.9", "search.initial=[[1,3]]"]
+    _, m = run_task(args, tmp_path / "ga")
+    assert m["status"] == "completed", m.get("error")
+    state = json.loads((tmp_path / "ga" / "search" / "state" / "k2_ga.json").read_text())
+    fp = state["fingerprint"]
+    assert (fp["population"], fp["offspring"], fp["tournament"], fp["mutation"]) == (4, 2, 2, 0.9)
+    assert fp["initial"] == [[1, 3]]
+    first = [e["candidate"] for e in state["history"]][:1]
+    assert first == [[1, 3]]  # the given set is scored first
+    for i, (bad, match) in enumerate((("search.initial=[[1,9]]", "past the model's 4"),
+                                      ("search.initial=[[1]]", "match no k"), ("search.mutation=1.5", "mutation=1.5"))):
+        with pytest.raises(SystemExit):
+            run_task([*args[:-1], bad], tmp_path / f"bad{i}")
+        assert match in json.loads((tmp_path / f"bad{i}" / "metrics.json").read_text())["error"]["message"]
