@@ -30,6 +30,7 @@ import pandas as pd
 from analysis.lm_eval_tasks import HEADLINE_METRIC
 from core.run.io import atomic_write_text
 from core.run.record import run_status
+from core.run.wandb_view import get as _get
 
 log = logging.getLogger(__name__)
 
@@ -77,14 +78,6 @@ def find_metrics(paths: Iterable[str | Path]) -> list[Path]:
         else:
             log.warning("table: %s is neither a run dir nor a metrics.json; skipped", p)
     return sorted(found)
-
-
-def _get(d: Any, *keys: str) -> Any:
-    for k in keys:
-        if not isinstance(d, dict):
-            return None
-        d = d.get(k)
-    return d
 
 
 def _range(m: dict, cfg: dict, part: str) -> Optional[str]:

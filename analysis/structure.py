@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import re
 import struct
+from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Optional
@@ -498,12 +499,13 @@ def sample_positions(numel: int, k: int = SAMPLES_PER_TENSOR) -> list[int]:
     return [(2 * j + 1) * numel // (2 * k) for j in range(k)]
 
 
-class TensorSamples:
+class TensorSamples(ABC):
     """A few values of each layer tensor, as float32 (``get(name)``; None when unknown): enough to tell which base
     layer a renumbered layer is a copy of (``analysis.compare.align_layers``), at the cost of a few reads."""
 
+    @abstractmethod
     def get(self, name: str) -> Optional[torch.Tensor]:
-        raise NotImplementedError
+        """The samples of tensor ``name`` (None when it is unknown or not a layer tensor)."""
 
 
 class StateDictSamples(TensorSamples):

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import re
 import struct
 from pathlib import Path
@@ -35,6 +34,7 @@ import yaml
 from core.models.ref import gguf_path
 from core.run.errors import RunDirError
 from core.run.io import atomic_write_text
+from core.run.wandb_view import finite_number, get as _get
 
 log = logging.getLogger(__name__)
 
@@ -56,20 +56,6 @@ def hub_id(name: Any) -> Optional[str]:
     if not isinstance(name, str) or not _HUB_ID.match(name) or ".." in name or name.endswith((".", "-")):
         return None
     return name
-
-
-def _get(d: Any, *keys: str) -> Any:
-    for k in keys:
-        if not isinstance(d, Mapping):
-            return None
-        d = d.get(k)
-    return d
-
-
-def _num(v: Any) -> Optional[float]:
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-        return None
-    return v
 
 
 def _fmt(v: Any) -> str:
@@ -292,7 +278,7 @@ def _eval_sides(record: Mapping[str, Any]) -> dict[str, dict]:
         if not isinstance(result, Mapping):
             continue
         ppl = result.get("ppl")
-        if isinstance(ppl, Mapping) and "value" not in ppl and ppl and all(_num(v) is not None for v in ppl.values()):
+        if isinstance(ppl, Mapping) and "value" not in ppl and ppl and all(finite_number(v) is not None for v in ppl.values()):
             proto = {k: result.get(k) for k in ("seq_len", "tokens", "source", "windows") if k in result}
             for name, v in ppl.items():
                 sides.setdefault(str(name), {})["ppl"] = {"value": v, **proto}
@@ -306,7 +292,7 @@ def _metric_rows(sides: Mapping[str, dict]) -> tuple[list[list[Any]], list[str]]
     labels = list(sides)
     rows: list[list[Any]] = []
     notes: list[str] = []
-    if any(_num(_get(r, "ppl", "value")) is not None for r in sides.values()):
+    if any(finite_number(_get(r, "ppl", "value")) is not None for r in sides.values()):
         rows.append(["perplexity ↓", *[_get(sides[s], "ppl", "value") for s in labels]])
         protocols = _unique([tuple((k, _get(r, "ppl", k)) for k in ("source", "seq_len", "tokens", "windows"))
                              for r in sides.values() if _get(r, "ppl", "value") is not None])
@@ -339,7 +325,7 @@ def _metric_rows(sides: Mapping[str, dict]) -> tuple[list[list[Any]], list[str]]
         same = [k for k in keys if len(effs) > 1 and all(k in e and e[k] == effs[0][k] for e in effs)
                 or isinstance(effs[0].get(k), str)]
         for k in keys:
-            if k not in same and any(_num(_get(r, "efficiency", k)) is not None for r in sides.values()):
+            if k not in same and any(finite_number(_get(r, "efficiency", k)) is not None for r in sides.values()):
                 rows.append([f"efficiency: {k}", *[_get(r, "efficiency", k) for r in sides.values()]])
         notes.append("Efficiency: measured on the run's own machine, the same way for every model"
                      + (f" ({', '.join(f'{k} {_fmt(effs[0].get(k))}' for k in same if k in effs[0])})" if same
@@ -403,7 +389,7 @@ def model_card(info: Mapping[str, Any], config: Optional[Mapping[str, Any]] = No
     method = info.get("method") or record.get("method")
     recovery = info.get("recovery") if isinstance(info.get("recovery"), Mapping) else {}
     n_params = {k: v for k, v in {**(info.get("params") or {}), **(record.get("params") or {})}.items()
-                if _num(v) is not None}
+                if finite_number(v) is not None}
     before = n_params.get("base") or _get(sources, "base_model", "params")
     after = n_params.get("pruned") or n_params.get("model") or params
 
@@ -413,7 +399,7 @@ def model_card(info: Mapping[str, Any], config: Optional[Mapping[str, Any]] = No
     arch = config.get("architectures") or []
     tags = ["prunelab", *_words(arch[0] if arch else None), *_words(config.get("model_type"))]
     tags += [w for f in facts for w in _words(f.get("architecture"))]
-    if _num(before) and _num(after) and after < before:
+    if finite_number(before) and finite_number(after) and after < before:
         tags.append("pruned")
     if len(facts) > 1:  # layers from more than one model
         tags.append("hybrid")
@@ -462,17 +448,17 @@ def model_card(info: Mapping[str, Any], config: Optional[Mapping[str, Any]] = No
             parts.append(f"— a prunelab checkpoint (`{d.get('method')}`) of "
                          + (f"{d['hub_id']}" if d.get("hub_id") else f"`{d.get('name')}`"))
         lines.append("- " + " ".join(parts))
-    if _num(after):
-        if _num(before) and after <= before:
+    if finite_number(after):
+        if finite_number(before) and after <= before:
             lines.append(f"- **Parameters**: {int(before):,} → {int(after):,} "
                          f"({100.0 * after / before:.2f}% kept, {100.0 * (1 - after / before):.2f}% removed)")
-        elif _num(before):
+        elif finite_number(before):
             lines.append(f"- **Parameters**: {int(before):,} → {int(after):,} "
                          f"({100.0 * (after / before - 1):.2f}% more than the base)")
         else:
             lines.append(f"- **Parameters**: {int(after):,}")
     nz, nz_base = n_params.get("nonzero"), n_params.get("nonzero_base")
-    if _num(nz) and _num(nz_base) and nz != after:
+    if finite_number(nz) and finite_number(nz_base) and nz != after:
         lines.append(f"- **Non-zero parameters**: {int(nz_base):,} → {int(nz):,} "
                      f"({100.0 * nz / nz_base:.2f}% kept; zeros kept in dense shapes)")
     made = [f"commit `{str(info['git_commit'])[:12]}`" if info.get("git_commit") else "commit unknown",
@@ -500,7 +486,7 @@ def model_card(info: Mapping[str, Any], config: Optional[Mapping[str, Any]] = No
         lines += ["### Data", ""]
         for part, d in texts:
             counts = ", ".join(f"{k} {_fmt(v)}" for k, v in d.items()
-                               if k not in ("source", "description") and _num(v) is not None)
+                               if k not in ("source", "description") and finite_number(v) is not None)
             lines.append(f"- {part.capitalize()} text `{d['source']}`" + (f" ({counts})" if counts else "")
                          + (f": {_fmt(d['description'])}" if d.get("description") else ""))
         lines.append("")

@@ -74,6 +74,7 @@ _SPEED = {"prefill_tokens_per_s": "prefill_tok_s", "decode_tokens_per_s": "decod
 # --- W&B: names, config, group (pure functions, tested without W&B) -------------------------------------------
 
 def get(d: Any, *keys: str) -> Any:
+    """``d[k1][k2]...``, or None where a level is missing or not a mapping (records are nested JSON)."""
     for k in keys:
         if not isinstance(d, Mapping):
             return None
@@ -81,7 +82,7 @@ def get(d: Any, *keys: str) -> Any:
     return d
 
 
-def _number(v: Any) -> Optional[float]:
+def finite_number(v: Any) -> Optional[float]:
     """A finite real number (bools and NaN/inf are not), else None."""
     if isinstance(v, bool) or not isinstance(v, (int, float)):
         return None
@@ -213,7 +214,7 @@ def _zeroshot(result: Mapping[str, Any]) -> dict[str, float]:
     for name, e in (result.get("tasks") or {}).items():
         if not isinstance(e, Mapping) or name.startswith("mmlu") or e.get("status", "completed") != "completed":
             continue
-        value = _number(e.get(heads.get(name, "acc")))
+        value = finite_number(e.get(heads.get(name, "acc")))
         if value is not None:
             out[f"zeroshot/{name}"] = value
     return out
@@ -260,28 +261,28 @@ def standard_summary(record: Mapping[str, Any], view: WandbView = NO_VIEW) -> di
         if ks:
             out["search/best_fitness"] = get(best, ks[-1], "fitness")
 
-    n_base = _number(params.get("base")) or _number(info_params.get("base"))
-    n_model = _number(params.get("pruned")) or _number(params.get("model")) or _number(info_params.get("pruned"))
+    n_base = finite_number(params.get("base")) or finite_number(info_params.get("base"))
+    n_model = finite_number(params.get("pruned")) or finite_number(params.get("model")) or finite_number(info_params.get("pruned"))
     uncompressed = bool(view.uncompressed) and not record.get("method") and base is None
     if uncompressed and n_model:
         n_base = n_base or n_model  # an uncompressed model evaluated alone is its own base
     out["params/base"], out["params/pruned"] = n_base, n_model
     if n_base and n_model:
         out["params/kept_frac"] = n_model / n_base
-    nz, nz_base = _number(params.get("nonzero")), _number(params.get("nonzero_base"))
+    nz, nz_base = finite_number(params.get("nonzero")), finite_number(params.get("nonzero_base"))
     if uncompressed and nz:
         nz_base = nz_base or nz
     if nz is not None and nz_base:
         out["params/nonzero_frac"] = nz / nz_base
-    flops = _number(get(record, "flops", "kept_pct"))
+    flops = finite_number(get(record, "flops", "kept_pct"))
     if flops is not None:
         out["flops/kept_frac"] = flops / 100.0
-    ppl, ppl_base = _number(out.get("ppl/pruned")), _number(out.get("ppl/base"))
+    ppl, ppl_base = finite_number(out.get("ppl/pruned")), finite_number(out.get("ppl/base"))
     if ppl is not None and ppl_base:
         out["ppl/ratio"] = ppl / ppl_base
     for key in ("prune_s", "eval_s", "recipe_s"):
         out[f"time/{key}"] = get(record, "timings", key)
-    return {k: v for k, v in out.items() if _number(v) is not None}
+    return {k: v for k, v in out.items() if finite_number(v) is not None}
 
 
 def eval_table_rows(record: Mapping[str, Any]) -> list[dict[str, Any]]:
@@ -312,6 +313,6 @@ def per_layer_rows(records: Iterable[Mapping[str, Any]]) -> Optional[list[dict[s
     """Numeric columns of a table with one row per ``layer_idx`` (else None: not a per-layer table)."""
     rows = [dict(r) for r in records]
     idx = [r.get("layer_idx") for r in rows]
-    if not rows or any(_number(i) is None for i in idx) or len(set(idx)) != len(idx):
+    if not rows or any(finite_number(i) is None for i in idx) or len(set(idx)) != len(idx):
         return None
-    return [{k: v for k, v in r.items() if _number(v) is not None} for r in rows]
+    return [{k: v for k, v in r.items() if finite_number(v) is not None} for r in rows]
