@@ -11,7 +11,7 @@ from __future__ import annotations
 import io
 import logging
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import pandas as pd
 
@@ -237,53 +237,55 @@ def _ranges(idx: list[int]) -> str:
 def write_analysis(out_dir: str | Path, pruned: ModelStructure, base: Optional[ModelStructure] = None, *,
                    expected_ranges: Optional[dict] = None, target_sparsity: Optional[float] = None,
                    model_dir: Optional[str | Path] = None, ctx: Any = None,
-                   base_model_dir: Optional[str | Path] = None) -> dict:
+                   base_model_dir: Optional[str | Path] = None,
+                   wait_for_model: Optional[Callable[[], Any]] = None) -> dict:
     """Write every analysis file into ``out_dir``; return the summary for metrics.json.
 
     A base with another architecture does not raise: the structure is still written and the
-    summary carries ``comparison_error``.
+    summary carries ``comparison_error``. ``wait_for_model``: called before ``model_dir``'s files are measured
+    (a checkpoint still being written beside the comparison and the plots finishes first).
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    model_dir = model_dir or pruned.model_dir
-    base_model_dir = base_model_dir or (base.model_dir if base is not None else None)
-    size = size_report(model_dir, pruned) if model_dir and Path(model_dir).exists() else None
-    base_size = size_report(base_model_dir, base) if base is not None and base_model_dir and \
-        Path(base_model_dir).exists() else None
-    size_cmp = compare_sizes(base_size, size) if size and base_size else None
-
-    structure = pruned.to_json()
-    structure["size"] = size
-    atomic_write_json(out / "model_structure.json", structure)
     comparison: Optional[dict] = None
     compare_error: Optional[str] = None
-    files = ["model_structure.json"]
     if base is not None:
         try:
             comparison = compare(base, pruned, expected_ranges=expected_ranges, target_sparsity=target_sparsity)
         except ArchitectureMismatch as e:
             compare_error = str(e)
             log.error("comparison skipped: %s", e)
-    if comparison is not None:
-        rows = comparison.pop("_rows")
-        comparison["size"] = size_cmp
-        atomic_write_json(out / "model_comparison.json", comparison)
-        files.append("model_comparison.json")
-    else:
-        rows = structure_rows(pruned)
+    rows = comparison.pop("_rows") if comparison is not None else structure_rows(pruned)
     for r in rows:
         r["kind"] = row_kind(r["group"])
     frame = pd.DataFrame(rows, columns=CSV_COLUMNS)
+    images: dict[str, Path] = {}
+    if comparison is not None:
+        images["sparsity"] = sparsity_bars(comparison, out / "sparsity.png", target_sparsity)
+        images["module_heatmap"] = module_heatmap(comparison, out / "module_heatmap.png")
+
+    if wait_for_model is not None:
+        wait_for_model()
+    model_dir = model_dir or pruned.model_dir
+    base_model_dir = base_model_dir or (base.model_dir if base is not None else None)
+    size = size_report(model_dir, pruned) if model_dir and Path(model_dir).exists() else None
+    base_size = size_report(base_model_dir, base) if base is not None and base_model_dir and \
+        Path(base_model_dir).exists() else None
+    size_cmp = compare_sizes(base_size, size) if size and base_size else None
+    structure = pruned.to_json()
+    structure["size"] = size
+    atomic_write_json(out / "model_structure.json", structure)
+    files = ["model_structure.json"]
+    if comparison is not None:
+        comparison["size"] = size_cmp
+        atomic_write_json(out / "model_comparison.json", comparison)
+        files.append("model_comparison.json")
     atomic_write_text(out / "layers.csv", frame.to_csv(index=False))
     files.append("layers.csv")
     text = summary_text(pruned, comparison, size, size_cmp, compare_error, rows)
     atomic_write_text(out / "structure_summary.txt", text)
     files.append("structure_summary.txt")
-    images: dict[str, Path] = {}
-    if comparison is not None:
-        images["sparsity"] = sparsity_bars(comparison, out / "sparsity.png", target_sparsity)
-        images["module_heatmap"] = module_heatmap(comparison, out / "module_heatmap.png")
-        files += ["sparsity.png", "module_heatmap.png"]
+    files += [Path(p).name for p in images.values()]
 
     summary: dict[str, Any] = {
         "dir": str(out), "files": files, "model_name": pruned.name, "format": pruned.format,

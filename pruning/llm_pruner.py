@@ -303,18 +303,20 @@ def solve_params_ratio(geo: Geometry, spec: LLMPruner, target: float, total_para
 # --------------------------------------------------------------------------- importance
 
 
-def _coupled(model: nn.Module, spec: LLMPruner) -> list[tuple[str, int, nn.Parameter, str]]:
-    """(kind, layer, weight, orientation) of every weight whose rows/cols form pruning groups.
+def _coupled(model: nn.Module, spec: LLMPruner, attention: bool = True, mlp: bool = True
+             ) -> list[tuple[str, int, nn.Parameter, str]]:
+    """(kind, layer, weight, orientation) of every weight whose rows/cols form pruning groups (of attention and / or
+    the MLP).
 
     orientation 'out': groups are rows (q/k/v, gate/up); 'in': groups are columns (o, down).
     """
     out = []
     layers = decoder_layers(model)
-    for l in range(*spec.attention_layers):
+    for l in range(*spec.attention_layers) if attention else ():
         a = layers[l].self_attn
         out += [("q", l, a.q_proj.weight, "out"), ("k", l, a.k_proj.weight, "out"),
                 ("v", l, a.v_proj.weight, "out"), ("o", l, a.o_proj.weight, "in")]
-    for l in range(*spec.mlp_layers):
+    for l in range(*spec.mlp_layers) if mlp else ():
         m = layers[l].mlp
         out += [("gate", l, m.gate_proj.weight, "out"), ("up", l, m.up_proj.weight, "out"),
                 ("down", l, m.down_proj.weight, "in")]
@@ -340,24 +342,26 @@ def _row_scores(w: torch.Tensor, g: Optional[torch.Tensor], h: Optional[torch.Te
     return (w * g.float() - 0.5 * w * h * w).abs().sum(dim)  # param_mix
 
 
-def importance(model: nn.Module, batch: Optional[torch.Tensor], spec: LLMPruner, progress: bool = True
-               ) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor]]:
-    """Group scores: ``{layer: [kv_groups]}`` for attention and ``{layer: [width]}`` for MLP."""
+def importance(model: nn.Module, batch: Optional[torch.Tensor], spec: LLMPruner, progress: bool = True,
+               attention: bool = True, mlp: bool = True) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor]]:
+    """Group scores: ``{layer: [kv_groups]}`` for attention and ``{layer: [width]}`` for MLP. ``attention`` /
+    ``mlp`` false: that kind is not scored (nothing of it is removed; its weights' gradients are never formed, which
+    leaves the other kind's gradients as they are)."""
     # local: imports torch, and config validation imports this module
     import torch
 
     from pruning.calibration import gradient_passes
 
     geo = Geometry.of(model)
-    coupled = _coupled(model, spec)
+    coupled = _coupled(model, spec, attention, mlp)
     weights = [w for _, _, w, _ in coupled]
     rows: list[Optional[torch.Tensor]] = [None] * len(coupled)
 
     if spec.importance == "random":
         gen = torch.Generator().manual_seed(spec.seed)
-        att = {l: torch.rand(geo.kv_heads[l], generator=gen) for l in range(*spec.attention_layers)}
-        mlp = {l: torch.rand(geo.widths[l], generator=gen) for l in range(*spec.mlp_layers)}
-        return att, mlp
+        att_r = {l: torch.rand(geo.kv_heads[l], generator=gen) for l in range(*spec.attention_layers)}
+        mlp_r = {l: torch.rand(geo.widths[l], generator=gen) for l in range(*spec.mlp_layers)}
+        return att_r, mlp_r  # (both drawn whatever is removed: the same seed picks the same groups)
 
     if spec.importance in ("l1", "l2"):
         rows = [_row_scores(w, None, None, o, spec) for _, _, w, o in coupled]
@@ -399,9 +403,8 @@ def importance(model: nn.Module, batch: Optional[torch.Tensor], spec: LLMPruner,
             kv = geo.kv_heads[l]
             att_parts.setdefault(l, []).append(r.view(kv, -1).sum(1))  # rows of a KV group are contiguous
     red = {"sum": lambda t: t.sum(0), "mean": lambda t: t.mean(0), "max": lambda t: t.max(0).values}[spec.group_reduction]
-    att = {l: red(torch.stack(p)) for l, p in att_parts.items()}
-    mlp = {l: red(torch.stack(p)) for l, p in mlp_parts.items()}
-    return att, mlp
+    return ({l: red(torch.stack(p)) for l, p in att_parts.items()},
+            {l: red(torch.stack(p)) for l, p in mlp_parts.items()})
 
 
 # --------------------------------------------------------------------------- selection
@@ -467,7 +470,8 @@ def prune(model: nn.Module, batch: Optional[torch.Tensor], spec: LLMPruner) -> P
         if not any(want_h.values()) and not any(want_c.values()):
             continue
         t0 = time.perf_counter()
-        att, mlp = importance(model, batch, spec, progress)
+        att, mlp = importance(model, batch, spec, progress, attention=any(want_h.values()),
+                              mlp=any(want_c.values()))
         t1 = time.perf_counter()
         drop_h = _select(att, want_h, spec.global_ranking, 1, 1)
         drop_c = _select(mlp, want_c, spec.global_ranking, spec.round_to, spec.round_to)

@@ -84,7 +84,15 @@ class Plan:
     notes: list[str] = field(default_factory=list)
     devices: list[str] = field(default_factory=list)  # the accelerators it uses
     unknown: Optional[str] = None  # why no memory can be predicted (a config only loading reads)
-    variants: list[tuple[str, "Plan"]] = field(default_factory=list)  # knob settings and their plans
+    # knob settings and their plans: computed on first use (a dry run, a refusal; a run that fits never needs them)
+    variant_source: Optional[Callable[[], list[tuple[str, "Plan"]]]] = field(default=None, repr=False)
+    _variants: Optional[list[tuple[str, "Plan"]]] = field(default=None, repr=False)
+
+    @property
+    def variants(self) -> list[tuple[str, "Plan"]]:
+        if self._variants is None:
+            self._variants = self.variant_source() if self.variant_source is not None else []
+        return self._variants
 
     def peak(self) -> tuple[P.Footprint, dict[str, str]]:
         """The peak over the phases, the process baseline (and the CUDA context) included."""
@@ -107,8 +115,9 @@ class Plan:
                          "process_baseline_bytes": P.PROCESS_BASELINE_BYTES, "run_extra_bytes": P.RUN_EXTRA_BYTES},
                 "phases": {k: v.record() for k, v in self.phases.items()},
                 "what": {k: v for k, v in self.lines}, "notes": self.notes,
+                # the knob variants when they were computed (a dry run, a plan that does not fit)
                 "variants": {label: {"device_bytes": v.peak()[0].device_bytes, "host_bytes": v.peak()[0].host_bytes}
-                             for label, v in self.variants}}
+                             for label, v in (self._variants or [])}}
 
 
 @dataclass
@@ -237,7 +246,7 @@ def prepare(cfg: DictConfig, recipe: Any) -> Prepared:
         if planner is None:
             return Prepared()
         plan = planner(cfg)
-        plan.variants = [(label, v) for label, v in _variants(cfg, planner, plan)]
+        plan.variant_source = lambda: _variants(cfg, planner, plan)  # before the run: cfg as validated
         return Prepared(plan)
     except UserError as e:
         return Prepared(error=e)
@@ -295,13 +304,13 @@ def enforce(cfg: DictConfig, prepared: Prepared, ctx: Any) -> None:
     plan = prepared.plan
     if plan is None:
         return
-    record = plan.record()
     if plan.unknown:
-        ctx.log("plan", record)
+        ctx.log("plan", plan.record())
         return
     avail = available(cfg, plan)
     fp, _ = plan.peak()
     ok = P.fits(fp, avail.device, avail.host)
+    record = plan.record() if ok else (plan.variants, plan.record())[1]  # a refusal records the knobs it names
     record["available"] = {"device_bytes": avail.device, "host_bytes": avail.host, "device_source": avail.device_source,
                            "host_source": avail.host_source, "fits": ok}
     ctx.log("plan", record)

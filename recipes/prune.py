@@ -10,6 +10,7 @@ everything below takes plain arguments.
 from __future__ import annotations
 
 import gc
+import importlib
 import logging
 import resource
 import time
@@ -23,6 +24,7 @@ from core.data.text import calibration_and_eval_sources, calibration_batch, eval
 from core.models.llama import count_nonzero, count_params, flops_per_token, params_from_config
 from core.models.ref import model_config, model_depth
 from core.run.errors import ConfigError, UserError
+from core.run.io import InBackground
 from core.run.wandb_view import WandbView
 from recipes import _recovery as recovery_stage
 from recipes._common import build, headline_metrics, model_ref, plain, text_spec, write_card
@@ -178,7 +180,8 @@ def _run(cfg: DictConfig, ctx) -> dict:
     base_structure = structure_of(model, config=model.config.to_dict(), name=ref.name)  # shapes only
     t_eval = time.perf_counter() - t0
 
-    # 4. Prune.
+    # 4. Prune. The analysis modules (pandas, matplotlib: ~0.5 s) are imported meanwhile, beside torch's kernels.
+    analysis_imports = InBackground(importlib.import_module, "analysis.report")
     t0 = time.perf_counter()
     result = pruner(model, batch)
     t_prune = time.perf_counter() - t0
@@ -252,30 +255,41 @@ def _run(cfg: DictConfig, ctx) -> dict:
             "config": plain(cfg)}
     if recovery_entry is not None:
         info["recovery"] = recovery_entry
-    if cfg.save_model:
-        out = save_checkpoint(model, tok, run_dir / "model", info,
-                              save_dtype=torch_dtype(cfg.save_dtype) if cfg.save_dtype else None)
+    # the checkpoint is written (safetensors, fsync: outside the interpreter lock) while the analysis compares and
+    # plots; the analysis measures the checkpoint's files once it is complete
+    saving = InBackground(save_checkpoint, model, tok, run_dir / "model", info,
+                          save_dtype=torch_dtype(cfg.save_dtype) if cfg.save_dtype else None) if cfg.save_model else None
+
+    def saved() -> None:
+        if saving is None:
+            return
+        out = saving.result()
         ctx.log("checkpoint", {"path": str(out), "bytes": sum(f.stat().st_size for f in out.iterdir()),
                                "dtype": cfg.save_dtype or str(next(model.parameters()).dtype).removeprefix("torch.")})
         log.info("checkpoint: %s", out)
-    t_save = time.perf_counter() - t0
-    peak["save"] = _peak_mib()
-    t0 = time.perf_counter()
-    from analysis.report import write_analysis  # pandas + matplotlib: imported after the memory peak of pruning
+
+    analysis_imports.result()
+    from analysis.report import write_analysis  # (imported during pruning)
 
     base_dir = cached_gguf_dir(ref, cache_dir) if ref.kind == "gguf" else ref.path
-    summary = write_analysis(
-        run_dir / "analysis", structure_of(model, config=model.config.to_dict(), name=f"{ref.name}-{pruner.name}"),
-        base_structure, expected_ranges=result.ranges,
-        target_sparsity=float(result.compression["amount"]) if result.compression.get("unit") in ("params", "sparsity")
-        else result.removed_fraction,
-        model_dir=(run_dir / "model") if cfg.save_model else None, base_model_dir=base_dir, ctx=ctx)
+    try:
+        summary = write_analysis(
+            run_dir / "analysis", structure_of(model, config=model.config.to_dict(), name=f"{ref.name}-{pruner.name}"),
+            base_structure, expected_ranges=result.ranges,
+            target_sparsity=float(result.compression["amount"]) if result.compression.get("unit") in ("params", "sparsity")
+            else result.removed_fraction,
+            model_dir=(run_dir / "model") if cfg.save_model else None, base_model_dir=base_dir, ctx=ctx,
+            wait_for_model=saved)
+    finally:
+        if saving is not None:  # never leave while the checkpoint is still being written
+            saving.result()
+    t_save = saving.seconds if saving is not None else 0.0
+    peak["save"] = peak["analysis"] = _peak_mib()
     ctx.log("analysis", summary)
-    peak["analysis"] = _peak_mib()
     ctx.log("memory", {f"peak_rss_mib_after_{k}": round(v, 1) for k, v in peak.items()})
     ctx.log("timings", {"load_s": t_load, "eval_s": t_eval, "prune_s": t_prune, "recovery_s": t_recovery,
-                        "save_s": t_save,
-                        "analysis_s": time.perf_counter() - t0, "recipe_s": time.perf_counter() - t_start})
+                        "save_s": t_save,  # (beside the analysis: save_and_analysis_s is their wall time)
+                        "save_and_analysis_s": time.perf_counter() - t0, "recipe_s": time.perf_counter() - t_start})
     metrics = headline_metrics(results.get("recovered") or results["pruned"])
     if recovery_entry is not None:
         metrics.update({k: v for k, v in (("ppl_before_recovery", (results["pruned"].get("ppl") or {}).get("value")),

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import logging
+import mmap
 import re
 import struct
 from pathlib import Path
@@ -127,13 +128,40 @@ _GGUF_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 
 
 def gguf_metadata(path: str | Path, prefix: str = "general.") -> dict[str, Any]:
     """The key/value metadata of a GGUF file whose keys start with ``prefix``, read from its header alone
-    (gguf's GGUFReader also maps every tensor: seconds for a small model)."""
-    with open(path, "rb") as f:
+    (gguf's GGUFReader also maps every tensor: seconds for a small model). Values under other keys are skipped
+    unread (a tokenizer's 100k-string vocabulary costs a few ms, not a quarter of a second)."""
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+        pos = 0
+
         def read(fmt: str) -> Any:
-            return struct.unpack(fmt, f.read(struct.calcsize(fmt)))[0]
+            nonlocal pos
+            v = struct.unpack_from(fmt, mm, pos)[0]
+            pos += struct.calcsize(fmt)
+            return v
 
         def string() -> str:
-            return f.read(read("<Q")).decode("utf-8", errors="replace")
+            nonlocal pos
+            n = read("<Q")
+            pos += n
+            return bytes(mm[pos - n:pos]).decode("utf-8", errors="replace")
+
+        def skip(kind: int) -> None:
+            nonlocal pos
+            if kind == 8:
+                n = read("<Q")  # (read moves pos: not `pos += read(...)`)
+                pos += n
+            elif kind == 9:
+                item, n = read("<I"), read("<Q")
+                if item in _GGUF_SCALARS:
+                    size = n * struct.calcsize(_GGUF_SCALARS[item])
+                    pos += size
+                else:
+                    for _ in range(n):
+                        skip(item)
+            elif kind in _GGUF_SCALARS:
+                pos += struct.calcsize(_GGUF_SCALARS[kind])
+            else:
+                raise ValueError(f"unknown GGUF value type {kind}")
 
         def value(kind: int) -> Any:
             if kind == 8:
@@ -145,17 +173,23 @@ def gguf_metadata(path: str | Path, prefix: str = "general.") -> dict[str, Any]:
                 raise ValueError(f"unknown GGUF value type {kind}")
             return read(_GGUF_SCALARS[kind])
 
-        if f.read(4) != b"GGUF":
-            raise ValueError(f"{path} is not a GGUF file")
-        read("<I")  # version
-        read("<Q")  # tensors
-        out = {}
-        for _ in range(read("<Q")):
-            key = string()
-            v = value(read("<I"))
-            if key.startswith(prefix):
-                out[key] = v
-        return out
+        try:
+            if mm[:4] != b"GGUF":
+                raise ValueError(f"{path} is not a GGUF file")
+            pos = 4
+            read("<I")  # version
+            read("<Q")  # tensors
+            out = {}
+            for _ in range(read("<Q")):
+                key = string()
+                kind = read("<I")
+                if key.startswith(prefix):
+                    out[key] = value(kind)
+                else:
+                    skip(kind)
+            return out
+        except struct.error:
+            raise ValueError(f"{path}: truncated GGUF header") from None
 
 
 def _gguf_facts(path: Path) -> dict:

@@ -3,6 +3,7 @@
 Files are written under a temporary name, fsynced, and renamed; directories are filled under a hidden
 ``.<name>.partial-<pid>-*`` name, every file and the directory fsynced, renamed, and the parent fsynced.
 A full disk is a :class:`~core.run.errors.RunDirError` with one line, and the partial output is removed.
+:class:`InBackground` runs one such write (or any work outside the interpreter lock) beside the caller's.
 """
 
 from __future__ import annotations
@@ -13,9 +14,11 @@ import math
 import os
 import shutil
 import tempfile
+import threading
+import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator, Optional
 
 from core.run.errors import RunDirError
 
@@ -127,3 +130,37 @@ def atomic_dir(target: str | Path) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+class InBackground:
+    """``fn(*args, **kwargs)`` started in a thread now; :meth:`result` waits for it and returns its value or raises
+    its exception in the caller. For work that spends its time outside the interpreter lock (safetensors writes,
+    fsync, torch kernels, file reads, imports waiting on disk) beside Python work of the caller."""
+
+    def __init__(self, fn: Callable[..., Any], *args: Any, **kwargs: Any):
+        self._value: Any = None
+        self._error: Optional[BaseException] = None
+        self._seconds = 0.0
+
+        def body() -> None:
+            t0 = time.perf_counter()
+            try:
+                self._value = fn(*args, **kwargs)
+            except BaseException as e:  # noqa: BLE001 - re-raised in the caller by result()
+                self._error = e
+            self._seconds = time.perf_counter() - t0
+
+        self._thread = threading.Thread(target=body, name=f"background-{getattr(fn, '__name__', 'work')}",
+                                        daemon=True)
+        self._thread.start()
+
+    def result(self) -> Any:
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        return self._value
+
+    @property
+    def seconds(self) -> float:
+        """How long the work itself took (once :meth:`result` returned)."""
+        return self._seconds

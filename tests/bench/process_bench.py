@@ -124,7 +124,7 @@ def default_run(args: argparse.Namespace) -> None:
             assert m["status"] == "completed", m.get("error")
             t = m["timings"]
             known = {"startup": t["startup_s"], "validate_and_imports": t["validate_s"], "load": t["load_s"],
-                     "eval": t["eval_s"], "prune": t["prune_s"], "save": t["save_s"], "analysis": t["analysis_s"]}
+                     "eval": t["eval_s"], "prune": t["prune_s"], "save_and_analysis": t["save_and_analysis_s"]}
             known["other"] = wall - sum(known.values())
             cal = m["data"]["calibration"]
             _, _, out = _child([sys.executable, "-c", FORWARD, str(ROOT), str(args.threads or 0), cache,
@@ -175,7 +175,7 @@ def main() -> None:
             outcomes.append({**outcome(m), "weights_sha256": weights_digest(run_dir / "model")})
             t = m["timings"]
             known = {"startup": t["startup_s"], "validate_and_imports": t["validate_s"], "load": t["load_s"],
-                     "prune": t["prune_s"], "save": t["save_s"], "analysis": t["analysis_s"]}
+                     "prune": t["prune_s"], "save_and_analysis": t["save_and_analysis_s"]}
             known["other"] = wall - sum(known.values())
             walls.append(wall)
             peaks.append(peak)

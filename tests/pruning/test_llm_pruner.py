@@ -160,6 +160,28 @@ def test_taylor_scores_use_calibration_gradients(tiny, calib):
     assert all(p.grad is None for p in model.parameters())  # hooks freed every gradient
 
 
+def test_a_kind_with_nothing_to_remove_is_not_scored(tiny, calib, monkeypatch):
+    """Attention ratio rounding to zero KV groups: no attention weight takes a gradient, and the MLP's scores (so the
+    channels chosen) are exactly those of the pass that also formed the attention gradients."""
+    import pruning.calibration as calibration
+
+    model, _ = tiny
+    seen = []
+    real = calibration.gradient_passes
+
+    def spy(model, batch, weights, *a, **k):
+        seen.append(len(weights))
+        return real(model, batch, weights, *a, **k)
+    monkeypatch.setattr(calibration, "gradient_passes", spy)
+    _, both = importance(model, calib, spec(), progress=False)
+    att, mlp_only = importance(model, calib, spec(), progress=False, attention=False)
+    assert att == {} and seen[1] == seen[0] - 4 * 2  # q, k, v, o of the 2 attention layers left out
+    for l in both:
+        assert torch.equal(both[l], mlp_only[l])
+    pruned = spec(attention_ratio=0.25)(model, calib)  # rounds to 0 groups: the run scores the MLP alone
+    assert seen[-1] == 3 * 2 and all(l["kv_heads"][0] == l["kv_heads"][1] for l in pruned.layers)
+
+
 def test_rounding_to_zero_heads_is_reported(tiny):
     model, _ = tiny
     heads, _, notes = plan_counts(Geometry.of(model), spec(attention_ratio=0.25))
