@@ -217,8 +217,8 @@ def _model_plots(run_dirs: list[Path], roots: list[Path], emb: _Embedder) -> lis
     for d in run_dirs:
         for sub in ("analysis", "model/analysis"):
             groups.setdefault(_job_name(str(d), roots), []).extend(sorted((d / sub).glob("*.png")))
-    for root in roots:
-        for d in sorted(p for p in (root / "analysis").glob("*") if p.is_dir()):
+    for root in roots:  # a sweep's batch analysis (analysis/<job>/), a batch_analyze run's (<output_name>/analysis/)
+        for d in sorted(p for p in [*(root / "analysis").glob("*"), *root.glob("*/analysis/*")] if p.is_dir()):
             groups.setdefault(d.name, []).extend(sorted(d.glob("*.png")))
     out = []
     for name, files in sorted(groups.items()):
@@ -233,9 +233,11 @@ def _batch_table(roots: list[Path]) -> str:
     """The sweep's batch analysis (``batch_analysis_results.json``): one line per model, its status and size."""
     rows = []
     for root in roots:
+        # the batch's results folder (output_name, e.g. baselines_analysis/) or, from older runs, the run dir itself
+        found = [root / "batch_analysis_results.json", *sorted(root.glob("*/batch_analysis_results.json"))]
         try:
-            batch = json.loads((root / "batch_analysis_results.json").read_text())
-        except (OSError, ValueError):
+            batch = json.loads(next(p for p in found if p.is_file()).read_text())
+        except (OSError, ValueError, StopIteration):
             continue
         models = batch.get("models") if isinstance(batch, dict) else None
         for m in models if isinstance(models, list) else []:

@@ -151,9 +151,11 @@ def bytes_on_disk(path: Any) -> Optional[int]:
 
 
 def _model_bytes(m: dict, source: str) -> Optional[int]:
-    """The compressed / evaluated model's bytes on disk: the run's saved ``model/``, the model an evaluate run
-    read, else what the run recorded when it saved (``checkpoint.bytes``)."""
-    saved = Path(source) / "model"
+    """The compressed / evaluated model's bytes on disk: the checkpoint the run saved (``checkpoint.path`` inside the
+    run dir: ``model/``, or replace / convert's named folder), the model an evaluate run read, else what the run
+    recorded when it saved (``checkpoint.bytes``)."""
+    recorded = _get(m, "checkpoint", "path")
+    saved = Path(source) / (Path(recorded).name if isinstance(recorded, str) and recorded else "model")
     if m.get("task") != "evaluate" and saved.is_dir():
         return bytes_on_disk(saved)
     found = bytes_on_disk(_get(m, "model", "path")) if m.get("task") == "evaluate" else None

@@ -9,6 +9,10 @@
   claimed exclusively (a run dir's ``.hydra/``, a sweep dir's ``multirun.yaml``) and resolved again. Any error,
   an OSError such as a too-long name included, is one line on stderr and exit 1, nothing in that dir touched
   (Hydra itself would print a warning and a traceback, and go on into the dir).
+- ``RunGuard.on_job_start`` (each run, and each job of a sweep, once Hydra has written ``.hydra/``): ``command.sh``
+  beside it, a runnable script that reproduces the job (``cd`` to the repository, ``python run.py`` with the job's
+  own overrides, shell-quoted; the environment variables conf/ reads; ``-cd``/``-cn`` when given), written
+  atomically and exclusively, executable; the old ``train.sh``. A failure to write it is a warning, never the run's.
 - ``RunGuard.on_multirun_end``: the sweep's results table (``results.{csv,md,tex}``: every job, failed ones
   listed apart), plots (``pareto_ppl.png`` / ``pareto_avg.png``: perplexity / zero-shot average against
   parameters kept, one line per method; ``heatmap_ppl_<part>.png`` over start x end when a layer range
@@ -26,6 +30,8 @@ import errno
 import json
 import logging
 import os
+import re
+import shlex
 import sys
 from pathlib import Path
 from typing import Any, Optional
@@ -34,11 +40,14 @@ from hydra.experimental.callback import Callback
 from omegaconf import OmegaConf, open_dict
 
 from core.models.ref import ModelRef
+from core.run.io import atomic_write_text
 from core.run.record import run_status
 from recipes._common import structure_for_ref
 
 log = logging.getLogger(__name__)
 _CLAIMED: dict[str, str] = {}
+ROOT = Path(__file__).resolve().parent.parent
+COMMAND_FILE = "command.sh"  # beside .hydra/ in every run and job dir (core.run.config.RUN_DIR_ENTRIES)
 
 
 def claim_dir(base: str) -> str:
@@ -94,7 +103,7 @@ def sweep_summary(sweep: Path, jobs: list[Path]) -> list[str]:
         written += [str(p)] if p else []
     except Exception as e:  # noqa: BLE001
         log.error("sweep convergence plot failed: %s: %s", type(e).__name__, e)
-    models = [j for j in jobs if (j / "model").is_dir()]
+    models = [j for j in jobs if saved_model(j) is not None]
     if models:
         written += _batch_analysis(sweep, models)
     try:  # last: the page embeds the table and every plot above
@@ -104,6 +113,19 @@ def sweep_summary(sweep: Path, jobs: list[Path]) -> list[str]:
     except Exception as e:  # noqa: BLE001
         log.error("sweep report failed: %s: %s", type(e).__name__, e)
     return written
+
+
+def saved_model(job: Path) -> Optional[Path]:
+    """The checkpoint a job saved: ``checkpoint.path`` of its record (replace and convert name theirs with
+    ``output_name``), else its ``model/``; None when it saved none."""
+    try:
+        recorded = (json.loads((job / "metrics.json").read_text()).get("checkpoint") or {}).get("path")
+    except (OSError, ValueError, AttributeError):
+        recorded = None
+    for path in ([Path(recorded), job / Path(recorded).name] if recorded else []) + [job / "model"]:
+        if path.is_dir():
+            return path
+    return None
 
 
 def _batch_analysis(sweep: Path, models: list[Path]) -> list[str]:
@@ -149,6 +171,56 @@ def _study_convergence(sweep: Path, jobs: list[Path]) -> Optional[Path]:
     from analysis.plots import study_convergence
 
     return study_convergence(trials, sweep / "convergence.png", metric=metric, direction=direction)
+
+
+def _env_names(conf_dirs: list[Path]) -> list[str]:
+    """The environment variables the config files read (``${oc.env:NAME,...}``), in order of first use."""
+    names: list[str] = []
+    for d in conf_dirs:
+        for f in sorted(d.rglob("*.yaml")) if d.is_dir() else []:
+            try:
+                text = f.read_text(encoding="utf-8")
+            except (OSError, UnicodeDecodeError):
+                continue
+            names += [n for n in re.findall(r"oc\.env:([A-Za-z_][A-Za-z0-9_]*)", text) if n not in names]
+    return names
+
+
+def command_script(overrides: list[str], *, config_dir: Optional[str] = None, config_name: str = "config",
+                   env: Optional[dict[str, str]] = None, run_dir: str = "", python: str = "") -> str:
+    """``command.sh``: the bash script that runs ``python run.py <overrides>`` again from the repository root (the
+    old ``train.sh``). ``config_dir``: a ``-cd`` the run was given; ``env``: variables to export first (those
+    conf/ reads that were set). Overrides appended on its command line come after the run's and win
+    (``./command.sh dry_run=true``); ``PYTHON=...`` picks the interpreter. It never names the run dir: run again,
+    it writes a new one."""
+    args = ([f"-cd {shlex.quote(config_dir)}"] if config_dir else []) + (
+        [f"-cn {shlex.quote(config_name)}"] if config_name != "config" else []) + [shlex.quote(o) for o in overrides]
+    lines = ["#!/usr/bin/env bash",
+             f"# The command of the prunelab run {run_dir}: its .hydra/overrides.yaml, run again from the repository.",
+             "# It writes a new run dir (runs never overwrite each other). Overrides given to this script come last",
+             "# and win (./command.sh dry_run=true); PYTHON=<interpreter> ./command.sh picks the Python"
+             + (f" (this run: {python})." if python else "."),
+             "set -e",
+             f"cd {shlex.quote(str(ROOT))}"]
+    lines += [f"export {k}={shlex.quote(v)}" for k, v in (env or {}).items()]
+    lines.append(" ".join(['exec "${PYTHON:-python}" run.py', *args, '"$@"']))
+    return "\n".join(lines) + "\n"
+
+
+def write_command(config: Any) -> Optional[Path]:
+    """``<job dir>/command.sh`` for the job ``config`` (Hydra's, with ``hydra.*``): exclusive (never over a file),
+    atomic, executable. Its overrides are the job's own (a sweep's job: its values, not the sweep's lists)."""
+    run_dir = Path(str(config.hydra.runtime.output_dir))
+    overrides = [str(o) for o in config.hydra.overrides.task]
+    sources = OmegaConf.select(config, "hydra.runtime.config_sources") or []
+    cd = next((str(Path(str(s.path).removeprefix("file://")).resolve()) for s in sources
+               if str(s.provider) == "command-line"), None)  # -cd, relative to where the run started
+    dirs = [ROOT / "conf"] + ([Path(cd)] if cd else [])
+    env = {k: os.environ[k] for k in _env_names(dirs) if k in os.environ
+           and not (k == "PRUNELAB_ROOT" and os.environ[k] == str(ROOT))}  # the default root: cd says it
+    text = command_script(overrides, config_dir=cd, config_name=str(config.hydra.job.config_name or "config"),
+                          env=env, run_dir=str(run_dir), python=sys.executable)
+    return atomic_write_text(run_dir / COMMAND_FILE, text, exclusive=True, mode=0o755)
 
 
 def _fail(message: str) -> None:
@@ -302,6 +374,14 @@ class RunGuard(Callback):
         _usable(path, "hydra.sweep.dir", raw)
         _claim(path / SWEEP_CLAIM, lambda p: _create_exclusive(p, OmegaConf.to_yaml(config)), taken)
         _recheck(raw, path, "hydra.sweep.dir", path / SWEEP_CLAIM)
+
+    def on_job_start(self, config: Any, **kwargs: Any) -> None:
+        """``command.sh`` in the job's dir, beside ``.hydra/overrides.yaml`` (a failure is a warning: the run goes
+        on, its overrides are in .hydra/ anyway)."""
+        try:
+            write_command(config)
+        except Exception as e:  # noqa: BLE001 - a convenience file never stops a run
+            log.warning("%s not written: %s: %s", COMMAND_FILE, type(e).__name__, e)
 
     @_guarded("the sweep's summary")
     def on_multirun_end(self, config: Any, **kwargs: Any) -> None:

@@ -3,9 +3,12 @@
     python run.py task=batch_analyze models_dir=<dir> base=smollm2
     (+ allow_pickle=true for legacy torch pickles you trust; count_nonzero=false for shapes only)
 
-Each model's analysis goes into this run's dir (``analysis/<name>/``); the models' folders are only read.
-``next_to_inputs=true`` writes it to ``<model>/analysis/`` instead where that folder does not exist yet (recorded
-per model in ``batch_analysis_results.json`` and logged).
+Everything goes into one folder of this run's dir, ``<run dir>/<output_name>/`` (default
+``<models_dir's name>_analysis``: ``baselines_analysis`` for ``models_dir=baselines/``, the seed's
+``--output_dir``): ``batch_analysis_results.json``, ``models_summary.json`` and each model's ``analysis/<name>/``;
+the models' folders are only read. ``next_to_inputs=true`` writes a model's analysis to ``<model>/analysis/``
+instead where that folder does not exist yet (recorded per model in ``batch_analysis_results.json`` and logged).
+The folder is recorded in metrics.json (``output``).
 
 Every model is tried and recorded; the run fails (exit 1, one line naming them) when any model failed, or when
 no model in the folder could be analysed (every entry skipped, or the folder empty).
@@ -19,7 +22,8 @@ from typing import Any
 
 from omegaconf import DictConfig
 
-from core.run.errors import DataError
+from core.run.config import derived_output_name, output_name_errors
+from core.run.errors import DataError, RunDirError
 from recipes._common import resolve_model, structure_for_ref
 
 log = logging.getLogger(__name__)
@@ -28,22 +32,37 @@ METRICS: dict[str, str] = {}
 
 
 def validate(cfg: DictConfig) -> list[str]:
+    errors = output_name_errors(cfg.output_name)
     if not cfg.models_dir:
-        return ["task=batch_analyze needs models_dir=<folder of models>"]
+        return [*errors, "task=batch_analyze needs models_dir=<folder of models>"]
     path = Path(str(cfg.models_dir)).expanduser()
     if not path.is_dir():
-        return [f"models_dir={cfg.models_dir}: {'not a folder' if path.exists() else 'no such folder'}"]
-    return []
+        errors.append(f"models_dir={cfg.models_dir}: {'not a folder' if path.exists() else 'no such folder'}")
+    return errors
+
+
+def output_name(cfg: DictConfig) -> str:
+    """``output_name``, or ``<models_dir's folder name>_analysis`` (the seed's ``baselines_analysis``)."""
+    if cfg.output_name is not None:
+        return str(cfg.output_name)
+    folder = Path(str(cfg.models_dir)).expanduser().resolve().name
+    return derived_output_name(f"{folder}_analysis", "batch_analysis")
 
 
 def run(cfg: DictConfig, ctx: Any) -> dict:
     from analysis.batch import batch_analyze  # local: torch, pandas, matplotlib; validation imports this module
 
+    name = output_name(cfg)
+    out = Path(ctx.run_dir) / name
+    if out.exists() or out.is_symlink():  # a fresh run dir holds none: never write into what is there
+        raise RunDirError(f"output_name={name}: {out} already exists; the results folder is always a new one")
+    out.mkdir()
+    ctx.log("output", {"name": name, "path": str(out), "derived": cfg.output_name is None})
     count_nonzero = bool(cfg.count_nonzero)
     base, base_dir = (structure_for_ref(resolve_model(str(cfg.base)), cache_dir=cfg.paths.cache_dir,
                                         count_nonzero=count_nonzero, allow_pickle=bool(cfg.allow_pickle))
                       if cfg.base else (None, None))
-    result = batch_analyze(cfg.models_dir, base, ctx.run_dir, allow_pickle=bool(cfg.allow_pickle),
+    result = batch_analyze(cfg.models_dir, base, out, allow_pickle=bool(cfg.allow_pickle),
                            count_nonzero=count_nonzero, base_model_dir=base_dir, ctx=ctx,
                            next_to_inputs=bool(cfg.next_to_inputs))
     log.info("batch analysis of %s: %s", cfg.models_dir, result["counts"])
@@ -54,9 +73,9 @@ def run(cfg: DictConfig, ctx: Any) -> dict:
         raise DataError(f"batch_analyze: no model in {cfg.models_dir} could be analysed ({len(result['models'])} "
                         f"entries: {len(failed)} failed, {len(result['models']) - len(failed)} skipped"
                         f"{': ' + '; '.join(skipped[:3]) if skipped else ''}); see "
-                        f"{Path(ctx.run_dir) / 'batch_analysis_results.json'}")
+                        f"{out / 'batch_analysis_results.json'}")
     if failed:
         raise DataError(f"batch_analyze: {len(failed)} of {len(result['models'])} models failed "
                         f"({', '.join(failed[:5])}{', ...' if len(failed) > 5 else ''}); the others are analysed, "
-                        f"see {Path(ctx.run_dir) / 'batch_analysis_results.json'}")
+                        f"see {out / 'batch_analysis_results.json'}")
     return {}

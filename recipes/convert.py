@@ -5,8 +5,11 @@
 
 Reads ``<model>_<sparsity>.pt`` with torch's tensors-only unpickler (no dill, no slicegpt package) and its
 ``<model>_<sparsity>.json`` slicing config, checks both against the base model's config (``core.models.slicegpt``), and
-writes ``<run dir>/model``: a sliced prunelab checkpoint (``core.models.modeling_sliced``, SliceGPT's tensors
-unchanged) with the same logits. The base model gives the config and the tokenizer; its weights are not read.
+writes ``<run dir>/<output_name>/`` (default: the SliceGPT file's name, ``Llama-3-8B-Instruct_0.2``): a sliced
+prunelab checkpoint (``core.models.modeling_sliced``, SliceGPT's tensors unchanged) with the same logits. The base
+model gives the config and the tokenizer; its weights are not read. ``checkpoint_info.json`` and metrics.json
+(``conversion``) also carry the seed's ``pruning_ratio``, ``actual_ratio`` and ``round_interval``
+(``core.models.slicegpt.seed_fields``: each derived from the files, or null with the reason).
 """
 
 from __future__ import annotations
@@ -21,6 +24,8 @@ from omegaconf import DictConfig
 
 from core.models.llama import count_params, params_from_config
 from core.models.ref import read_config_json, tiny_config
+from core.run.config import derived_output_name, output_name_errors
+from core.run.errors import RunDirError
 from recipes._common import model_ref, plain, resolve_model, write_card
 from recipes._plan import plan_convert
 
@@ -32,7 +37,7 @@ plan = plan_convert  # dry_run=true prints it; a run checks it before loading (r
 
 def validate(cfg: DictConfig) -> list[str]:
     """A SliceGPT output path, and a base unless its config.json sits beside it; no weights read."""
-    errors = []
+    errors = output_name_errors(cfg.output_name)
     path = Path(str(cfg.model.path)).expanduser() if cfg.model.path else None
     if cfg.model.kind != "hf" or path is None:
         errors.append("task=convert needs model=<SliceGPT's .pt file or the folder holding it>")
@@ -64,11 +69,16 @@ def run(cfg: DictConfig, ctx: Any) -> dict:
     # local: torch + transformers; validation imports this module
     from core.models.checkpoint import check_free_space, save_checkpoint
     from core.models.load import torch_dtype
-    from core.models.slicegpt import SliceGPTFiles, load_slicegpt
+    from core.models.slicegpt import SliceGPTFiles, load_slicegpt, seed_fields
 
     ref = model_ref(cfg.model)
     run_dir = Path(cfg.paths.output_dir)
     files = SliceGPTFiles.of(str(ref.path))
+    name = str(cfg.output_name) if cfg.output_name is not None else derived_output_name(files.weights.stem, "sliced")
+    out_dir = run_dir / name
+    if out_dir.exists() or out_dir.is_symlink():  # a fresh run dir holds none
+        raise RunDirError(f"output_name={name}: {out_dir} already exists; the checkpoint is always a new folder")
+    ctx.log("output", {"name": name, "path": str(out_dir), "derived": cfg.output_name is None, "written": False})
     tokenizer, base_ref = None, None  # without a base: the tokenizer beside the file, if any
     if cfg.base:
         base_config, tokenizer, base_ref = _base(str(cfg.base), cfg.paths.cache_dir)
@@ -85,12 +95,13 @@ def run(cfg: DictConfig, ctx: Any) -> dict:
     sparsity = source["sparsity"] if source["sparsity"] is not None else 1.0 - slicing["embedding_dimension"] / hidden
     compression = {"unit": "slicing", "amount": sparsity,
                    "hidden_kept": slicing["embedding_dimension"] / hidden, "params_removed": 1.0 - params / base_params}
+    seed = seed_fields(source)  # the seed's pruning_ratio, actual_ratio, round_interval (+ where each came from)
     log.info("SliceGPT %s: hidden %d -> %d, %s parameters (%s in the base model)", files.weights.name, hidden,
              slicing["embedding_dimension"], f"{params:,}", f"{base_params:,}")
     ctx.log("method", "slicegpt")
     ctx.log("compression", compression)
     ctx.log("params", {"base": base_params, "pruned": params, "kept_pct": 100.0 * params / base_params})
-    ctx.log("conversion", {**source, "seconds": t_load})
+    ctx.log("conversion", {**source, **seed, "seconds": t_load})
     if tokenizer is None:
         log.warning("no tokenizer beside %s and no base given: the checkpoint has none", files.weights)
     dtype = torch_dtype(cfg.save_dtype) if cfg.save_dtype else None
@@ -100,10 +111,11 @@ def run(cfg: DictConfig, ctx: Any) -> dict:
             "layer_ranges": {"attention": [0, len(slicing["layers"])], "mlp": [0, len(slicing["layers"])]},
             "base_model": base_ref, "params": {"base": base_params, "pruned": params},
             "source": {k: source[k] for k in ("weights", "slicing_config", "base_config", "identity_shortcuts_added")},
-            "config": plain(cfg)}
-    out = save_checkpoint(model, tokenizer, run_dir / "model", info, save_dtype=dtype)
+            **seed, "config": plain(cfg)}
+    out = save_checkpoint(model, tokenizer, out_dir, info, save_dtype=dtype)
     ctx.log("checkpoint", {"path": str(out), "bytes": sum(f.stat().st_size for f in out.iterdir()),
                            "dtype": cfg.save_dtype or str(next(model.parameters()).dtype).removeprefix("torch.")})
+    ctx.log("output", {"written": True})
     ctx.log("timings", {"load_s": t_load, "save_s": time.perf_counter() - t0})
     write_card(out, ctx)
     log.info("checkpoint: %s", out)

@@ -4,15 +4,18 @@
         replacement.layers=[11,13,17,21] replacement.description="GA's 4-layer set"
     python run.py -m task=replace replacement.base=... replacement.layers='[17],[13,17],[13,16,17]'
 
-The checkpoint (``<run dir>/model``) loads in plain transformers with trust_remote_code; ``checkpoint_info.json``
-has the seed's fields (replaced_layers, score with its metric, description, creation_time, base, donor) and
-``README.txt`` says how to load and test it (the seed's note, kept); ``README.md`` is the model card.
+The checkpoint, ``<run dir>/<output_name>/`` (default ``<base>_replaced_<layers>``: ``llamba_replaced_11_13_17_21``,
+the seed's folder name; recorded in metrics.json as ``output`` and ``checkpoint.path``), loads in plain
+transformers with trust_remote_code; ``checkpoint_info.json`` has the seed's fields (replaced_layers, score with its
+metric, description, creation_time, base, donor) and ``README.txt`` says how to load and test it (the seed's
+note, kept); ``README.md`` is the model card.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -21,7 +24,8 @@ from omegaconf import DictConfig
 
 from core.data.text import TextSpec, eval_tokens, load_documents
 from core.models.ref import model_config
-from core.run.errors import UserError
+from core.run.config import derived_output_name, output_name_errors
+from core.run.errors import RunDirError, UserError
 from core.run.io import atomic_write_text
 from core.run.wandb_view import WandbView
 from replacement.spec import hybrid_readme
@@ -34,16 +38,35 @@ log = logging.getLogger(__name__)
 METRICS = {"ppl": "minimize", "avg_acc": "maximize", "mmlu": "maximize"}
 WANDB_VIEW = WandbView(method="replace")  # W&B method of every hybrid; layer_range: the replaced layers
 plan = plan_replace  # dry_run=true prints it; a run checks it before loading (recipes/_plan.py)
-
-
+GENERIC_NAMES = {"model", "models", "pruned", "checkpoint", "checkpoints", "hf", "base", "output", "outputs"}
 
 
 def validate(cfg: DictConfig) -> list[str]:
+    errors = output_name_errors(cfg.output_name)
     try:
         spec = build(cfg.replacement, "replacement")
     except UserError as e:
-        return [str(e)]
-    return [] if spec.layers else ["task=replace needs replacement.layers=[...] (the donor's layers to take)"]
+        return [*errors, str(e)]
+    return errors + ([] if spec.layers else
+                     ["task=replace needs replacement.layers=[...] (the donor's layers to take)"])
+
+
+def short_name(name: str, config: dict) -> str:
+    """The base's short name in a hybrid's folder name: the first word of its name (``llamba_8b``, ``Llamba-8B`` ->
+    ``llamba``; ``SmolLM2-135M-Instruct`` -> ``smollm2``); a generic folder name (a prunelab run's ``model/``) gives
+    way to its config's model_type (``prunelab_llama`` -> ``llama``)."""
+    words = re.findall(r"[A-Za-z0-9]+", name)
+    if words and words[0].lower() not in GENERIC_NAMES and not words[0].isdigit():
+        return words[0].lower()
+    kind = re.findall(r"[A-Za-z0-9]+", str(config.get("model_type") or "").removeprefix("prunelab_"))
+    return kind[0].lower() if kind else "model"
+
+
+def output_name(cfg: DictConfig, base_name: str, base_cfg: dict, layers: list[int]) -> str:
+    """``output_name``, or the seed's ``<base>_replaced_<layers joined by _>`` (``llamba_replaced_11_13_17_21``)."""
+    if cfg.output_name is not None:
+        return str(cfg.output_name)
+    return derived_output_name(f"{short_name(base_name, base_cfg)}_replaced_{'_'.join(map(str, layers))}", "hybrid")
 
 
 def run(cfg: DictConfig, ctx: Any) -> dict:
@@ -63,6 +86,12 @@ def run(cfg: DictConfig, ctx: Any) -> dict:
     donor = DonorLayers.open(donor_path, device=spec.donor_device or base_ref.device)
     check_compatible(base_cfg, donor.config, spec.base, spec.donor)
     layers = check_layers(list(spec.layers), donor.depth)
+    name = output_name(cfg, base_ref.name or spec.base, base_cfg, layers)
+    out_dir = run_dir / name
+    if cfg.save_model and (out_dir.exists() or out_dir.is_symlink()):  # a fresh run dir holds none
+        raise RunDirError(f"output_name={name}: {out_dir} already exists; the checkpoint is always a new folder")
+    ctx.log("output", {"name": name, "path": str(out_dir) if cfg.save_model else None,
+                       "derived": cfg.output_name is None, "written": False})
 
     # 2. Base model, donor layers swapped in (only those layers are read from the donor's files).
     t0 = time.perf_counter()
@@ -99,11 +128,12 @@ def run(cfg: DictConfig, ctx: Any) -> dict:
                 "base": spec.base, "donor": spec.donor, "config": plain(cfg)}
         if spec.score_metric == "mmlu" and spec.score is not None:
             info["mmlu_score"] = spec.score  # the seed's field name
-        out = save_checkpoint(model, tok, run_dir / "model", info,
+        out = save_checkpoint(model, tok, out_dir, info,
                               save_dtype=torch_dtype(cfg.save_dtype) if cfg.save_dtype else None)
         atomic_write_text(out / "README.txt",
                           hybrid_readme(spec.base, spec.donor, layers, out.resolve(), spec.description))
         write_card(out, ctx, settings=("replacement",))  # README.md: the model card (README.txt: the seed's note)
         ctx.log("checkpoint", {"path": str(out), "bytes": sum(f.stat().st_size for f in out.iterdir())})
+        ctx.log("output", {"written": True})
         log.info("checkpoint: %s", out)
     return metrics

@@ -275,6 +275,115 @@ def load_slicegpt(path: str | Path, *, base_config: Optional[dict] = None, base_
     return model, tokenizer, info
 
 
+def _bundle_meta(folder: Path) -> tuple[dict, Optional[str], Optional[str]]:
+    """(plain entries, file name, why not read) of the seed's converted bundle beside SliceGPT's files
+    (``convert_slicegpt_model.py``'s dill ``pruned_model.bin``: ``{'model', 'tokenizer', 'method', 'pruning_ratio',
+    'actual_ratio', 'config': {'sparsity', 'round_interval', ...}}``), read by the restricted reader: nothing in it
+    runs. A bundle in torch's old (non-zip) format would be read whole, so it is left unread."""
+    import zipfile
+
+    from core.models.legacy import BUNDLE_NAMES, read_restricted
+
+    for name in BUNDLE_NAMES:
+        path = folder / name
+        if not path.is_file():
+            continue
+        if not zipfile.is_zipfile(path):
+            return {}, name, "not torch's zip format: it would be read whole, so it was left unread"
+        try:
+            return read_restricted(path).meta, name, None
+        except LoadError as e:
+            return {}, name, f"unreadable without running code ({str(e)[:120]})"
+    return {}, None, None
+
+
+def seed_fields(info: dict) -> dict:
+    """The fields the seed's ``convert_slicegpt_model.py`` wrote beside a SliceGPT model (``pruning_ratio``,
+    ``actual_ratio``, ``config.round_interval``), derived from the files for ``checkpoint_info.json`` and the run
+    record, each with where it came from in ``seed_fields_source`` (or why it is null).
+
+    ``info``: :func:`load_slicegpt`'s (``weights``, ``sparsity`` from the file name, ``slicing`` as read off the
+    tensors, the base's ``hidden_size``). ``pruning_ratio``: the sparsity asked of SliceGPT (its file name
+    ``<model>_<sparsity>.pt``, else the seed's bundle beside it). ``actual_ratio``: what the slicing achieved,
+    ``1 - width / hidden_size`` (the "sparsity" SliceGPT itself logs after rounding; the last layer's output, which
+    feeds the unsliced LM head, is not a sliced width). ``round_interval``: stated by the seed's bundle when there is
+    one; otherwise inferred from SliceGPT's rounding, ``width = t - t % round_interval`` with
+    ``t = int((1 - sparsity) * hidden)``, when exactly one power of two gives the saved width (run_slicegpt.py's
+    default is 8; other intervals that fit are listed); null, with the reason, when several fit (no rounding
+    happened, or a small width) or nothing can be compared."""
+    hidden = int(info["hidden_size"])
+    slicing = info["slicing"]
+    weights = Path(str(info["weights"]))
+    meta, bundle, unread = _bundle_meta(weights.parent)
+    stated = {**(meta.get("config") if isinstance(meta.get("config"), dict) else {}), **meta}
+    source: dict[str, str] = {}
+
+    requested = info.get("sparsity")
+    if requested is not None:
+        ratio = float(requested)
+        source["pruning_ratio"] = f"the file name {weights.name} (run_slicegpt.py's <model>_<sparsity>.pt)"
+        other = stated.get("pruning_ratio", stated.get("sparsity"))
+        if isinstance(other, (int, float)) and float(other) != ratio:
+            source["pruning_ratio"] += f"; {bundle} states {other}"
+    elif isinstance(stated.get("pruning_ratio", stated.get("sparsity")), (int, float)):
+        ratio = float(stated.get("pruning_ratio", stated.get("sparsity")))
+        source["pruning_ratio"] = f"stated by {bundle}"
+    else:
+        ratio = None
+        source["pruning_ratio"] = (f"null: neither the file name {weights.name} (no _<sparsity> suffix) nor a bundle "
+                                   "beside it states the sparsity asked of SliceGPT"
+                                   + (f" ({bundle}: {unread})" if unread else ""))
+
+    widths = [int(slicing["embedding_dimension"])] + [int(lc[k]) for lc in slicing["layers"] for k in LAYER_KEYS]
+    widths = widths[:-1]  # the last layer's output feeds the LM head, which SliceGPT leaves whole by default
+    width = widths[0] if len(set(widths)) == 1 else None
+    if width is not None:
+        actual = 1.0 - width / hidden
+        source["actual_ratio"] = f"1 - {width} / {hidden}: the sliced hidden width over the base's"
+    else:
+        actual = 1.0 - sum(widths) / len(widths) / hidden
+        source["actual_ratio"] = (f"1 - the mean of the {len(widths)} hidden widths ({min(widths)}..{max(widths)}) "
+                                  f"/ {hidden}: the widths vary by layer")
+
+    interval: Optional[int] = None
+    told = stated.get("round_interval")
+    if isinstance(told, int) and not isinstance(told, bool) and told > 0:
+        interval = told
+        source["round_interval"] = f"stated by {bundle} (config.round_interval)"
+        if width is not None and ratio is not None:
+            target = int((1 - ratio) * hidden)
+            if target - target % told != width:
+                source["round_interval"] += (f"; but rounding int((1 - {ratio}) * {hidden}) = {target} to a multiple "
+                                             f"of {told} gives {target - target % told}, not the saved {width}")
+    elif ratio is None:
+        source["round_interval"] = "null: without the sparsity asked, the saved width shows no rounding"
+    elif width is None:
+        source["round_interval"] = ("null: the widths vary by layer, not SliceGPT's constant slicing "
+                                    "(run_slicegpt.py rounds one width)")
+    else:
+        target = int((1 - ratio) * hidden)
+        fits = [r for r in range(1, target + 1) if target - target % r == width]
+        powers = [r for r in fits if r & (r - 1) == 0]
+        shown = ", ".join(map(str, fits[:6])) + (", ..." if len(fits) > 6 else "")
+        rounding = f"int((1 - {ratio}) * {hidden}) = {target} rounded down to the saved width {width}"
+        if not fits:
+            source["round_interval"] = f"null: no interval gives {rounding}"
+        elif len(powers) == 1:
+            interval = powers[0]
+            others = [r for r in fits if r != interval]
+            source["round_interval"] = (f"inferred: the one power of two that gives {rounding}"
+                                        + (f" (other intervals that fit: {', '.join(map(str, others[:5]))}"
+                                           f"{', ...' if len(others) > 5 else ''})" if others else ""))
+        else:
+            source["round_interval"] = (f"null: several intervals give {rounding} ({shown}), "
+                                        + ("no rounding was needed" if width == target else "none of them is singled "
+                                           "out by the widths"))
+    if unread and "stated by" not in source["round_interval"]:
+        source["round_interval"] += f" ({bundle} beside it: {unread})"
+    return {"pruning_ratio": ratio, "actual_ratio": actual, "round_interval": interval,
+            "seed_fields_source": source}
+
+
 def save_slicegpt(model: Any, out_dir: str | Path, model_name: str, sparsity: float) -> Path:
     """Write a sliced model (``config.slicing``) as run_slicegpt.py --save-dir does, for SliceGPT's own tools
     (``--sliced-model-path``): ``<model_name>_<sparsity>.pt`` (the state dict, SliceGPT's key names),

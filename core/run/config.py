@@ -10,6 +10,7 @@ its recipe's ``validate``. Importing this module imports neither torch nor trans
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -152,6 +153,9 @@ class PrunelabConfig:
     allow_pickle: bool = False  # legacy torch pickles: opt-in, they can run arbitrary code
     count_nonzero: bool = True  # analyze / batch_analyze: stream weights to count non-zeros (false: headers only)
     next_to_inputs: bool = False  # report / batch_analyze: also write next to the inputs (never over a file)
+    # replace / convert / batch_analyze: the name of the results folder inside the run dir (a name, never a path:
+    # see output_name_errors); null: derived by the task (llamba_replaced_11_13_17_21, baselines_analysis, ...)
+    output_name: Optional[str] = None
     paths: PathsConfig = field(default_factory=PathsConfig)
     model: ModelRef = field(default_factory=ModelRef)
     data: DataConfig = field(default_factory=DataConfig)
@@ -167,6 +171,53 @@ class PrunelabConfig:
     optimized_metric: OptimizedMetric = field(default_factory=OptimizedMetric)
     experiment: Optional[str] = None
     run_name: Optional[str] = None  # a preset's label (e.g. Wanda_2000): its run dir / sweep subdir name
+
+
+# The run dir's own entries: a results folder never takes their name (RunContext's record, Hydra's log and
+# config, the offline W&B run, the command that reproduces the run).
+RUN_DIR_ENTRIES = ("metrics.json", "run.log", ".hydra", "wandb", "command.sh")
+NAME_MAX_BYTES = 255  # a file or folder name on Linux and macOS file systems
+
+
+def output_name_errors(value: Any, key: str = "output_name") -> list[str]:
+    """Why ``value`` cannot name a results folder inside the run dir ([] when it can; None: the task derives one).
+
+    A name, not a path: no separator, no ``.`` / ``..``, not hidden (``.hydra``, the ``.<name>.partial-*`` dirs of
+    core.run.io), no control character, at most 255 bytes, none of the run dir's own entries. So the folder it names
+    is ``<run dir>/<name>`` whatever the working directory or the symlinks around it: it never leaves the run dir
+    and never reaches an earlier run."""
+    if value is None:
+        return []
+    name = str(value)
+    why = None
+    if not name.strip():
+        why = "is empty"
+    elif name != name.strip():
+        why = "starts or ends with a space"
+    elif "/" in name or "\\" in name:
+        why = "contains a path separator"
+    elif name in (".", ".."):
+        why = "names the run dir or its parent"
+    elif name.startswith("."):
+        why = "is hidden (starts with '.')"
+    elif any(ord(c) < 32 or ord(c) == 127 for c in name):
+        why = "contains a control character"
+    elif len(name.encode("utf-8", "surrogateescape")) > NAME_MAX_BYTES:
+        why = f"is longer than {NAME_MAX_BYTES} bytes"
+    elif name in RUN_DIR_ENTRIES:
+        why = "is one of the run dir's own entries"
+    if why is None:
+        return []
+    return [f"{key}={name!r} {why}: it names the results folder inside the run dir (a plain folder name such as "
+            "llamba_replaced_11_13_17_21; no '/', '..' or leading '.'), never a path"]
+
+
+def derived_output_name(text: str, fallback: str) -> str:
+    """``text`` made a safe ``output_name`` (what a task derives from its inputs): every character outside letters,
+    digits and ``._+-`` becomes ``_``; leading dots and dashes go; at most 200 characters; ``fallback`` if nothing
+    is left or the result is one of the run dir's own entries."""
+    name = re.sub(r"[^A-Za-z0-9._+-]+", "_", text).lstrip(".-")[:200].rstrip(".")
+    return name if name and not output_name_errors(name) else fallback
 
 
 def register_configs() -> None:

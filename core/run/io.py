@@ -72,8 +72,9 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def atomic_write_text(path: str | Path, text: str, *, exclusive: bool = False) -> Path:
-    """Write ``text`` to ``path`` atomically; ``exclusive``: fail with FileExistsError if ``path`` exists."""
+def atomic_write_text(path: str | Path, text: str, *, exclusive: bool = False, mode: int = 0o644) -> Path:
+    """Write ``text`` to ``path`` atomically; ``exclusive``: fail with FileExistsError if ``path`` exists; ``mode``
+    (less the umask) is set before the file appears (0o755: a script that is executable from the start)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -82,7 +83,7 @@ def atomic_write_text(path: str | Path, text: str, *, exclusive: bool = False) -
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
-        os.chmod(tmp, 0o644 & ~_umask())  # mkstemp creates 0600; results are meant to be shared
+        os.chmod(tmp, mode & ~_umask())  # mkstemp creates 0600; results are meant to be shared
         if exclusive:
             os.link(tmp, path)  # atomic, and fails if the name exists: never replaces another run's file
             os.unlink(tmp)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -110,8 +111,9 @@ def test_tasks_through_run(folder, tmp_path):
     metrics = json.loads((tmp_path / "b" / "metrics.json").read_text())
     assert metrics["status"] == "failed" and "1 of 9 models failed" in metrics["error"]["message"]
     assert metrics["batch_analyze"]["counts"]["failed"] == 1
-    assert (tmp_path / "b" / "models_summary.json").is_file()
-    assert (tmp_path / "b" / "batch_analysis_results.json").is_file()
+    out = Path(metrics["output"]["path"])  # <run dir>/<output_name>/: <models_dir>_analysis by default
+    assert out.parent == tmp_path / "b" and (out / "models_summary.json").is_file()
+    assert (out / "batch_analysis_results.json").is_file()
     # bad input: not a model -> failed run with a clear message, no traceback for the user
     with pytest.raises(SystemExit):
         run_task(["task=analyze", f"model={root / 'Base_eval_only'}", "base=tiny", "logger=none"], tmp_path / "c")

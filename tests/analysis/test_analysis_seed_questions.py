@@ -162,6 +162,11 @@ def test_table_gives_every_model_its_size_on_disk(tmp_path):
     (run / "metrics.json").write_text(json.dumps({
         "status": "completed", "task": "prune", "method": "taylor", "config": {"ratio": 0.25, "model": {"name": "t"}},
         "params": {"base": 10, "pruned": 8, "kept_pct": 80.0}, "eval": {"base": ev, "pruned": ev}}))
+    hybrid = outputs / "replace_run"  # task=replace saves into its named folder (output_name), recorded as the path
+    save_checkpoint(pruned, tok, hybrid / "llama_replaced_1_3", {"method": "replace"})
+    (hybrid / "metrics.json").write_text(json.dumps({
+        "status": "completed", "task": "replace", "method": "replace", "config": {"model": {"name": "t"}},
+        "checkpoint": {"path": "/elsewhere/when/it/ran/llama_replaced_1_3", "bytes": 1}, "eval": {"model": ev}}))
     hf = _hf_download(tmp_path / "download", base)  # an evaluate run of a download: its original/ copy not counted
     (outputs / "eval_run").mkdir()
     (outputs / "eval_run" / "metrics.json").write_text(json.dumps({
@@ -173,6 +178,8 @@ def test_table_gives_every_model_its_size_on_disk(tmp_path):
     taylor = df[df["method"] == "taylor"].iloc[0]
     assert taylor["model_bytes"] == size_report(run / "model")["total_bytes"]
     assert taylor["model_GiB"] == pytest.approx(taylor["model_bytes"] / 1024 ** 3)
+    replaced = df[df["method"] == "replace"].iloc[0]  # measured in the run dir (it may have moved), not recorded
+    assert replaced["model_bytes"] == size_report(hybrid / "llama_replaced_1_3")["total_bytes"]
     download = df[df["model"] == "download"].iloc[0]
     assert download["model_bytes"] == size_report(hf)["total_bytes"]
     assert download["model_bytes"] < sum(p.stat().st_size for p in hf.rglob("*") if p.is_file())

@@ -245,3 +245,18 @@ def test_cli_bad_runs_is_one_clear_line(tmp_path, runs, fragment):
     errors = [line for line in proc.stderr.splitlines() if "[ERROR]" in line or line.startswith("error:")]
     assert len(errors) == 1 and fragment in proc.stderr, proc.stderr[-3000:]  # the problem follows on its own line
     assert not list(tmp_path.rglob("report.html"))
+
+
+def test_a_batch_analyze_run_dir_is_read_from_its_results_folder(sweep, tmp_path):
+    """task=batch_analyze writes into <run>/<output_name>/ (baselines_analysis/ by default): its table and each
+    model's plots are found there."""
+    run = tmp_path / "batch_run"
+    shutil.copytree(sweep / "0", run)
+    folder = run / "baselines_analysis"
+    _png(folder / "analysis" / "wanda_0.2" / "sparsity.png", "wanda 20%")
+    (folder / "batch_analysis_results.json").write_text(json.dumps({"models": [
+        {"name": "wanda_0.2", "format": "prunelab", "status": "ok",
+         "summary": {"total_params": 700, "reduction_ratio": 0.2236}}]}))
+    page = write_report([run], tmp_path / "r.html").read_text()
+    assert "wanda_0.2" in page and "22.36" in page
+    assert "wanda_0.2 (1 plot)" in page

@@ -118,7 +118,7 @@ def test_hybrid_of_the_pruned_run_keeps_readme_txt_and_gets_a_card(pruned_run, t
                      "replacement.layers=[1,3]", "logger=none", "eval.ppl.max_tokens=256",
                      "eval.generation.enabled=false"], tmp_path / "run")
     assert m["status"] == "completed", m.get("error")
-    out = tmp_path / "run" / "model"
+    out = Path(m["checkpoint"]["path"])  # <run dir>/<output_name>/
     assert "task=evaluate model=" in (out / "README.txt").read_text()
     card = hub_checks(out / CARD_NAME)
     assert {"prunelab", "hybrid", "replace"} <= set(card.data.tags) and card.data.base_model is None

@@ -8,6 +8,7 @@ core.models.modeling_sliced, with random weights and per-layer widths that diffe
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -145,7 +146,7 @@ def test_task_convert_writes_a_checkpoint_with_the_same_logits(saved, tmp_path):
     assert metrics["status"] == "completed", metrics.get("error")
     assert metrics["compression"]["unit"] == "slicing" and metrics["compression"]["amount"] == 0.25
     assert metrics["params"]["pruned"] == count_params(ref)
-    ckpt = tmp_path / "run" / "model"
+    ckpt = Path(metrics["checkpoint"]["path"])  # <run dir>/<output_name>/: the file's name by default
     info = json.loads((ckpt / "checkpoint_info.json").read_text())
     assert info["method"] == "slicegpt" and info["source"]["weights"] == str(pt)
     assert info["base_model"]["kind"] == "tiny"

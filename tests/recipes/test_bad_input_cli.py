@@ -382,13 +382,13 @@ def test_batch_analyze_writes_into_its_own_run_dir(earlier, tmp_path):
     proc = cli(["task=batch_analyze", f"models_dir={models}", "base=tiny", "logger=none"], tmp_path / "b1")
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert tree_digest(models) == before  # the models' folder is only read
-    assert (tmp_path / "b1" / "analysis" / "m1" / "model_structure.json").is_file()
+    assert (tmp_path / "b1" / "models_analysis" / "analysis" / "m1" / "model_structure.json").is_file()  # output_name
     # next_to_inputs=true: next to the model, recorded and printed
     proc = cli(["task=batch_analyze", f"models_dir={models}", "base=tiny", "logger=none", "next_to_inputs=true"],
                tmp_path / "b2")
     assert proc.returncode == 0, proc.stderr[-2000:]
     out = models / "m1" / "analysis"
-    assert (out / "model_structure.json").is_file() and not (tmp_path / "b2" / "analysis").exists()
+    assert (out / "model_structure.json").is_file() and not (tmp_path / "b2" / "models_analysis" / "analysis").exists()
     rec = json.loads((tmp_path / "b2" / "metrics.json").read_text())["batch_analyze"]
     assert rec["next_to_inputs"] is True and rec["written_next_to_inputs"] == [str(out)]
     assert f"analysis written next to the model (next_to_inputs=true): {out}" in proc.stderr

@@ -36,7 +36,7 @@ def test_replace_writes_a_loadable_hybrid_with_info_and_readme(pair, tmp_path):
                          "replacement.score_metric=mmlu", "logger=none", "eval.ppl.max_tokens=256",
                          "eval.generation.max_new_tokens=4"], tmp_path / "run")
     assert m["status"] == "completed" and value == m["eval"]["model"]["ppl"]["value"]
-    out = tmp_path / "run" / "model"
+    out = Path(m["checkpoint"]["path"])  # <run dir>/<output_name>/ (default llama_replaced_1_3)
     info = json.loads((out / "checkpoint_info.json").read_text())
     assert info["replaced_layers"] == [1, 3] and info["description"] == "two restored"
     assert info["score"] == {"metric": "mmlu", "value": 0.57, "source": "given"} and info["mmlu_score"] == 0.57
@@ -59,7 +59,8 @@ def test_replace_bad_layers(pair, tmp_path, layers, match):
         run_task(["task=replace", f"replacement.base={base}", f"replacement.donor={donor}",
                   f"replacement.layers={layers}", *FAST], tmp_path)
     m = json.loads((tmp_path / "metrics.json").read_text())
-    assert m["status"] == "failed" and match in m["error"]["message"] and not (tmp_path / "model").exists()
+    assert m["status"] == "failed" and match in m["error"]["message"]
+    assert not [p for p in tmp_path.iterdir() if (p / "config.json").exists()]  # no checkpoint, whatever its name
 
 
 def test_replace_refuses_a_donor_of_another_width(pair, tmp_path):
@@ -191,9 +192,9 @@ def test_a_base_given_as_a_path_loads_in_its_own_dtype(pair, tmp_path):
         _, m = run_task(["task=replace", f"replacement.base={base16}", f"replacement.donor={donor}",
                          "replacement.layers=[2]", *FAST, *extra], run)
         assert m["status"] == "completed"
-        info = json.loads((run / "model" / "checkpoint_info.json").read_text())
+        info = json.loads((Path(m["checkpoint"]["path"]) / "checkpoint_info.json").read_text())
         assert info["base_model"]["dtype"] == want and info["base_model"]["device"] == "cpu"
-        saved = json.loads((run / "model" / "config.json").read_text())
+        saved = json.loads((Path(m["checkpoint"]["path"]) / "config.json").read_text())
         assert saved.get("torch_dtype", saved.get("dtype")) == want
 
 
