@@ -40,6 +40,9 @@ def check(cfg: DictConfig) -> Any:
     except ConfigError as e:
         raise ConfigError("invalid configuration:\n  - " + "\n  - ".join([str(e), *errors])) from None
     errors += recipe.validate(cfg)
+    if cfg.get("output_name") is not None and not getattr(recipe, "OUTPUT_NAME", False):
+        errors.append(f"output_name={cfg.output_name}: task={cfg.task} writes no named results folder (replace, "
+                      "convert and batch_analyze do); leave it out")
     try:
         optimized_metric(cfg, recipe)
     except ConfigError as e:

@@ -24,7 +24,8 @@ How many: ``num_layers`` = exactly n units (layers; sub-blocks for ``sublayer``)
 their parameters reach it: the count rounds up (SmolLM2-135M, ratio 0.25: 10 layers, 26.3%; ratio 0.2:
 8 layers, 21.1%), never down to zero.
 
-Compared with the reference implementation (github.com/sramshetty/ShortGPT, ``metrics.block_influence``,
+Compared with the authors' code (github.com/icip-cas/ShortGPT; github.com/sramshetty/ShortGPT is the same code;
+``metrics.block_influence``,
 ``ShortLlama.compute_bi``): same per-token cosine between a layer's input and output over every position (no
 token skipped, not even the first; it sums over tokens, we average, which ranks identically; it counts pad
 positions too, and our calibration windows have none). Its HF branch reads ``output_hidden_states``,

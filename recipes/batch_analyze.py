@@ -29,6 +29,7 @@ from recipes._common import resolve_model, structure_for_ref
 log = logging.getLogger(__name__)
 
 METRICS: dict[str, str] = {}
+OUTPUT_NAME = True  # writes its results into <run dir>/<output_name>/ (run.check refuses the key elsewhere)
 
 
 def validate(cfg: DictConfig) -> list[str]:

@@ -32,6 +32,7 @@ from recipes._plan import plan_convert
 log = logging.getLogger(__name__)
 
 METRICS = {"params_kept_pct": "minimize"}
+OUTPUT_NAME = True  # writes its results into <run dir>/<output_name>/ (run.check refuses the key elsewhere)
 plan = plan_convert  # dry_run=true prints it; a run checks it before loading (recipes/_plan.py)
 
 

@@ -36,6 +36,7 @@ from recipes._plan import plan_replace
 log = logging.getLogger(__name__)
 
 METRICS = {"ppl": "minimize", "avg_acc": "maximize", "mmlu": "maximize"}
+OUTPUT_NAME = True  # writes its results into <run dir>/<output_name>/ (run.check refuses the key elsewhere)
 WANDB_VIEW = WandbView(method="replace")  # W&B method of every hybrid; layer_range: the replaced layers
 plan = plan_replace  # dry_run=true prints it; a run checks it before loading (recipes/_plan.py)
 GENERIC_NAMES = {"model", "models", "pruned", "checkpoint", "checkpoints", "hf", "base", "output", "outputs"}

@@ -253,6 +253,24 @@ def _split(line: dict[str, Any], key_of: Callable[[dict[str, Any]], Iterable[tup
     return [Row("", name, settings, line, part) for name, part in key_of(line)]
 
 
+def _peer_rows(line: dict[str, Any]) -> list[Row]:
+    """One row per side of a peers line: the original, then each prunelab variant (``ours``, ``ours_*``)."""
+    if line.get("status") == "failed":
+        return []
+    settings = _join(f"{get(line, 'calibration.samples')} × {get(line, 'calibration.seq_len')} "
+                     f"{get(line, 'calibration.text')} tokens", f"PPL on {get(line, 'ppl_protocol.text')}",
+                     _threads(line))
+    sides = [("original", line.get("original") or {})]
+    sides += [(k, v) for k, v in line.items() if k.startswith("ours") and isinstance(v, dict)]
+    rows = []
+    for name, part in sides:
+        match = {k: part[k]["jaccard"] for k in ("heads", "channels") if isinstance(part.get(k), dict)} \
+            or part.get("jaccard", part.get("same_mask"))
+        rows.append(Row("", f"{line.get('method')}: {name}", settings, line,
+                        {**part, "dense_ppl": part.get("dense_ppl", line.get("dense_ppl")), "match": match}))
+    return rows
+
+
 BENCHES: list[Bench] = [
     Bench("quality", "Compensated pruning quality (`quality_bench.py`)",
           "`pruner=obs` rows (selection × compensation × allocation) on SmolLM2-135M-Instruct, MLP channels of "
@@ -336,6 +354,18 @@ BENCHES: list[Bench] = [
                                   "{methods.wanda.time_over_forward} × one forward, "
                                   "peak {methods.wanda.peak_over_model} × the model, "
                                   "PPL {methods.wanda.ppl_after}"),)),
+    Bench("peers", "Baselines against their original code (`peers_bench.py`)",
+          "each baseline's original repository run from its own environment (`tests/peers/<method>_env.sh`; the "
+          "patches each applies are listed in `tests/peers/<method>_original.py`) beside prunelab's pruner, on the "
+          "same SmolLM2, the same calibration ids and the same held-out perplexity protocol: each side's "
+          "perplexity, damage (× dense), and how much of what they removed is the same.",
+          "the original's run in the same bench (`ours / original`: the ratio of the damages, 1.0 is the same; "
+          "`same removal`: Jaccard of the removed layers / heads / channels, or the share of the original's zeros "
+          "that are also ours). The dense perplexity is measured in both environments.",
+          [("dense PPL", "dense_ppl"), ("PPL", "ppl"), ("damage (× dense)", "damage"),
+           ("ours / original", "damage_ratio_vs_original"), ("same removal", "match"), ("prune s", "prune_s"),
+           ("code", "repo")],
+          lambda ln: _peer_rows(ln)),
     Bench("recovery", "LoRA recovery (`recovery_bench.py`)",
           "SmolLM2 pruned by LLM-Pruner's Taylor, then the LoRA preset as `recovery=...` runs it: training speed, "
           "memory, held-out perplexity of the training text and BoolQ perplexity before and after.",

@@ -96,6 +96,9 @@ def test_output_name_names_the_results_folder(pair, tmp_path):
                      ["task=convert", f"model={base}", "base=tiny"]):
             with pytest.raises(ConfigError, match=re.escape(why)):
                 run.compose_and_validate([*task, f"output_name='{bad}'"])
+    for task in (["task=prune"], ["task=evaluate", f"model={base}"], ["task=analyze", f"model={base}"]):  # no folder
+        with pytest.raises(ConfigError, match="writes no named results folder"):
+            run.compose_and_validate([*task, "output_name=mine"])
     # through the CLI: one line, exit 1, no checkpoint, and the earlier run it points at is byte-identical
     before = digest(tmp_path / "r1")
     proc = cli([*common, "output_name=../r1", f"hydra.run.dir={tmp_path / 'r3'}", f"paths.cache_dir={CACHE_DIR}"])
