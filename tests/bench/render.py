@@ -366,6 +366,20 @@ BENCHES: list[Bench] = [
            ("ours / original", "damage_ratio_vs_original"), ("same removal", "match"), ("prune s", "prune_s"),
            ("code", "repo")],
           lambda ln: _peer_rows(ln)),
+    Bench("depth", "Depth pruning with a fitted linear map (`depth_bench.py`)",
+          "whole decoder layers of SmolLM2-135M-Instruct removed (`pruner=depth`: a block by angular distance, or "
+          "greedy one layer at a time; with `compensate=linear` a least-squares map merged into the preceding "
+          "`down_proj`, no parameter added) beside ShortGPT at the same count, on quality_bench's calibration mix "
+          "and held-out texts: perplexity × dense, the layers removed.",
+          "ShortGPT at the same number of layers, same run (`damage vs ShortGPT`: (× − 1) / (ShortGPT's × − 1), "
+          "below 1 is less damage).",
+          [("× dense Austen", "ppl_ratio.austen_holdout"), ("× dense BoolQ", "ppl_ratio.boolq"),
+           ("damage vs ShortGPT", "damage_vs_shortgpt"), ("layers removed", "removed_layers"),
+           ("params after", "params_after"), ("prune s", "prune_s")],
+          lambda ln: _one(ln, ln["row"] + "".join(f" {o}" for o in ln.get("overrides") or []), _join(
+              f"{ln.get('num_layers')} of {ln.get('layers_of')} layers",
+              f"{get(ln, 'calibration')[0]} × {get(ln, 'calibration')[1]} tokens" if ln.get("calibration") else None,
+              _threads(ln))) if ln.get("row") != "dense" else []),
     Bench("recovery", "LoRA recovery (`recovery_bench.py`)",
           "SmolLM2 pruned by LLM-Pruner's Taylor, then the LoRA preset as `recovery=...` runs it: training speed, "
           "memory, held-out perplexity of the training text and BoolQ perplexity before and after.",

@@ -1,0 +1,434 @@
+"""Depth pruning with a fitted linear map (ReplaceMe, Shopkhoev et al. 2025, "ReplaceMe: Network Simplification
+via Layer Pruning and Linear Transformations"): remove whole decoder layers and replace them by one linear map of
+the residual stream, fitted on calibration activations and merged into the preceding layer's ``down_proj``, so the
+pruned model is a plain Llama with fewer layers and no added parameter.
+
+    python run.py pruner=depth pruner.num_layers=8                   # a block of 8 layers, one fitted map
+    python run.py pruner=depth ratio=0.25                            # 25% of the layers (rounded up)
+    python run.py pruner=depth pruner.selection=greedy               # one layer at a time, refitted each time
+    python run.py pruner=depth pruner.compensate=none                # the plain removal, for comparison
+
+Which layers (``selection``):
+
+- ``block`` (ReplaceMe's ``select_non_overlapping_blocks`` with one block): the ``n`` consecutive layers
+  ``[s, s + n)`` whose input ``x_s`` and output ``x_{s+n}`` are closest, by the mean angular distance
+  ``arccos(cos(x_s, x_{s+n})) / pi`` over the calibration tokens. ReplaceMe averages it over the last token of each
+  sequence only (its calibration rows are padded); our windows hold no padding, so every token counts, as in
+  ShortGPT's Block Influence. One streamed pass scores every start (it keeps ``n + 1`` copies of the states).
+- ``greedy``: ``n`` times, the one layer of least angular distance on the current model (already cut and
+  compensated) is removed and compensated: ``n`` scoring passes and ``n`` fits.
+
+The map (``compensate=linear``, ReplaceMe's ``lstsq``): with ``m`` the MLP output of layer ``s - 1`` (the last
+kept layer before the cut), ``h = x_{s-1} + attn`` the residual stream it is added to, and ``y`` the hidden state
+leaving the removed block, ``T`` minimises ``||m T - (y - h)||^2`` over the calibration tokens (the residual ``h``
+passes unchanged, ``m`` is mapped):  ``T = (X^T X + lambda I)^{-1} X^T Y`` with ``X = m``, ``Y = y - h``,
+``lambda = damp * mean(diag(X^T X))`` (ReplaceMe's ``alpha`` is absolute and 0 by default; ``damp=0`` here takes
+the pseudo-inverse). ``X^T X`` and ``X^T Y`` are summed in float64 one micro-batch at a time, never all tokens at
+once. Since ``m T = a W_down^T T`` for the MLP's hidden activation ``a``, the map merges as
+``W_down <- T^T W_down`` (ReplaceMe's ``transform.T @ down_proj.weight``; a bias would become ``T^T b``). The
+pruned layer ``s - 1`` then outputs ``h + m T``: exactly ``y`` when the removed block adds a linear function of
+``m`` to the stream. ReplaceMe's other objective (cosine, fitted by Adam) is not implemented.
+
+With a linear map the first layer is never a candidate (nothing before it to merge into: the embedding is tied
+to the LM head in SmolLM2); ``compensate=none`` may remove it. Candidates are the layers inside both
+``attention_layers`` and ``mlp_layers``. The removed layers leave the model: the rest are renumbered
+(``self_attn.layer_idx``), the config follows (``num_hidden_layers``, ``layer_types``, ``layer_configs``) and
+``config.removed_layers`` records the original indices, so the checkpoint is a stock Llama.
+
+EvoPress (Sieberling et al. 2024) scores a depth candidate by the KL divergence of the whole model's logits to the
+dense model's on calibration text, and searches the set of removed layers by evolution; this module does neither
+(its ``window_cosine_similarity`` scoring is the ``block`` rule above).
+
+Cost: ``block``: one streamed pass over the layers (``n + 1`` copies of the calibration hidden states, where
+``states`` puts them) and one pass up to the block's end (the fit keeps the MLP outputs of layer
+``s - 1`` and the residual it is added to: two extra copies, and three ``hidden x hidden`` float64 sums).
+``greedy``: ``n`` times a full pass and a pass up to the cut.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar, Optional
+
+from core.models.llama import count_params, decoder_layers, layer_configs
+from core.run.errors import ConfigError
+from pruning import PruneError, PruneResult
+from pruning.options import as_range, range_order_errors, resolve_ratio_target, stream_option_errors
+from pruning.ranges import resolve_range
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+# torch is imported inside the functions that use it: building a Depth from its options (config validation)
+# imports no torch.
+
+log = logging.getLogger(__name__)
+
+SELECTIONS = ("block", "greedy")
+COMPENSATIONS = ("linear", "none")
+
+
+@dataclass(frozen=True)
+class Depth:
+    """Remove ``num_layers`` whole layers (or ``ratio`` of them, rounded up) chosen by ``selection`` among the
+    layers inside both ranges, each cut compensated by a linear map merged into the preceding ``down_proj``
+    (``compensate=linear``) or not at all (``none``)."""
+
+    RATIO: ClassVar[dict[str, str]] = {
+        "layers": "share of the decoder layers removed, rounded up: ceil(ratio * depth) whole layers "
+                  "(pruner.num_layers=n removes exactly n and leaves `ratio` unused)",
+    }
+
+    num_layers: Optional[int] = None  # None: ceil(ratio * depth)
+    ratio: float = 0.25
+    ratio_target: Optional[str] = None  # layers (RATIO)
+    name: str = "depth"
+    selection: str = "block"  # block | greedy
+    compensate: str = "linear"  # linear | none
+    damp: float = 1e-4  # ridge term, relative to the mean diagonal of X^T X (0: pseudo-inverse)
+    attention_layers: Any = (0, None)  # (start, end) or {start, end}
+    mlp_layers: Any = (0, None)
+    batch_size: int = 8  # calibration samples per layer forward; 0 = all at once
+    offload: bool = False  # keep the model where it is, run each layer on `device`
+    device: Optional[str] = None  # where layers run (None: the model's device)
+    states: str = "auto"  # where the calibration hidden states live: auto | device | host | disk (docs/scale.md)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "attention_layers", as_range(self.attention_layers))
+        object.__setattr__(self, "mlp_layers", as_range(self.mlp_layers))
+        errors = []
+        n = self.num_layers
+        if n is not None and (isinstance(n, bool) or not isinstance(n, int)):
+            errors.append(f"pruner.num_layers={n!r} must be a whole number of layers (or null to use ratio)")
+        elif n is not None and n <= 0:
+            errors.append(f"pruner.num_layers={n} removes no layers: it must be >= 1 (or null to use ratio)")
+        elif n is None and not 0.0 < float(self.ratio) < 1.0:
+            errors.append(f"ratio={self.ratio} with pruner.num_layers=null: ratio is the share of the layers to "
+                          "remove, in (0, 1); or set pruner.num_layers=n")
+        if self.selection not in SELECTIONS:
+            errors.append(f"pruner.selection={self.selection!r} is not one of {', '.join(SELECTIONS)}")
+        if self.compensate not in COMPENSATIONS:
+            errors.append(f"pruner.compensate={self.compensate!r} is not one of {', '.join(COMPENSATIONS)}")
+        d = self.damp
+        if isinstance(d, bool) or not isinstance(d, (int, float)) or not math.isfinite(d) or d < 0:
+            errors.append(f"pruner.damp={d!r} must be a number >= 0 (the ridge term relative to the mean diagonal "
+                          "of X^T X; 0 = pseudo-inverse)")
+        elif self.compensate == "none" and d != type(self).damp:
+            errors.append(f"pruner.damp={d} applies to compensate=linear only, not none")
+        errors += stream_option_errors(self.batch_size, self.offload, self.device, self.states)
+        errors += range_order_errors(attention=self.attention_layers, mlp=self.mlp_layers)
+        errors += resolve_ratio_target(self)
+        if errors:
+            raise ConfigError("; ".join(errors))
+
+    @property
+    def needs_calibration(self) -> bool:
+        return True
+
+    def count(self, depth: int) -> int:
+        """How many layers go on a model of ``depth`` layers."""
+        if self.num_layers is not None:
+            return self.num_layers
+        return max(1, math.ceil(float(self.ratio) * depth - 1e-9))
+
+    def candidates(self, depth: int) -> list[int]:
+        """The layers that may be removed (original indices), checked against ``depth``."""
+        att = resolve_range(*self.attention_layers, depth, "attention", 0.0)
+        mlp = resolve_range(*self.mlp_layers, depth, "mlp", 0.0)
+        first = max(att[0], mlp[0], 1 if self.compensate == "linear" else 0)
+        out = list(range(first, min(att[1], mlp[1])))
+        if not out:
+            why = " (layer 0 has no layer before it to merge the map into)" if self.compensate == "linear" else ""
+            raise PruneError(f"depth: no layer is inside both layers.attention {list(att)} and layers.mlp "
+                             f"{list(mlp)} of the model's {depth} layers{why}: nothing can be removed")
+        return out
+
+    def check(self, depth: int) -> None:
+        units = self.candidates(depth)
+        n = self.count(depth)
+        if n >= depth:
+            raise PruneError(f"pruner.num_layers={n} would remove all {depth} layers of the model: at most "
+                             f"{depth - 1}" if self.num_layers is not None else
+                             f"ratio={self.ratio} would remove all {depth} layers of the model")
+        if n > len(units):
+            first = " (never layer 0 with compensate=linear)" if self.compensate == "linear" else ""
+            raise PruneError(f"{n} layers to remove, but the layer ranges hold {len(units)} candidates "
+                             f"{units[0]}..{units[-1]}{first}; widen layers.attention / layers.mlp or remove fewer")
+
+    def footprint(self, cfg: dict, tokens: int, dtype: str, device: str, *, seq_len: int = 128,
+                  free: Optional[tuple[Optional[int], Optional[int]]] = None) -> Any:
+        """Peak memory and work on a model of ``config.json`` ``cfg`` (torch-free; core/run/plan.py): the layer
+        stream with its copies of the hidden states (``block``: n + 1 while scoring), one micro-batch's float64
+        activations and the two ``hidden x hidden`` float64 sums of the fit."""
+        from pruning.memory import micro_batch, stream
+
+        depth = int(cfg["num_hidden_layers"])
+        self.check(depth)
+        n = self.count(depth)
+        units = self.candidates(depth)
+        copies = max(n + 1 if self.selection == "block" else 2, 3 if self.compensate == "linear" else 1)
+        p = stream(cfg, tokens=tokens, seq_len=seq_len, batch_size=self.batch_size, dtype=dtype, model_device=device,
+                   device=self.device, offload=self.offload, copies=copies, states=self.states,
+                   device_free=(free or (None,))[0], host_free=(free or (None, None))[1])
+        d = int(cfg["hidden_size"])
+        b = micro_batch(tokens, seq_len, self.batch_size)
+        p.add(**{"float64 activations of a micro-batch": 3 * b * int(seq_len) * d * 8})
+        if self.compensate == "linear":
+            p.add(**{"float64 X^T X, X^T Y and the map": 3 * d * d * 8})
+        passes = depth + depth if self.selection == "block" else n * 2 * depth
+        removes = [f"{n} whole layers of {len(units)} candidates ({units[0]}..{units[-1]}), "
+                   f"{'one block' if self.selection == 'block' else 'one at a time'} by angular distance, "
+                   f"{'compensated by a linear map merged into down_proj' if self.compensate == 'linear' else 'not compensated'}"]
+        return p.footprint(layer_forwards=passes, tokens=int(tokens), removes=removes)
+
+    def __call__(self, model: nn.Module, calibration: Optional[torch.Tensor]) -> PruneResult:
+        # local: imports torch, and config validation imports this module
+        from pruning.streaming import check_calibration, check_llama_layout, check_stream_device
+
+        check_llama_layout(model, "depth")
+        check_calibration(calibration, "depth")
+        depth = len(decoder_layers(model))
+        self.check(depth)
+        check_stream_device(model, self.device, self.offload)
+        n = self.count(depth)
+        stream_kw = {"batch_size": self.batch_size, "device": self.device, "offload": self.offload,
+                     "states": self.states}
+        params_before = count_params(model)
+        alive = list(range(depth))  # current index -> index before this prune
+        allowed = set(self.candidates(depth))
+        cuts: list[dict[str, Any]] = []
+        timings = {"score_s": 0.0, "fit_s": 0.0, "surgery_s": 0.0}
+        rounds = [n] if self.selection == "block" else [1] * n
+        for k in rounds:
+            starts = [j for j in range(len(alive) - k + 1) if all(alive[j + t] in allowed for t in range(k))]
+            t0 = time.perf_counter()
+            dist = block_distances(model, calibration, k, starts, **stream_kw)
+            timings["score_s"] += time.perf_counter() - t0
+            s = min(starts, key=lambda j: (dist[j], j))
+            cut: dict[str, Any] = {"layers": [alive[s + t] for t in range(k)], "distance": dist[s],
+                                   "distances": {alive[j]: dist[j] for j in starts}}
+            t0 = time.perf_counter()
+            if self.compensate == "linear":
+                fit = fit_linear_map(model, calibration, s, s + k, float(self.damp), **stream_kw)
+                timings["fit_s"] += time.perf_counter() - t0
+                t0 = time.perf_counter()
+                merge_map(decoder_layers(model)[s - 1], fit.pop("map"))
+                cut.update(merged_into=alive[s - 1], **fit)
+            remove_layers(model, list(range(s, s + k)))
+            timings["surgery_s"] += time.perf_counter() - t0
+            del alive[s:s + k]
+            cuts.append(cut)
+            log.info("depth: layers %s removed (angular distance %.4f)%s", cut["layers"], cut["distance"],
+                     f", map merged into layer {cut['merged_into']}" if "merged_into" in cut else "")
+        return self._result(cuts, depth, n, params_before, count_params(model), timings)
+
+    def _result(self, cuts: list[dict[str, Any]], depth: int, n: int, params_before: int, params_after: int,
+                timings: dict[str, float]) -> PruneResult:
+        gone = sorted(i for c in cuts for i in c["layers"])
+        kept = [i for i in range(depth) if i not in set(gone)]
+        merged = {c["merged_into"]: c for c in cuts if "merged_into" in c}
+        first_scores = cuts[0]["distances"]
+        per_layer = []
+        for i in range(depth):
+            row: dict[str, Any] = {"layer": i, "new_index": kept.index(i) if i in kept else None, "removed": i in gone}
+            if self.selection == "greedy" or n == 1:
+                row["angular_distance"] = first_scores.get(i)
+            if i in merged:
+                row["map_merged"] = True
+            per_layer.append(row)
+        notes = [f"layers {gone} removed (indices before pruning); the remaining {len(kept)} are renumbered "
+                 f"0..{len(kept) - 1}"]
+        if merged:
+            notes.append(f"linear maps merged into down_proj of layers {sorted(merged)}: no parameter added")
+        return PruneResult(
+            params_before=params_before, params_after=params_after,
+            compression={"unit": self.ratio_target,
+                         "amount": float(self.ratio) if self.num_layers is None else n,
+                         "layers": n, "params_removed": 1.0 - params_after / params_before},
+            ranges={"attention": list(resolve_range(*self.attention_layers, depth, "attention", 0.0)),
+                    "mlp": list(resolve_range(*self.mlp_layers, depth, "mlp", 0.0))},
+            layers=per_layer, notes=notes,
+            details={"selection": self.selection, "compensate": self.compensate,
+                     "damp": float(self.damp) if self.compensate == "linear" else None,
+                     "num_layers": self.num_layers, "ratio": None if self.num_layers is not None else float(self.ratio),
+                     "removed_layers": gone,
+                     "cuts": [{k: v for k, v in c.items() if k != "distances"} for c in cuts],
+                     "block_distances": {str(k): v for k, v in first_scores.items()},
+                     "params_removed": params_before - params_after},
+            timings=timings)
+
+
+# --------------------------------------------------------------------------- scores
+
+
+def _angular_sum(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Sum over tokens of ``arccos(cos(a, b)) / pi`` (``[batch, tokens, hidden]``), in float32, summed in float64."""
+    # local: imports torch, and config validation imports this module
+    import torch
+    import torch.nn.functional as F
+
+    cos = F.cosine_similarity(a.float(), b.float(), dim=-1).clamp(-1.0, 1.0)
+    return float(torch.arccos(cos).double().sum() / math.pi)
+
+
+def block_distances(model: nn.Module, calibration: torch.Tensor, n: int, starts: list[int], *, batch_size: int = 0,
+                    device: Optional[str] = None, offload: bool = False, states: str = "auto") -> dict[int, float]:
+    """Mean angular distance between the hidden states entering layer ``s`` and leaving layer ``s + n - 1``, for
+    every ``s`` in ``starts``, over the calibration tokens: one streamed pass of the unchanged model, keeping a copy
+    of the states entering each start until the block's end has run (at most ``n + 1`` copies at once)."""
+    # local: imports torch, and config validation imports this module
+    from pruning.streaming import LayerStream
+
+    stream = LayerStream(model, calibration, batch_size=batch_size, device=device, offload=offload, states=states,
+                         copies=n + 1)
+    wanted, last = set(starts), max(starts) + n
+    saved: dict[int, Any] = {}
+    out: dict[int, float] = {}
+    was_training = model.training
+    model.eval()
+    try:
+        for i, _layer in stream:
+            if i in wanted:
+                copy = stream.new_states()
+                for x in stream.hidden:
+                    copy.append(x.clone())
+                saved[i] = copy
+            stream.advance()
+            if i + 1 - n in saved:
+                inputs = saved.pop(i + 1 - n)
+                total = sum(_angular_sum(a, b) for a, b in zip(inputs, stream.hidden))
+                inputs.clear()
+                out[i + 1 - n] = total / stream.tokens
+            if i + 1 >= last:
+                break
+    finally:
+        model.train(was_training)
+        for copy in saved.values():
+            copy.clear()
+        stream.close()
+    return out
+
+
+# --------------------------------------------------------------------------- the map
+
+
+def _pieces(layer: nn.Module, x: torch.Tensor, kwargs: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+    """A Llama decoder layer run piece by piece: (``h = x + attn(norm1(x))``, ``m = mlp(norm2(h))``); the layer's
+    output is ``h + m``."""
+    a = layer.self_attn(hidden_states=layer.input_layernorm(x), **kwargs)
+    h = x + (a[0] if isinstance(a, tuple) else a)
+    return h, layer.mlp(layer.post_attention_layernorm(h))
+
+
+def fit_linear_map(model: nn.Module, calibration: torch.Tensor, start: int, end: int, damp: float, *,
+                   batch_size: int = 0, device: Optional[str] = None, offload: bool = False,
+                   states: str = "auto") -> dict[str, Any]:
+    """The map ``T`` (float64, ``hidden x hidden``, on the CPU) that best sends the MLP output ``m`` of layer
+    ``start - 1`` to what layers ``[start, end)`` add to the stream after it, ``y - h`` (module docstring), from one
+    streamed pass up to layer ``end - 1``. Returns ``{"map": T, "fit": {...}}`` with the fit's relative residual on
+    the calibration tokens (``||m T - Y||^2 / ||m - Y||^2``: 1 is no better than removing the block plainly)."""
+    # local: imports torch, and config validation imports this module
+    import torch
+
+    from pruning.streaming import LayerStream
+
+    if start < 1:
+        raise PruneError("depth: a linear map needs a layer before the cut to merge into (start >= 1)")
+    stream = LayerStream(model, calibration, batch_size=batch_size, device=device, offload=offload, states=states,
+                         copies=3)
+    d = int(model.config.hidden_size)
+    xtx = torch.zeros(d, d, dtype=torch.float64, device=stream.device)
+    xty = torch.zeros_like(xtx)
+    yty = torch.zeros((), dtype=torch.float64, device=stream.device)
+    mlp_out, residual = stream.new_states(), stream.new_states()
+    was_training = model.training
+    model.eval()
+    try:
+        for i, layer in stream:
+            if i == start - 1:
+                def step(x: torch.Tensor, kw: dict[str, Any]) -> torch.Tensor:
+                    h, m = _pieces(layer, x, kw)
+                    mlp_out.append(m.detach())
+                    residual.append(h.detach())
+                    return h + m
+                stream.update(step)
+            else:
+                stream.advance()
+            if i == end - 1:
+                break
+        for j, y in enumerate(stream.hidden):  # y: the hidden states leaving the block
+            m64 = mlp_out.load(j).reshape(-1, d).double()
+            y64 = y.reshape(-1, d).double() - residual.load(j).reshape(-1, d).double()
+            xtx.add_(m64.T @ m64)
+            xty.add_(m64.T @ y64)
+            yty.add_((y64 * y64).sum())
+    finally:
+        model.train(was_training)
+        mlp_out.clear()
+        residual.clear()
+        stream.close()
+    return _solve(xtx, xty, yty, damp)
+
+
+def _solve(xtx: torch.Tensor, xty: torch.Tensor, yty: torch.Tensor, damp: float) -> dict[str, Any]:
+    import torch
+
+    d = xtx.shape[0]
+    eye = torch.eye(d, dtype=torch.float64, device=xtx.device)
+    if damp > 0:
+        lam = damp * float(torch.diagonal(xtx).mean())
+        t = torch.linalg.solve(xtx + lam * eye, xty)
+    else:
+        t = torch.linalg.pinv(xtx, hermitian=True) @ xty
+    # ||X T - Y||^2 = ||Y||^2 - 2 tr(T^T X^T Y) + tr(T^T X^T X T); the identity (plain removal of the block's
+    # update, the map of no compensation) for comparison
+    def residual(m: torch.Tensor) -> float:
+        return float(yty - 2 * (m * xty).sum() + (m * (xtx @ m)).sum())
+    fitted, plain = residual(t), residual(eye)
+    return {"map": t.cpu(), "fit": {"residual": fitted / plain if plain > 0 else 0.0,
+                                    "map_minus_identity": float(torch.linalg.matrix_norm(t - eye) / math.sqrt(d))}}
+
+
+# --------------------------------------------------------------------------- surgery
+
+
+def merge_map(layer: nn.Module, t: torch.Tensor) -> None:
+    """Merge the row-vector map ``m -> m T`` into ``layer``'s MLP output: ``W_down <- T^T W_down`` (and
+    ``b <- T^T b``), computed in float64 and stored in the weight's dtype. No parameter is added."""
+    # local: imports torch, and config validation imports this module
+    import torch
+
+    down = layer.mlp.down_proj
+    w = down.weight
+    tt = t.to(device=w.device, dtype=torch.float64).T
+    with torch.no_grad():
+        w.copy_((tt @ w.double()).to(w.dtype))
+        if down.bias is not None:
+            down.bias.copy_((tt @ down.bias.double()).to(down.bias.dtype))
+
+
+def remove_layers(model: nn.Module, gone: list[int]) -> None:
+    """Delete decoder layers ``gone`` (current indices) from ``model`` in place. The rest are renumbered for the KV
+    cache (``self_attn.layer_idx``) and the config follows: ``num_hidden_layers``, ``layer_types`` (when a list),
+    ``layer_configs``, and ``removed_layers`` (indices in the original model, counting earlier removals)."""
+    # local: imports torch, and config validation imports this module
+    from torch import nn
+
+    layers = decoder_layers(model)
+    depth = len(layers)
+    kept = [i for i in range(depth) if i not in set(gone)]
+    model.model.layers = nn.ModuleList([layers[i] for i in kept])
+    for j, layer in enumerate(model.model.layers):
+        layer.self_attn.layer_idx = j
+    cfg = model.config
+    before = list(getattr(cfg, "removed_layers", None) or [])
+    original = [i for i in range(depth + len(before)) if i not in set(before)]  # current index -> original
+    cfg.removed_layers = sorted(before + [original[i] for i in gone])
+    cfg.num_hidden_layers = len(kept)
+    if isinstance(getattr(cfg, "layer_types", None), list) and len(cfg.layer_types) == depth:
+        cfg.layer_types = [cfg.layer_types[i] for i in kept]
+    cfg.layer_configs = layer_configs(model)

@@ -1,0 +1,291 @@
+"""Depth pruning with a fitted linear map (pruning/depth.py) on tiny random GQA Llamas: the block and the layer are
+the ones of least angular distance, computed here from the plain model; the map is exact when what the removed
+layers add is a linear function of the MLP output before them; the merge adds no parameter; compensate=none is the
+plain removal; the checkpoint is a stock Llama."""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from core.models.checkpoint import save_checkpoint
+from core.models.llama import count_params
+from core.models.load import build_tiny
+from core.run.errors import ConfigError
+from pruning import PruneError
+from pruning.depth import Depth, block_distances, fit_linear_map
+
+ALL = (0, None)
+
+
+def pruner(**kw) -> Depth:
+    return Depth(**{"attention_layers": ALL, "mlp_layers": ALL, **kw})
+
+
+@pytest.fixture
+def deep():
+    return build_tiny(num_layers=6, seed=1)
+
+
+def _hidden_states(model, ids) -> tuple[torch.Tensor, ...]:
+    """Every layer's input, then the last layer's raw output (a copy without the final norm is asked)."""
+    plain = copy.deepcopy(model)
+    plain.model.norm = torch.nn.Identity()
+    with torch.no_grad():
+        return plain(ids, output_hidden_states=True).hidden_states
+
+
+def reference_distances(model, ids, n: int) -> list[float]:
+    """Mean over tokens of arccos(cos(x_s, x_{s+n})) / pi for every start s (ReplaceMe's angular_distance)."""
+    hs = _hidden_states(model, ids)
+    out = []
+    for s in range(len(hs) - n):
+        cos = F.cosine_similarity(hs[s].double(), hs[s + n].double(), dim=-1).clamp(-1, 1)
+        out.append((torch.arccos(cos) / math.pi).mean().item())
+    return out
+
+
+def rebuilt(model, kept: list[int]):
+    """A fresh Llama of ``len(kept)`` layers holding ``model``'s weights of layers ``kept``."""
+    from transformers import LlamaForCausalLM
+
+    cfg = copy.deepcopy(model.config)
+    cfg.num_hidden_layers = len(kept)
+    fresh = LlamaForCausalLM(cfg).eval()
+    sd = {}
+    for k, v in model.state_dict().items():
+        if k.startswith("model.layers."):
+            i = int(k.split(".")[2])
+            if i not in kept:
+                continue
+            k = k.replace(f"model.layers.{i}.", f"model.layers.{kept.index(i)}.", 1)
+        sd[k] = v
+    fresh.load_state_dict(sd)
+    return fresh
+
+
+class _Ones(torch.nn.Module):
+    """An MLP activation making ``down(act(gate(x)) * up(x))`` the linear ``down(up(x))``."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ones_like(x)
+
+
+def linear_block_model(removed: list[int], seed: int = 0):
+    """A 5-layer tiny Llama where everything up to layer ``removed[0] - 1``'s attention writes into the first half
+    of the hidden dimensions (S) and that layer's MLP into the second half (S⊥); the layers in ``removed`` have no
+    attention (o_proj = 0) and add ``x P B`` with P the projection on S⊥ and B mapping S⊥ into S⊥. So what the block
+    adds is a linear function of the MLP output m before it, and ``T = prod (I + P B)`` on S⊥ reproduces the block
+    exactly. Layers after the block are random."""
+    model, tok = build_tiny(num_layers=5, hidden_size=64, intermediate_size=128, num_heads=8, num_kv_heads=2, seed=seed)
+    d, k = 64, 32
+    g = torch.Generator().manual_seed(seed + 7)
+    s = removed[0]
+    with torch.no_grad():
+        model.model.embed_tokens.weight[:, k:] = 0
+        for layer in model.model.layers[:s - 1]:
+            layer.self_attn.o_proj.weight[k:] = 0
+            layer.mlp.down_proj.weight[k:] = 0
+        prev = model.model.layers[s - 1]
+        prev.self_attn.o_proj.weight[k:] = 0
+        prev.mlp.down_proj.weight[:k] = 0
+        for i in removed:
+            layer = model.model.layers[i]
+            layer.self_attn.o_proj.weight.zero_()
+            layer.post_attention_layernorm = torch.nn.Identity()
+            layer.mlp.act_fn = _Ones()
+            up, down = layer.mlp.up_proj.weight, layer.mlp.down_proj.weight  # [128, 64], [64, 128]
+            up.copy_(torch.randn(up.shape, generator=g) / math.sqrt(d - k))
+            up[:, :k] = 0
+            down.copy_(0.3 * torch.randn(down.shape, generator=g) / math.sqrt(up.shape[0]))
+            down[:k] = 0
+    return model, tok
+
+
+def _n_params_per_layer(model) -> int:
+    return count_params(model.model.layers[0])
+
+
+# --------------------------------------------------------------------------- selection
+
+
+def test_block_is_the_one_of_least_angular_distance(deep, calib):
+    model, _ = deep
+    ref = copy.deepcopy(model)
+    want = reference_distances(model, calib, 2)
+    got = block_distances(model, calib, 2, list(range(5)), batch_size=3)
+    assert [got[s] for s in range(5)] == pytest.approx(want, abs=1e-5)
+    res = pruner(num_layers=2, compensate="none")(model, calib)
+    best = min(range(5), key=lambda s: want[s])
+    assert res.details["removed_layers"] == [best, best + 1] == model.config.removed_layers
+    assert res.compression == {"unit": "layers", "amount": 2, "layers": 2,
+                               "params_removed": pytest.approx(res.removed_fraction)}
+    # compensate=none is the plain removal: the same logits as a fresh model of the remaining layers
+    kept = [i for i in range(6) if i not in (best, best + 1)]
+    with torch.no_grad():
+        torch.testing.assert_close(model(calib).logits, rebuilt(ref, kept)(calib).logits, rtol=0, atol=0)
+    assert [layer.self_attn.layer_idx for layer in model.model.layers] == [0, 1, 2, 3]
+
+
+def test_linear_compensation_never_takes_the_first_layer(deep, calib):
+    model, _ = deep
+    want = reference_distances(model, calib, 2)
+    res = pruner(num_layers=2)(model, calib)
+    best = min(range(1, 5), key=lambda s: want[s])
+    assert res.details["removed_layers"] == [best, best + 1]
+    assert res.details["cuts"][0]["merged_into"] == best - 1
+    assert set(res.details["block_distances"]) == {str(s) for s in range(1, 5)}
+
+
+def test_greedy_rescores_the_cut_model(deep, calib):
+    model, _ = deep
+    res = pruner(num_layers=2, selection="greedy", compensate="none")(model, calib)
+    first = reference_distances(build_tiny(num_layers=6, seed=1)[0], calib, 1)
+    one = min(range(6), key=lambda s: first[s])
+    once = build_tiny(num_layers=6, seed=1)[0]
+    kept = [i for i in range(6) if i != one]
+    second = reference_distances(rebuilt(once, kept), calib, 1)
+    two = kept[min(range(5), key=lambda s: second[s])]
+    assert [c["layers"] for c in res.details["cuts"]] == [[one], [two]]
+    assert res.details["removed_layers"] == sorted([one, two])
+    assert [r["angular_distance"] for r in res.layers] == pytest.approx(first, abs=1e-5)
+
+
+def test_ranges_limit_the_candidates(deep, calib):
+    model, _ = deep
+    res = pruner(num_layers=2, attention_layers=(2, 6), mlp_layers=(0, 5))(model, calib)  # layers 2, 3, 4
+    assert set(res.details["removed_layers"]) <= {2, 3, 4}
+    assert set(res.details["block_distances"]) == {"2", "3"}
+
+
+# --------------------------------------------------------------------------- the map
+
+
+@pytest.mark.parametrize("selection,removed", [("block", [2]), ("block", [2, 3]), ("greedy", [2, 3])])
+def test_the_map_is_exact_when_the_removed_layers_are_linear(selection, removed, calib):
+    model, _ = linear_block_model(removed)
+    ref = copy.deepcopy(model)
+    with torch.no_grad():
+        want = ref(calib).logits
+        plain = rebuilt(ref, [i for i in range(5) if i not in removed])  # (the stand-in layers are dropped anyway)
+    # the ranges make the linear layers the only candidates; damp=0: the pseudo-inverse (m spans S⊥ only)
+    spec = pruner(num_layers=len(removed), selection=selection, damp=0.0, attention_layers=(removed[0], removed[-1] + 1))
+    res = spec(model, calib)
+    assert res.details["removed_layers"] == removed
+    with torch.no_grad():
+        got = model(calib).logits
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        assert (plain(calib).logits - want).abs().max() > 1e-2  # the plain removal is not: the map did the work
+    assert all(c["fit"]["residual"] < 1e-8 for c in res.details["cuts"])
+
+
+def test_the_fit_is_streamed_in_micro_batches(calib):
+    model, _ = linear_block_model([2, 3], seed=3)
+    whole = fit_linear_map(model, calib, 2, 4, 1e-3)
+    split = fit_linear_map(model, calib, 2, 4, 1e-3, batch_size=1, device="cpu", offload=True)
+    torch.testing.assert_close(split["map"], whole["map"], rtol=1e-7, atol=1e-9)
+    assert split["fit"]["residual"] == pytest.approx(whole["fit"]["residual"], rel=1e-6, abs=1e-12)
+
+
+def test_the_merge_adds_no_parameter_and_the_checkpoint_is_a_plain_llama(deep, calib, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    model, tok = deep
+    dense = copy.deepcopy(model)
+    per_layer = _n_params_per_layer(model)
+    names = {k for k, _ in model.named_parameters()}
+    res = pruner(num_layers=2)(model, calib)
+    gone = res.details["removed_layers"]
+    merged = res.details["cuts"][0]["merged_into"]
+    assert res.params_after == count_params(model) == count_params(dense) - 2 * per_layer == res.params_before - 2 * per_layer
+    assert {k for k, _ in model.named_parameters()} == {k for k in names if not any(
+        k.startswith(f"model.layers.{i}.") for i in (4, 5))}  # the names of a 4-layer Llama
+    # only the preceding layer's down_proj changed
+    kept = [i for i in range(6) if i not in gone]
+    fresh = rebuilt(dense, kept).state_dict()
+    changed = [k for k, v in model.state_dict().items() if not torch.equal(v, fresh[k])]
+    assert changed == [f"model.layers.{kept.index(merged)}.mlp.down_proj.weight"]
+    assert model.config.num_hidden_layers == 4 and model.config.removed_layers == gone
+
+    out = save_checkpoint(model, tok, tmp_path / "model", {"method": "depth"})
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["model_type"] == "llama" and "auto_map" not in cfg and not (out / "modeling_prunelab.py").exists()
+    assert cfg["num_hidden_layers"] == 4 and cfg["removed_layers"] == gone
+    loaded = AutoModelForCausalLM.from_pretrained(out).eval()  # no remote code
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(calib).logits, model(calib).logits, rtol=0, atol=0)
+    prompt = calib[:1, :6]
+    a = loaded.generate(prompt, max_new_tokens=6, do_sample=False, use_cache=True, pad_token_id=0)
+    b = model.generate(prompt, max_new_tokens=6, do_sample=False, use_cache=False, pad_token_id=0)
+    assert torch.equal(a, b)
+
+
+def test_the_map_lowers_the_error_of_a_random_model(deep, calib):
+    """On random weights the block is not linear: the map still fits the calibration tokens better than none."""
+    model, _ = deep
+    res = pruner(num_layers=2)(model, calib)
+    fit = res.details["cuts"][0]["fit"]
+    assert 0 < fit["residual"] < 1 and fit["map_minus_identity"] > 0
+
+
+def test_ratio_counts_layers_rounded_up(deep, calib):
+    model, _ = deep
+    res = pruner(ratio=0.25, compensate="none")(model, calib)  # 1.5 -> 2
+    assert len(res.details["removed_layers"]) == 2 and res.compression["unit"] == "layers"
+    assert res.compression["amount"] == 0.25 and res.compression["layers"] == 2
+
+
+# --------------------------------------------------------------------------- options
+
+
+@pytest.mark.parametrize("kw,match", [
+    ({"num_layers": 0}, r"^pruner.num_layers=0 removes no layers: it must be >= 1"),
+    ({"num_layers": 2.5}, r"^pruner.num_layers=2.5 must be a whole number"),
+    ({"ratio": 1.0}, r"^ratio=1.0 with pruner.num_layers=null: ratio is the share of the layers"),
+    ({"selection": "window"}, r"^pruner.selection='window' is not one of block, greedy$"),
+    ({"compensate": "cosine"}, r"^pruner.compensate='cosine' is not one of linear, none$"),
+    ({"damp": -1.0}, r"^pruner.damp=-1.0 must be a number >= 0"),
+    ({"compensate": "none", "damp": 0.1}, r"^pruner.damp=0.1 applies to compensate=linear only"),
+    ({"ratio_target": "params"}, r"^ratio_target='params' is not supported by pruner=depth"),
+    ({"offload": True}, r"^pruner.offload=true needs pruner.device"),
+    ({"attention_layers": (5, 2)}, r"^layers.attention: start=5 is after end=2"),
+])
+def test_bad_options_fail_at_build_in_one_line(kw, match):
+    with pytest.raises(ConfigError, match=match) as e:
+        pruner(**kw)
+    assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("kw,match", [
+    ({"num_layers": 4}, r"^pruner.num_layers=4 would remove all 4 layers of the model: at most 3$"),
+    ({"num_layers": 4, "compensate": "none"}, r"would remove all 4 layers"),
+    ({"num_layers": 2, "attention_layers": (2, 3)}, r"^2 layers to remove, but the layer ranges hold 1 candidates 2..2"),
+    ({"num_layers": 1, "attention_layers": (0, 1)}, r"^depth: no layer is inside both .* \(layer 0 has no layer"),
+])
+def test_impossible_requests_fail_in_check(kw, match):
+    with pytest.raises(PruneError, match=match):
+        pruner(**kw).check(4)
+
+
+def test_only_an_uncompensated_cut_may_take_the_first_layer():
+    pruner(num_layers=3, compensate="none", attention_layers=(0, 3)).check(4)
+    with pytest.raises(PruneError, match=r"^3 layers to remove, but the layer ranges hold 2 candidates 1..2 \(never "
+                                         r"layer 0 with compensate=linear\)"):
+        pruner(num_layers=3, attention_layers=(0, 3)).check(4)
+
+
+def test_validation_imports_no_torch():
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    code = ("import sys; from pruning.depth import Depth; Depth(num_layers=2, selection='greedy').check(6); "
+            "print([m for m in ('torch', 'transformers') if m in sys.modules])")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and out.stdout.strip() == "[]", out.stderr[-2000:]
