@@ -24,7 +24,7 @@ ALL = (0, None)
 
 
 def pruner(**kw) -> Depth:
-    return Depth(**{"attention_layers": ALL, "mlp_layers": ALL, **kw})
+    return Depth(**{"attention_layers": ALL, "mlp_layers": ALL, "selection": "block", **kw})  # (default: greedy)
 
 
 @pytest.fixture
