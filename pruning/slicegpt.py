@@ -7,7 +7,9 @@ As in github.com/microsoft/TransformerCompression (``layernorm_fusion.fuse_modul
 
 1. Each RMSNorm's scale is fused into the linears that read its output (q/k/v, gate/up, the LM head); the norms
    become weightless and divide by the original hidden size (``core.models.modeling_sliced.SlicedRMSNorm``), so
-   an orthogonal ``Q`` on the residual stream commutes with them.
+   an orthogonal ``Q`` on the residual stream commutes with them. As in ``fuse_modules``, each embedding row
+   first loses its mean (in float64; ``center_embeddings``, on by default): exact for the LayerNorm models that
+   step was written for, a small change of a Llama's outputs (the LM head, untied, keeps the uncentered rows).
 2. The stream is sliced at every point where it is stored: after the embedding, after each attention block,
    after each MLP block. At each point the calibration activations *of the already sliced prefix*, in the
    original basis, give ``H = sum x^T x`` (float64, damped by 1% of its mean diagonal); its eigenvectors sorted
@@ -20,18 +22,22 @@ As in github.com/microsoft/TransformerCompression (``layernorm_fusion.fuse_modul
    ``final_orientation=random`` (run_slicegpt's default) turns each kept subspace by a random orthogonal
    matrix (QR of a uniform one, seeded by ``seed``); ``pca`` keeps the principal axes. Neither changes outputs.
 
-Differences from the original: each decoder layer runs once (the attention half, then PCA, then the MLP half on
-the rotated stream) where SliceGPT runs it twice, which computes the same thing; weights and activations are
-rotated in float32 (or the model's dtype if wider) where SliceGPT rotates weights in float64 (the result is
-stored in the model's dtype either way; this halves the rotation time), while the shortcut products and
-everything PCA stay in float64; SliceGPT also subtracts the embedding's row mean in ``fuse_modules``, which
-changes a Llama's outputs (it is exact only for LayerNorm models), and is not done here: with ``sparsity=0`` the
-rotated model reproduces the dense logits.
+Against the original (``tests/bench/slicegpt_peer_bench.py`` runs Microsoft's code from its own environment on the
+same SmolLM2 tokens, ``tests/bench/results/slicegpt_peer.jsonl``): the defaults compute the original's model. Until
+issue 26 the embedding mean subtraction was left out, which looked harmless (it moves SmolLM2's dense perplexity
+by 0.2%) but changes every PCA that follows: the sliced model was another one, with more perplexity damage than
+the original's in the bench. ``center_embeddings=false`` keeps that form for its one property: with
+``sparsity=0`` the rotated model reproduces the dense logits (a check of the rotation alone). Kept departures, none
+of which changes the model beyond rounding: each decoder layer runs once (the attention half, then PCA, then the
+MLP half on the rotated stream) where SliceGPT runs it twice, which computes the same thing; the shortcut products
+``Q_in^T Q_out`` are formed in float64 (SliceGPT multiplies them in the model's dtype);
+``rotation_dtype=float32`` rotates the weights in float32 instead of SliceGPT's float64 (a faster rotation for
+large models; ``tests/pruning/test_slicegpt.py`` holds it to float32 rounding of the default).
 
 Quality is very sensitive to the calibration domain, as in the paper. ``tests/pruning/test_slicegpt.py`` checks
-this implementation against a float64 transcription of ``rotate_and_slice_sequential``. Measured on SmolLM2-135M
-with 32x128 calibration tokens at sparsity 0.1: perplexity on BoolQ passages goes 26.9 -> 43 when calibrated on
-other BoolQ passages, but -> 120-134 when calibrated on Austen, which stays near its own held-out perplexity
+this implementation against a float64 transcription of ``fuse_modules`` and ``rotate_and_slice_sequential``.
+Measured on SmolLM2-135M with 32x128 calibration tokens at sparsity 0.1 (before the embedding mean subtraction):
+perplexity on BoolQ passages goes 26.9 -> 43 when calibrated on other BoolQ passages, but -> 120-134 when calibrated on Austen, which stays near its own held-out perplexity
 (56.6 -> 62.7). The Austen-calibrated PCA drops 0.2% of the embedding's energy on Austen tokens and 2.3% on BoolQ
 tokens. In the deeper layers, rescaling every token to unit norm (the norms see only its direction) or leaving out
 the attention-sink first token did not help.
@@ -66,6 +72,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 ORIENTATIONS = ("random", "pca")
+ROTATION_DTYPES = ("float64", "float32")
 BLOCK_BYTES = 8 * 2**20  # float64 bytes of one row block of a rotated weight / activation / covariance input
 # footprint(): float64 hidden x hidden matrices alive at once around a PCA (covariance, its damped copy and
 # eigendecomposition workspace, the eigenvectors, the sorted rotation)
@@ -90,6 +97,8 @@ class SliceGPT:
     round_interval: int = 8  # sliced widths are multiples of this
     final_orientation: str = "random"  # random | pca: basis of each kept subspace
     slice_head: bool = False  # also slice the last layer's output and the LM head's input
+    center_embeddings: bool = True  # SliceGPT's fuse_modules: subtract each embedding row's mean (false: exact at 0)
+    rotation_dtype: str = "float64"  # float64 (SliceGPT) | float32: the dtype weights are rotated in
     seed: int = 0  # the random orientations
     batch_size: int = 0  # calibration samples per layer forward (0 = all)
     offload: bool = False  # keep the model where it is, move one layer at a time to `device`
@@ -108,7 +117,9 @@ class SliceGPT:
         if self.final_orientation not in ORIENTATIONS:
             errors.append(f"pruner.final_orientation={self.final_orientation!r} is not one of "
                           f"{', '.join(ORIENTATIONS)}")
-        for key in ("slice_head", "progress"):
+        if self.rotation_dtype not in ROTATION_DTYPES:
+            errors.append(f"pruner.rotation_dtype={self.rotation_dtype!r} is not one of {', '.join(ROTATION_DTYPES)}")
+        for key in ("slice_head", "center_embeddings", "progress"):
             if not isinstance(getattr(self, key), bool):
                 errors.append(f"pruner.{key}={getattr(self, key)!r} must be true or false")
         errors += stream_option_errors(self.batch_size, self.offload, self.device, self.states)
@@ -207,26 +218,43 @@ class SliceGPT:
 
 
 def _times(w: torch.Tensor, q: torch.Tensor, scale: Optional[torch.Tensor] = None,
-           out: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """``(w * scale) @ q`` by row blocks, computed in float32 (or ``w``'s dtype if wider) and returned in ``w``'s
-    dtype and device (into ``out`` if given, which may be ``w`` itself: each row block is read before it is written).
+           out: Optional[torch.Tensor] = None, dtype: Optional[torch.dtype] = None,
+           center: bool = False) -> torch.Tensor:
+    """``(w * scale) @ q`` by row blocks, computed in ``dtype`` (default float32, or ``w``'s dtype if wider) and
+    returned in ``w``'s dtype and device (into ``out`` if given, which may be ``w`` itself: each row block is read
+    before it is written).
 
     ``w``: ``[rows, n]`` anywhere; ``q``: ``[n, k]`` on the compute device; ``scale``: ``[n]``, the fused norm weight.
+    ``center``: each row of ``w`` first loses its mean, in float64 and stored back in ``w``'s dtype (SliceGPT's
+    ``fuse_modules`` on the embedding), then is rotated.
     """
     # local: imports torch, and config validation imports this module
     import torch
 
-    q = q.to(torch.promote_types(w.dtype, torch.float32))
+    q = q.to(torch.promote_types(w.dtype, dtype or torch.float32))
     if out is None:
         out = torch.empty(w.shape[0], q.shape[1], dtype=w.dtype, device=w.device)
     step = max(1, BLOCK_BYTES // (8 * max(w.shape[1], q.shape[1])))
     s = None if scale is None else scale.to(q.device, q.dtype)
     for r in range(0, w.shape[0], step):
-        block = w[r:r + step].to(q.device, q.dtype)
+        block = w[r:r + step].to(q.device)
+        if center:
+            block = _centered(block)
+        block = block.to(q.dtype)
         if s is not None:
             block = block * s
         out[r:r + step] = (block @ q).to(out.dtype)
     return out
+
+
+def _centered(x: torch.Tensor) -> torch.Tensor:
+    """``x`` minus the mean of its last dimension, computed in float64 and returned in ``x``'s dtype (SliceGPT's
+    embedding mean subtraction, ``layernorm_fusion.fuse_modules``)."""
+    # local: imports torch, and config validation imports this module
+    import torch
+
+    x64 = x.to(torch.float64)
+    return (x64 - x64.mean(dim=-1, keepdim=True)).to(x.dtype)
 
 
 def _set_weight(lin: nn.Linear, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> None:
@@ -239,17 +267,18 @@ def _set_weight(lin: nn.Linear, weight: torch.Tensor, bias: Optional[torch.Tenso
         lin.bias = nn.Parameter(bias, requires_grad=False)
 
 
-def _rotate_inputs(lin: nn.Linear, q: torch.Tensor, scale: Optional[torch.Tensor]) -> None:
+def _rotate_inputs(lin: nn.Linear, q: torch.Tensor, scale: Optional[torch.Tensor],
+                   dtype: Optional[torch.dtype] = None) -> None:
     """A reader of the stream: ``W <- (W * scale) Q[:, :d]`` (its inputs rotated and sliced)."""
-    _set_weight(lin, _times(lin.weight.data, q, scale))
+    _set_weight(lin, _times(lin.weight.data, q, scale, dtype=dtype))
 
 
-def _rotate_outputs(lin: nn.Linear, q: torch.Tensor) -> None:
+def _rotate_outputs(lin: nn.Linear, q: torch.Tensor, dtype: Optional[torch.dtype] = None) -> None:
     """A writer of the stream: ``W <- Q[:, :d]^T W``, ``b <- Q[:, :d]^T b`` (its outputs rotated and sliced)."""
-    w = _times(lin.weight.data.t(), q).t().contiguous()
+    w = _times(lin.weight.data.t(), q, dtype=dtype).t().contiguous()
     b = None
     if lin.bias is not None:
-        b = _times(lin.bias.data[None], q)[0]
+        b = _times(lin.bias.data[None], q, dtype=dtype)[0]
     _set_weight(lin, w, b)
 
 
@@ -309,6 +338,7 @@ def rotate_and_slice(model: nn.Module, calibration: torch.Tensor, spec: SliceGPT
                          progress=spec.progress, states=spec.states)
     dev = stream.device
     gen = torch.Generator().manual_seed(spec.seed)
+    rot = getattr(torch, spec.rotation_dtype)  # weights are rotated in this dtype, stored in the model's
     t_pca = t_rot = 0.0
 
     def axes(xs: list[torch.Tensor], keep: int) -> torch.Tensor:
@@ -321,10 +351,13 @@ def rotate_and_slice(model: nn.Module, calibration: torch.Tensor, spec: SliceGPT
     with torch.no_grad():
         # The embedding writes the stream: rotated and sliced (a new tensor: a tied LM head keeps the old one).
         d0 = slicing["embedding_dimension"]
+        if spec.center_embeddings:  # the embedding rows lose their means: so do the first layer's inputs
+            stream.update(lambda x, kw: _centered(x))
         q = axes(stream.hidden, d0)
         t0 = time.perf_counter()
         emb = inner.embed_tokens
-        emb.weight = torch.nn.Parameter(_times(emb.weight.data, q[:, :d0]), requires_grad=False)
+        emb.weight = torch.nn.Parameter(_times(emb.weight.data, q[:, :d0], dtype=rot, center=spec.center_embeddings),
+                                        requires_grad=False)
         emb.embedding_dim = d0
         t_rot += time.perf_counter() - t0
         for i, layer in stream:  # stream.hidden: this layer's inputs in the original basis; q: their axes
@@ -334,7 +367,7 @@ def rotate_and_slice(model: nn.Module, calibration: torch.Tensor, spec: SliceGPT
             attn, mlp = layer.self_attn, layer.mlp
             t0 = time.perf_counter()
             for lin in (attn.q_proj, attn.k_proj, attn.v_proj):
-                _rotate_inputs(lin, q_in, layer.input_layernorm.weight)
+                _rotate_inputs(lin, q_in, layer.input_layernorm.weight, rot)
             scale_mlp = layer.post_attention_layernorm.weight
             sliced = SlicedLlamaDecoderLayer(layer, q_in.T.to(dtype).contiguous(), q_in.new_empty(0, dtype=dtype),
                                              hidden, eps)
@@ -345,9 +378,9 @@ def rotate_and_slice(model: nn.Module, calibration: torch.Tensor, spec: SliceGPT
             q_attn = axes(stream.hidden, d_attn)[:, :d_attn]
             t0 = time.perf_counter()
             sliced.attn_shortcut_Q = torch.nn.Parameter((q_in.T @ q_attn).to(dtype), requires_grad=False)
-            _rotate_outputs(attn.o_proj, q_attn)
+            _rotate_outputs(attn.o_proj, q_attn, rot)
             for lin in (mlp.gate_proj, mlp.up_proj):
-                _rotate_inputs(lin, q_attn, scale_mlp)
+                _rotate_inputs(lin, q_attn, scale_mlp, rot)
             sliced.mlp_shortcut_Q = torch.nn.Parameter(q_attn.T.to(dtype).contiguous(), requires_grad=False)
             t_rot += time.perf_counter() - t0
             # MLP half on the sliced stream: the layer's output, back in the original basis (down_proj not rotated).
@@ -355,14 +388,15 @@ def rotate_and_slice(model: nn.Module, calibration: torch.Tensor, spec: SliceGPT
             q = axes(stream.hidden, d_out)
             t0 = time.perf_counter()
             sliced.mlp_shortcut_Q = torch.nn.Parameter((q_attn.T @ q[:, :d_out]).to(dtype), requires_grad=False)
-            _rotate_outputs(mlp.down_proj, q[:, :d_out])
+            _rotate_outputs(mlp.down_proj, q[:, :d_out], rot)
             t_rot += time.perf_counter() - t0
         # The LM head reads the last layer's stream, through the final norm's scale (in place when not sliced).
         t0 = time.perf_counter()
         d_head = slicing["lm_head_dimension"]
         head = model.lm_head
         w = head.weight.data
-        _set_weight(head, _times(w, q[:, :d_head], inner.norm.weight, out=w if d_head == w.shape[1] else None))
+        _set_weight(head, _times(w, q[:, :d_head], inner.norm.weight, out=w if d_head == w.shape[1] else None,
+                                 dtype=rot))
         inner.norm = SlicedRMSNorm(hidden, eps)
         t_rot += time.perf_counter() - t0
     stream.close()
@@ -395,7 +429,8 @@ def rotate_and_slice(model: nn.Module, calibration: torch.Tensor, spec: SliceGPT
         ranges={"attention": [0, depth], "mlp": [0, depth]}, layers=per_layer, notes=notes,
         details={"sparsity": float(spec.sparsity), "round_interval": spec.round_interval, "hidden_size": hidden,
                  "sliced_width": d, "lm_head_dimension": d_head, "slice_head": spec.slice_head,
-                 "final_orientation": spec.final_orientation, "seed": spec.seed, "shortcut_params": shortcuts,
+                 "final_orientation": spec.final_orientation, "seed": spec.seed,
+                 "center_embeddings": spec.center_embeddings, "rotation_dtype": spec.rotation_dtype, "shortcut_params": shortcuts,
                  "untied_embeddings": tied, "batch_size": spec.batch_size, "offload": stream.offload,
                  "device": str(dev), "calibration": {"samples": int(calibration.shape[0]),
                                                      "tokens": int(calibration.numel())}},

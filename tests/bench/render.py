@@ -366,6 +366,24 @@ BENCHES: list[Bench] = [
            ("ours / original", "damage_ratio_vs_original"), ("same removal", "match"), ("prune s", "prune_s"),
            ("code", "repo")],
           lambda ln: _peer_rows(ln)),
+    Bench("slicegpt_peer", "SliceGPT against Microsoft's code (`slicegpt_peer_bench.py`)",
+          "github.com/microsoft/TransformerCompression's SliceGPT (`run_slicegpt.py`'s steps) run from its own "
+          "environment (`tests/peers/slicegpt_env.sh`) and `pruner=slicegpt` on the same SmolLM2, the same "
+          "calibration ids and the same held-out perplexity protocol (the original's saved model read back and "
+          "scored by prunelab, and by its own process); `ours_before`: prunelab without the embedding's row-mean "
+          "subtraction (`center_embeddings=false`), `ours_after`: the default.",
+          "the original's run in the same bench (`damage / original's`: (PPL / dense) over the original's).",
+          [("dense PPL", "ppl_dense"), ("PPL", "ppl"), ("damage / original's", "damage_ratio"),
+           ("params", "params"), ("seconds", "seconds")],
+          lambda ln: [] if ln.get("status") == "failed" else [
+              Row("", f"{name}", _join(f"sparsity {ln.get('sparsity')}, round {ln.get('round_interval')}",
+                                        f"{get(ln, 'calibration.samples')} × {get(ln, 'calibration.seq_len')} "
+                                        f"{get(ln, 'calibration.text')} tokens",
+                                        f"PPL on {get(ln, 'ppl_protocol.text')}", _threads(ln)), ln,
+                  {**(ln.get(name) or {}), "ppl_dense": ln.get("ppl_dense"),
+                   "damage_ratio": ln.get(f"damage_ratio_{name.removeprefix('ours_')}")
+                   if name.startswith("ours") else None})
+              for name in ("original", "ours_before", "ours_after") if isinstance(ln.get(name), dict)]),
     Bench("depth", "Depth pruning with a fitted linear map (`depth_bench.py`)",
           "whole decoder layers of SmolLM2-135M-Instruct removed (`pruner=depth`: a block by angular distance, or "
           "greedy one layer at a time; with `compensate=linear` a least-squares map merged into the preceding "

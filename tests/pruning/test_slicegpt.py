@@ -28,11 +28,32 @@ def logits(model, x=X):
         return model(x).logits
 
 
+def center_rows(model):
+    """SliceGPT's ``fuse_modules`` on the embedding: each row loses its mean (in float64). A tied LM head is
+    untied first and keeps the uncentered rows, as there."""
+    with torch.no_grad():
+        model.lm_head.weight = torch.nn.Parameter(model.lm_head.weight.detach().clone())
+        w = model.model.embed_tokens.weight
+        w64 = w.double()
+        model.model.embed_tokens.weight = torch.nn.Parameter((w64 - w64.mean(-1, keepdim=True)).to(w.dtype))
+    return model
+
+
+def offset_rows(model, seed=7):
+    """Give each embedding row a mean of its own (a random model's rows are near zero-mean; a trained one's are
+    not), so the mean subtraction measurably changes the model."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        w = model.model.embed_tokens.weight
+        w.add_(0.05 * torch.randn(w.shape[0], 1, generator=g))
+
+
 @pytest.mark.parametrize("orientation", ["pca", "random"])
 def test_sparsity_zero_reproduces_the_dense_logits(tiny, calib, orientation):
     model, _ = tiny
     dense = logits(model)
-    result = SliceGPT(sparsity=0.0, final_orientation=orientation, batch_size=3, progress=False)(model, calib)
+    result = SliceGPT(sparsity=0.0, final_orientation=orientation, batch_size=3, center_embeddings=False,
+                      progress=False)(model, calib)
     assert model.model.embed_tokens.weight.shape == (259, 64)  # rotated, not sliced
     assert not any(name.endswith("norm.weight") for name, _ in model.named_parameters())  # scales fused
     torch.testing.assert_close(logits(model), dense, rtol=0, atol=2e-5)
@@ -43,11 +64,29 @@ def test_tied_embeddings_are_untied_and_still_exact(calib):
     model, _ = build_tiny(num_layers=2, hidden_size=64, intermediate_size=128, num_heads=8, num_kv_heads=2)
     model.lm_head.weight = model.model.embed_tokens.weight
     model.config.tie_word_embeddings = True
-    dense = logits(model)
+    offset_rows(model)
+    fused = logits(center_rows(copy.deepcopy(model)))  # the tie is kept in `model` itself
     result = SliceGPT(sparsity=0.0, progress=False)(model, calib)
     assert model.lm_head.weight is not model.model.embed_tokens.weight and not model.config.tie_word_embeddings
     assert result.details["untied_embeddings"] and any("untied" in n for n in result.notes)
-    torch.testing.assert_close(logits(model), dense, rtol=0, atol=2e-5)
+    torch.testing.assert_close(logits(model), fused, rtol=0, atol=2e-5)
+
+
+def test_sparsity_zero_by_default_is_slicegpts_fused_model(tiny, calib):
+    """SliceGPT subtracts each embedding row's mean (``fuse_modules``): on a Llama (RMSNorm) that changes the
+    outputs a little, so sparsity 0 reproduces the model with centered embedding rows, not the dense one;
+    ``center_embeddings=false`` keeps the dense logits."""
+    model, _ = tiny
+    offset_rows(model)
+    dense = logits(model)
+    fused = logits(center_rows(copy.deepcopy(model)))
+    assert (fused - dense).abs().max() > 1e-3  # the subtraction is not a no-op on this model
+    other = copy.deepcopy(model)
+    result = SliceGPT(sparsity=0.0, progress=False)(model, calib)
+    assert result.details["center_embeddings"] is True and result.details["rotation_dtype"] == "float64"
+    torch.testing.assert_close(logits(model), fused, rtol=0, atol=2e-5)
+    SliceGPT(sparsity=0.0, center_embeddings=False, rotation_dtype="float32", progress=False)(other, calib)
+    torch.testing.assert_close(logits(other), dense, rtol=0, atol=2e-5)
 
 
 def test_orientation_does_not_change_a_sliced_model(tiny, calib):
@@ -59,10 +98,10 @@ def test_orientation_does_not_change_a_sliced_model(tiny, calib):
 
 
 def _reference_slicegpt(model, calib, width):
-    """A direct transcription of SliceGPT's ``layernorm_fusion.fuse_modules`` (without the embedding mean
-    subtraction, see pruning/slicegpt.py) and ``rotate.rotate_and_slice_sequential`` (pca orientation, head not
-    sliced), all in float64: each layer runs twice, once for the signal between its blocks (post-attention norm
-    input) and once, rotated and sliced up to its MLP, for its output."""
+    """A direct transcription of SliceGPT's ``layernorm_fusion.fuse_modules`` (the LM head untied, each embedding
+    row's mean subtracted, the norm scales fused) and ``rotate.rotate_and_slice_sequential`` (pca orientation,
+    head not sliced), all in float64: each layer runs twice, once for the signal between its blocks
+    (post-attention norm input) and once, rotated and sliced up to its MLP, for its output."""
     import types
 
     model = copy.deepcopy(model).double().eval()
@@ -86,6 +125,8 @@ def _reference_slicegpt(model, calib, width):
 
     with torch.no_grad():
         model.lm_head.weight = torch.nn.Parameter(model.lm_head.weight.clone())
+        emb = inner.embed_tokens.weight.data
+        inner.embed_tokens.weight.data = emb - emb.mean(dim=-1, keepdim=True)
         for layer in inner.layers:
             for norm, lins in ((layer.input_layernorm, ("q_proj", "k_proj", "v_proj")),
                                (layer.post_attention_layernorm, ("gate_proj", "up_proj"))):
@@ -138,21 +179,38 @@ def _reference_slicegpt(model, calib, width):
 
 
 def test_sliced_logits_match_a_transcription_of_slicegpt(tiny, calib):
-    """sparsity > 0 against an independent float64 transcription of SliceGPT's rotate_and_slice_sequential (norm
-    scales made non-trivial so their fusion counts): the PCA points, the eigenvector order, the shortcuts
-    ``Q_prev[:, :d]^T Q_next[:, :d]`` and the MLP-input PCA on the stream after the sliced attention all matter."""
+    """sparsity > 0 against an independent float64 transcription of SliceGPT's fuse_modules and
+    rotate_and_slice_sequential (norm scales and embedding row means made non-trivial so their fusion and
+    subtraction count): the PCA points, the eigenvector order, the shortcuts ``Q_prev[:, :d]^T Q_next[:, :d]``, the
+    MLP-input PCA on the stream after the sliced attention and the embedding mean subtraction all matter. Without
+    the subtraction (``center_embeddings=false``, this implementation's behaviour before issue 26) the result is
+    another model."""
     model, _ = tiny
     g = torch.Generator().manual_seed(5)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith("norm.weight"):
                 p.copy_(0.5 + torch.rand(p.shape, generator=g))
+    offset_rows(model)
     dense = logits(model)
     expected = _reference_slicegpt(model, calib, 48)
+    old = copy.deepcopy(model)
     SliceGPT(sparsity=0.25, final_orientation="random", progress=False)(model, calib)
     got = logits(model)
     assert (got - dense).abs().max() > 100 * (got - expected).abs().max()  # slicing changed the model
     torch.testing.assert_close(got, expected, rtol=0, atol=1e-4)
+    SliceGPT(sparsity=0.25, center_embeddings=False, progress=False)(old, calib)
+    assert (logits(old) - expected).abs().max() > 100 * (got - expected).abs().max()
+
+
+def test_float32_rotation_stays_close(tiny, calib):
+    """``rotation_dtype=float32`` (weights rotated in float32, stored in the model's dtype either way) is the
+    same model to float32 rounding."""
+    model, _ = tiny
+    other = copy.deepcopy(model)
+    SliceGPT(sparsity=0.25, final_orientation="pca", progress=False)(model, calib)
+    SliceGPT(sparsity=0.25, final_orientation="pca", rotation_dtype="float32", progress=False)(other, calib)
+    torch.testing.assert_close(logits(other), logits(model), rtol=0, atol=1e-4)
 
 
 @pytest.fixture
@@ -238,6 +296,8 @@ def test_slice_head(tiny, calib):
     ({"sparsity": 1.0}, r"pruner.sparsity=1.0 must be in \[0, 1\)"),
     ({"round_interval": 0}, "pruner.round_interval=0 must be an integer >= 1"),
     ({"final_orientation": "svd"}, "pruner.final_orientation='svd' is not one of random, pca"),
+    ({"rotation_dtype": "bfloat16"}, "pruner.rotation_dtype='bfloat16' is not one of float64, float32"),
+    ({"center_embeddings": 1}, "pruner.center_embeddings=1 must be true or false"),
     ({"offload": True}, "pruner.offload=true needs pruner.device"),
 ])
 def test_bad_options_fail_at_build_time(kw, match):
@@ -289,6 +349,6 @@ def test_smollm2_rotation_alone_keeps_the_logits():
                  "must be in want of a wife."] * 2, return_tensors="pt").input_ids
     x = tok("The capital of France is", return_tensors="pt").input_ids
     dense = logits(model, x)
-    SliceGPT(sparsity=0.0, progress=False)(model, calib)
+    SliceGPT(sparsity=0.0, center_embeddings=False, progress=False)(model, calib)
     torch.testing.assert_close(logits(model, x), dense, rtol=0, atol=2e-3)
     assert model.model.embed_tokens.weight.shape == (49152, 576) and model.lm_head.weight.shape == (49152, 576)
