@@ -320,9 +320,12 @@ BENCHES: list[Bench] = [
           "the foundation issue's acceptance command (`python run.py pruner=taylor ratio=0.25 ...`, `eval=none "
           "logger=none`) as a child process, start to exit: wall time, peak RSS and the split recorded in its "
           "`metrics.json`.",
-          "one plain forward+backward over the same calibration tokens in another child (`fwd_bwd_floor_s`); the "
+          "one plain forward+backward over the same calibration tokens in another child (`fwd_bwd_floor_s`); "
+          "LLM-Pruner's own `llama3.py` on the same ids, run from its own environment in pairs with ours "
+          "(`tests/peers/llm_pruner_*`; `÷ LLM-Pruner`: our median wall over its median, target ≤ 0.9); the "
           "targets (wall − floor, peak RSS) are the script's `targets`.",
-          [("wall s", "wall_s"), ("floor s", "fwd_bwd_floor_s"), ("wall − floor s", "wall_minus_floor_s"),
+          [("wall s", "wall_s"), ("LLM-Pruner s", "peer_reference.wall_s"), ("÷ LLM-Pruner", "wall_over_peer"),
+           ("floor s", "fwd_bwd_floor_s"), ("wall − floor s", "wall_minus_floor_s"),
            ("wall ÷ floor", "wall_over_floor"), ("peak RSS GiB", "peak_rss_gib"), ("targets met", "targets.met"),
            ("split s", "split_s"), ("calibration tokens", "calibration.tokens"),
            ("prune ÷ forward", "prune_over_forward")],
@@ -333,6 +336,10 @@ BENCHES: list[Bench] = [
                                   lambda ln: ln.get("threads") == 1 and ln.get("mode") != "default",
                                   "wall {wall_s} s, {wall_minus_floor_s} s above one fwd+bwd; "
                                   "peak RSS {peak_rss_gib} GiB"),
+           lambda lines: _headline(lines, "acceptance command against LLM-Pruner's llama3.py, same run, 1 thread",
+                                  lambda ln: ln.get("mode") != "default" and "wall_over_peer" in ln,
+                                  "{wall_over_peer} × its wall ({wall_s} s against {peer_reference.wall_s} s; "
+                                  "target ≤ 0.9), peak RSS {peak_rss_over_peer} × its peak"),
            lambda lines: _headline(lines, "`make run`: every default (obs, `tokens=auto`, eval=quick)",
                                   lambda ln: ln.get("mode") == "default",
                                   "wall {wall_s} s ({threads} threads; target ≤ {targets.wall_s_max} s), pruning "
