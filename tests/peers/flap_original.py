@@ -34,8 +34,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
-import os
 import sys
 import tempfile
 import time
@@ -46,37 +44,7 @@ from types import SimpleNamespace
 import torch
 from torch import nn
 
-
-def local_model_dir(src: Path, tmp: Path) -> Path:
-    """``src``'s files linked into ``tmp``, with a config.json that transformers 4.41 reads as the same model."""
-    cfg = json.loads((src / "config.json").read_text())
-    rope = cfg.get("rope_parameters") or {}
-    if "rope_theta" not in cfg and "rope_theta" in rope:
-        cfg["rope_theta"] = rope["rope_theta"]
-    if rope.get("rope_type", "default") != "default":
-        raise SystemExit(f"{src}: rope_type {rope['rope_type']!r} is not translated for transformers 4.41")
-    cfg.pop("rope_parameters", None)
-    cfg["torch_dtype"] = cfg.pop("dtype", cfg.get("torch_dtype", "float32"))
-    for f in src.iterdir():
-        if f.name != "config.json" and f.is_file():
-            os.symlink(f.resolve(), tmp / f.name)
-    (tmp / "config.json").write_text(json.dumps(cfg, indent=2))
-    return tmp
-
-
-@torch.no_grad()
-def perplexity(model: torch.nn.Module, tokens: torch.Tensor, seq_len: int, batch_size: int = 4) -> float:
-    """prunelab's analysis.perplexity.perplexity (value only)."""
-    n_win = tokens.shape[1] // seq_len
-    windows = tokens[0, : n_win * seq_len].view(n_win, seq_len)
-    nll, count = 0.0, 0
-    for i in range(0, n_win, batch_size):
-        x = windows[i:i + batch_size]
-        logits = model(input_ids=x, use_cache=False).logits[:, :-1].float()
-        nll += torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1),
-                                                 reduction="sum").item()
-        count += x[:, 1:].numel()
-    return math.exp(nll / count)
+from _common import local_model_dir, perplexity  # tests/peers/_common.py, next to this script
 
 
 @torch.no_grad()
