@@ -14,26 +14,11 @@
 # torch: the CPU wheel index when it answers, else the same CPU build as the project's .venv, else plain PyPI.
 # Prints the venv's python path last. Does nothing when VENV already holds the same commit (VENV/peer_commit).
 set -euo pipefail
-SRC=${1:?usage: wanda_env.sh SOURCE_GIT_DIR [VENV]}
-ROOT=$(cd "$(dirname "$0")/../.." && pwd)
-VENV=${2:-$ROOT/.venv-peers/wanda}
-PY=${PEER_PYTHON:-python3}
-if [ -d "$SRC/.git" ]; then GIT=(git -C "$SRC"); else GIT=(git --git-dir="$SRC"); fi
-COMMIT=$("${GIT[@]}" rev-parse HEAD)
-if [ -x "$VENV/bin/python" ] && [ "$(cat "$VENV/peer_commit" 2>/dev/null)" = "$COMMIT" ]; then
-  echo "$VENV/bin/python"; exit 0
-fi
-rm -rf "$VENV"
-"$PY" -m venv "$VENV"
-PIP=("$VENV/bin/python" -m pip install --quiet)
-if ! "${PIP[@]}" --retries 0 --timeout 20 torch --index-url https://download.pytorch.org/whl/cpu 2>/dev/null; then
-  OURS=$("$ROOT/.venv/bin/python" -c 'import torch; print(torch.__version__)' 2>/dev/null || true)
-  if [ -n "$OURS" ] && "${PIP[@]}" "torch==$OURS" 2>/dev/null; then :; else "${PIP[@]}" torch; fi
-fi
+source "$(dirname "$0")/_env.sh"  # peer_env: SRC ROOT VENV GIT COMMIT PIP, a venv with torch; peer_done
+peer_env wanda "$@"
 "${PIP[@]}" "transformers==4.41.0" "datasets==2.18.0" accelerate sentencepiece numpy
 mkdir -p "$VENV/src"
 "${GIT[@]}" archive --format=tar HEAD lib main.py | tar -x -C "$VENV/src"
 "$VENV/bin/python" -c 'import sys; sys.path.insert(0, sys.argv[1]); import lib.prune, transformers
 assert transformers.__version__ == "4.41.0"' "$VENV/src"
-echo "$COMMIT" > "$VENV/peer_commit"
-echo "$VENV/bin/python"
+peer_done
