@@ -55,7 +55,7 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, Optional
 
-from core.models.llama import count_params, decoder_layers, layer_configs
+from core.models.llama import count_params, decoder_layers
 from core.run.errors import ConfigError
 from pruning import PruneError, PruneResult
 from pruning.options import as_range, range_order_errors, resolve_ratio_target, stream_option_errors
@@ -197,6 +197,8 @@ class Depth:
         self.check(depth)
         check_stream_device(model, self.device, self.offload)
         n = self.count(depth)
+        from pruning.surgery import remove_layers  # local: imports torch, and config validation imports this module
+
         stream_kw = {"batch_size": self.batch_size, "device": self.device, "offload": self.offload,
                      "states": self.states}
         params_before = count_params(model)
@@ -220,7 +222,7 @@ class Depth:
                 t0 = time.perf_counter()
                 merge_map(decoder_layers(model)[s - 1], fit.pop("map"))
                 cut.update(merged_into=alive[s - 1], **fit)
-            remove_layers(model, list(range(s, s + k)))
+            remove_layers(model, list(range(s, s + k)))  # (pruning/surgery.py)
             timings["surgery_s"] += time.perf_counter() - t0
             del alive[s:s + k]
             cuts.append(cut)
@@ -318,14 +320,6 @@ def block_distances(model: nn.Module, calibration: torch.Tensor, n: int, starts:
 # --------------------------------------------------------------------------- the map
 
 
-def _pieces(layer: nn.Module, x: torch.Tensor, kwargs: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
-    """A Llama decoder layer run piece by piece: (``h = x + attn(norm1(x))``, ``m = mlp(norm2(h))``); the layer's
-    output is ``h + m``."""
-    a = layer.self_attn(hidden_states=layer.input_layernorm(x), **kwargs)
-    h = x + (a[0] if isinstance(a, tuple) else a)
-    return h, layer.mlp(layer.post_attention_layernorm(h))
-
-
 def fit_linear_map(model: nn.Module, calibration: torch.Tensor, start: int, end: int, damp: float, *,
                    batch_size: int = 0, device: Optional[str] = None, offload: bool = False,
                    states: str = "auto") -> dict[str, Any]:
@@ -336,7 +330,7 @@ def fit_linear_map(model: nn.Module, calibration: torch.Tensor, start: int, end:
     # local: imports torch, and config validation imports this module
     import torch
 
-    from pruning.streaming import LayerStream
+    from pruning.streaming import LayerStream, layer_pieces
 
     if start < 1:
         raise PruneError("depth: a linear map needs a layer before the cut to merge into (start >= 1)")
@@ -353,7 +347,7 @@ def fit_linear_map(model: nn.Module, calibration: torch.Tensor, start: int, end:
         for i, layer in stream:
             if i == start - 1:
                 def step(x: torch.Tensor, kw: dict[str, Any]) -> torch.Tensor:
-                    h, m = _pieces(layer, x, kw)
+                    h, m = layer_pieces(layer, x, kw)
                     mlp_out.append(m.detach())
                     residual.append(h.detach())
                     return h + m
@@ -411,26 +405,3 @@ def merge_map(layer: nn.Module, t: torch.Tensor) -> None:
         w.copy_((tt @ w.double()).to(w.dtype))
         if down.bias is not None:
             down.bias.copy_((tt @ down.bias.double()).to(down.bias.dtype))
-
-
-def remove_layers(model: nn.Module, gone: list[int]) -> None:
-    """Delete decoder layers ``gone`` (current indices) from ``model`` in place. The rest are renumbered for the KV
-    cache (``self_attn.layer_idx``) and the config follows: ``num_hidden_layers``, ``layer_types`` (when a list),
-    ``layer_configs``, and ``removed_layers`` (indices in the original model, counting earlier removals)."""
-    # local: imports torch, and config validation imports this module
-    from torch import nn
-
-    layers = decoder_layers(model)
-    depth = len(layers)
-    kept = [i for i in range(depth) if i not in set(gone)]
-    model.model.layers = nn.ModuleList([layers[i] for i in kept])
-    for j, layer in enumerate(model.model.layers):
-        layer.self_attn.layer_idx = j
-    cfg = model.config
-    before = list(getattr(cfg, "removed_layers", None) or [])
-    original = [i for i in range(depth + len(before)) if i not in set(before)]  # current index -> original
-    cfg.removed_layers = sorted(before + [original[i] for i in gone])
-    cfg.num_hidden_layers = len(kept)
-    if isinstance(getattr(cfg, "layer_types", None), list) and len(cfg.layer_types) == depth:
-        cfg.layer_types = [cfg.layer_types[i] for i in kept]
-    cfg.layer_configs = layer_configs(model)

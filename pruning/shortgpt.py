@@ -47,7 +47,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, Optional
 
 from core.run.errors import ConfigError
-from core.models.llama import count_params, decoder_layers, head_dim, layer_configs
+from core.models.llama import count_params, decoder_layers, head_dim
 from pruning import PruneError, PruneResult
 from pruning.options import as_range, range_order_errors, resolve_ratio_target, stream_option_errors
 from pruning.ranges import resolve_range
@@ -226,16 +226,6 @@ def _cosine_sum(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(F.cosine_similarity(a.float(), b.float(), dim=-1).sum())
 
 
-def layer_pieces(layer: nn.Module, x: torch.Tensor, kwargs: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
-    """A Llama decoder layer run piece by piece: (residual after attention, layer output).
-
-    The same operations as ``LlamaDecoderLayer.forward``: ``h = x + attn(norm1(x))``, ``out = h + mlp(norm2(h))``.
-    """
-    a = layer.self_attn(hidden_states=layer.input_layernorm(x), **kwargs)
-    h = x + (a[0] if isinstance(a, tuple) else a)
-    return h, h + layer.mlp(layer.post_attention_layernorm(h))
-
-
 def block_influence(model: nn.Module, calibration: Optional[torch.Tensor], *, sublayer: bool = False,
                     batch_size: int = 0, device: Optional[str] = None, offload: bool = False,
                     states: str = "auto") -> dict[str, list[float]]:
@@ -245,7 +235,7 @@ def block_influence(model: nn.Module, calibration: Optional[torch.Tensor], *, su
     with ``h`` the residual stream entering the sub-block. The model is not changed.
     """
     # local: imports torch, and config validation imports this module
-    from pruning.streaming import LayerStream
+    from pruning.streaming import LayerStream, layer_pieces
 
     stream = LayerStream(model, calibration, batch_size=batch_size, device=device, offload=offload, states=states)
     tokens = stream.tokens
@@ -259,7 +249,8 @@ def block_influence(model: nn.Module, calibration: Optional[torch.Tensor], *, su
             sums = dict.fromkeys(out, 0.0)  # Python floats: float64 sums of each micro-batch's cosines
             def step(x: torch.Tensor, kw: dict[str, Any]) -> torch.Tensor:
                 if sublayer:
-                    h, y = layer_pieces(layer, x, kw)
+                    h, m = layer_pieces(layer, x, kw)
+                    y = h + m
                     sums["attention"] += _cosine_sum(x, h)
                     sums["mlp"] += _cosine_sum(h, y)
                 else:
@@ -338,12 +329,10 @@ def remove_units(model: nn.Module, chosen: list[Unit]) -> list[int]:
     the original model, counting layers an earlier removal recorded there).
     """
     # local: imports torch, and config validation imports this module
-    from torch import nn
-
     from core.models.modeling_pruned import RemovedAttention, RemovedMLP
+    from pruning.surgery import remove_layers
 
     layers = decoder_layers(model)
-    depth = len(layers)
     subs = _by_layer(chosen)
     gone = sorted(i for i, kinds in subs.items() if len(kinds) == 2)
     hd = head_dim(model.config)
@@ -352,19 +341,7 @@ def remove_units(model: nn.Module, chosen: list[Unit]) -> list[int]:
             layers[i].self_attn = RemovedAttention(i, hd)
         elif len(kinds) == 1:
             layers[i].mlp = RemovedMLP()
-    kept = [i for i in range(depth) if i not in set(gone)]
-    model.model.layers = nn.ModuleList([layers[i] for i in kept])
-    for j, layer in enumerate(model.model.layers):
-        layer.self_attn.layer_idx = j
-    cfg = model.config
-    before = list(getattr(cfg, "removed_layers", None) or [])
-    original = [i for i in range(depth + len(before)) if i not in set(before)]  # current index -> original
-    if before or gone:
-        cfg.removed_layers = sorted(before + [original[i] for i in gone])
-    cfg.num_hidden_layers = len(kept)
-    if isinstance(getattr(cfg, "layer_types", None), list) and len(cfg.layer_types) == depth:
-        cfg.layer_types = [cfg.layer_types[i] for i in kept]
-    cfg.layer_configs = layer_configs(model)
+    remove_layers(model, gone)
     return gone
 
 

@@ -60,6 +60,14 @@ class _Stop(Exception):
     pass
 
 
+def layer_pieces(layer: nn.Module, x: torch.Tensor, kwargs: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+    """A Llama decoder layer run piece by piece, the same operations as ``LlamaDecoderLayer.forward``:
+    ``(h, m)`` with ``h = x + attn(norm1(x))`` and ``m = mlp(norm2(h))``; the layer's output is ``h + m``."""
+    a = layer.self_attn(hidden_states=layer.input_layernorm(x), **kwargs)
+    h = x + (a[0] if isinstance(a, tuple) else a)
+    return h, layer.mlp(layer.post_attention_layernorm(h))
+
+
 def check_llama_layout(model: nn.Module, method: str) -> None:
     """PruneError unless ``model`` is a Llama-style decoder (``model.model.layers[i].self_attn/mlp``)."""
     supported = "Llama-style decoders (Llama 2/3, SmolLM2, Mistral-like: self_attn.{q,k,v,o}_proj, mlp.{gate,up,down}_proj)"

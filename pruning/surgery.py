@@ -1,4 +1,4 @@
-"""Structural edits of a Llama decoder layer: remove KV groups (GQA-consistent) and MLP channels.
+"""Structural edits of a Llama decoder: remove KV groups (GQA-consistent), MLP channels, whole layers.
 
 Each edit shrinks the ``nn.Linear`` modules in place; the stock modules reshape with -1 heads and keep
 ``num_key_value_groups = heads // kv_heads``, so a shrunk layer runs unchanged.
@@ -52,3 +52,27 @@ def remove_channels(layer: nn.Module, channels: torch.Tensor) -> None:
     shrink_linear(mlp.up_proj, keep, 0)
     shrink_linear(mlp.down_proj, keep, 1)
     mlp.intermediate_size = keep.numel()
+
+
+def remove_layers(model: nn.Module, gone: list[int]) -> None:
+    """Delete decoder layers ``gone`` (current indices) from ``model`` in place. The rest are renumbered for the KV
+    cache (``self_attn.layer_idx``) and the config follows: ``num_hidden_layers``, ``layer_types`` (when a list),
+    ``layer_configs``, and ``removed_layers`` (indices in the original model, counting layers an earlier removal
+    recorded there; set only when some layer is or was removed)."""
+    from core.models.llama import decoder_layers, layer_configs
+
+    layers = decoder_layers(model)
+    depth = len(layers)
+    kept = [i for i in range(depth) if i not in set(gone)]
+    model.model.layers = nn.ModuleList([layers[i] for i in kept])
+    for j, layer in enumerate(model.model.layers):
+        layer.self_attn.layer_idx = j
+    cfg = model.config
+    before = list(getattr(cfg, "removed_layers", None) or [])
+    original = [i for i in range(depth + len(before)) if i not in set(before)]  # current index -> original
+    if before or gone:
+        cfg.removed_layers = sorted(before + [original[i] for i in gone])
+    cfg.num_hidden_layers = len(kept)
+    if isinstance(getattr(cfg, "layer_types", None), list) and len(cfg.layer_types) == depth:
+        cfg.layer_types = [cfg.layer_types[i] for i in kept]
+    cfg.layer_configs = layer_configs(model)

@@ -9,12 +9,14 @@ import json
 import math
 import os
 from pathlib import Path
+from typing import Any
 
 import torch
 
 
-def local_model_dir(src: Path, tmp: Path) -> Path:
-    """``src``'s files linked into ``tmp``, with a config.json that transformers 4.41 reads as the same model."""
+def local_model_dir(src: Path, tmp: Path, tokenizer: bool = False) -> Path:
+    """``src``'s files linked into ``tmp``, with a config.json that transformers 4.41 reads as the same model;
+    ``tokenizer``: also the tokenizer files as 4.41 / tokenizers 0.19 read them (a peer that loads the tokenizer)."""
     cfg = json.loads((src / "config.json").read_text())
     rope = cfg.get("rope_parameters") or {}
     if "rope_theta" not in cfg and "rope_theta" in rope:
@@ -23,11 +25,28 @@ def local_model_dir(src: Path, tmp: Path) -> Path:
         raise SystemExit(f"{src}: rope_type {rope['rope_type']!r} is not translated for transformers 4.41")
     cfg.pop("rope_parameters", None)
     cfg["torch_dtype"] = cfg.pop("dtype", cfg.get("torch_dtype", "float32"))
+    written = {"config.json": cfg, **(_tokenizer_files(src) if tokenizer else {})}
     for f in src.iterdir():
-        if f.name != "config.json" and f.is_file():
+        if f.is_file() and written.get(f.name) is None:
             os.symlink(f.resolve(), tmp / f.name)
-    (tmp / "config.json").write_text(json.dumps(cfg, indent=2))
+    for name, content in written.items():
+        if content is not None:
+            (tmp / name).write_text(json.dumps(content, indent=2, ensure_ascii=False))
     return tmp
+
+
+def _tokenizer_files(src: Path) -> dict[str, Any]:
+    """tokenizer_config.json and tokenizer.json as transformers 4.41 / tokenizers 0.19 read them (None: absent)."""
+    tok = json.loads((src / "tokenizer_config.json").read_text()) if (src / "tokenizer_config.json").is_file() else None
+    if tok is not None and tok.get("tokenizer_class") == "TokenizersBackend":  # transformers 5's name for it
+        tok["tokenizer_class"] = "PreTrainedTokenizerFast"
+    fast = json.loads((src / "tokenizer.json").read_text()) if (src / "tokenizer.json").is_file() else None
+    merges = (fast or {}).get("model", {}).get("merges") or []
+    if merges and isinstance(merges[0], list):  # tokenizers >= 0.20 writes pairs; 0.19 (for 4.41) reads "a b"
+        if any(" " in part for pair in merges for part in pair):
+            raise SystemExit(f"{src}: a BPE merge holds a space; it cannot be written for tokenizers 0.19")
+        fast["model"]["merges"] = [" ".join(pair) for pair in merges]
+    return {"tokenizer_config.json": tok, "tokenizer.json": fast}
 
 
 @torch.no_grad()

@@ -60,12 +60,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
 import runpy
 import sys
 import tempfile
 from pathlib import Path
+
+from _common import local_model_dir  # tests/peers/_common.py, next to this script
 
 PATCHES = [
     "get_examples('bookcorpus', ...) -> the given calibration ids (the same n x 64 rows as prunelab's run)",
@@ -83,35 +84,6 @@ PATCHES = [
 ]
 
 
-def local_model_dir(src: Path, tmp: Path) -> Path:
-    """``src``'s files linked into ``tmp``, with a config.json that transformers 4.41 reads as the same model."""
-    cfg = json.loads((src / "config.json").read_text())
-    rope = cfg.get("rope_parameters") or {}
-    if "rope_theta" not in cfg and "rope_theta" in rope:
-        cfg["rope_theta"] = rope["rope_theta"]
-    if rope.get("rope_type", "default") != "default":
-        raise SystemExit(f"{src}: rope_type {rope['rope_type']!r} is not translated for transformers 4.41")
-    cfg.pop("rope_parameters", None)
-    cfg["torch_dtype"] = cfg.pop("dtype", cfg.get("torch_dtype", "float32"))
-    tok = json.loads((src / "tokenizer_config.json").read_text()) if (src / "tokenizer_config.json").is_file() else None
-    if tok is not None and tok.get("tokenizer_class") == "TokenizersBackend":  # transformers 5's name for it
-        tok["tokenizer_class"] = "PreTrainedTokenizerFast"
-    fast = json.loads((src / "tokenizer.json").read_text()) if (src / "tokenizer.json").is_file() else None
-    merges = (fast or {}).get("model", {}).get("merges") or []
-    if merges and isinstance(merges[0], list):  # tokenizers >= 0.20 writes pairs; 0.19 (for 4.41) reads "a b"
-        if any(" " in part for pair in merges for part in pair):
-            raise SystemExit(f"{src}: a BPE merge holds a space; it cannot be written for tokenizers 0.19")
-        fast["model"]["merges"] = [" ".join(pair) for pair in merges]
-    written = {"config.json": cfg, "tokenizer_config.json": tok, "tokenizer.json": fast}
-    for f in src.iterdir():
-        if f.is_file() and written.get(f.name) is None:
-            os.symlink(f.resolve(), tmp / f.name)
-    for name, content in written.items():
-        if content is not None:
-            (tmp / name).write_text(json.dumps(content, indent=2, ensure_ascii=False))
-    return tmp
-
-
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--src", required=True, type=Path, help="the exported repository (holds LLMPruner/, llama3.py)")
@@ -124,7 +96,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = p.parse_args(argv)
     if args.prepare is not None:  # before any timed run: the translation is the harness's work, not llama3.py's
         args.prepare.mkdir(parents=True, exist_ok=True)
-        return {"prepared": str(local_model_dir(args.model.resolve(), args.prepare))}
+        return {"prepared": str(local_model_dir(args.model.resolve(), args.prepare, tokenizer=True))}
     if args.calib is None:
         p.error("--calib is required")
 
@@ -171,7 +143,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     samples, seq_len = calib.shape
     with tempfile.TemporaryDirectory() as tmp:
-        model_dir = args.model.resolve() if args.prepared else local_model_dir(args.model.resolve(), Path(tmp))
+        model_dir = args.model.resolve() if args.prepared else local_model_dir(args.model.resolve(), Path(tmp), tokenizer=True)
         sys.argv = [str(src / "llama3.py"), "--base_model", str(model_dir), "--pruning_ratio", "0.25", "--block_wise",
                     "--pruner_type", "taylor", "--taylor", "param_first",
                     "--block_attention_layer_start", "3", "--block_attention_layer_end", "27",
