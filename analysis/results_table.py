@@ -29,7 +29,7 @@ import pandas as pd
 
 from analysis.lm_eval_tasks import HEADLINE_METRIC
 from core.run.io import atomic_write_text
-from core.run.record import run_status
+from core.run.record import run_status, saved_checkpoint
 from core.run.wandb_view import get as _get
 
 log = logging.getLogger(__name__)
@@ -154,9 +154,8 @@ def _model_bytes(m: dict, source: str) -> Optional[int]:
     """The compressed / evaluated model's bytes on disk: the checkpoint the run saved (``checkpoint.path`` inside the
     run dir: ``model/``, or replace / convert's named folder), the model an evaluate run read, else what the run
     recorded when it saved (``checkpoint.bytes``)."""
-    recorded = _get(m, "checkpoint", "path")
-    saved = Path(source) / (Path(recorded).name if isinstance(recorded, str) and recorded else "model")
-    if m.get("task") != "evaluate" and saved.is_dir():
+    saved = saved_checkpoint(Path(source), m) if m.get("task") != "evaluate" else None
+    if saved is not None:
         return bytes_on_disk(saved)
     found = bytes_on_disk(_get(m, "model", "path")) if m.get("task") == "evaluate" else None
     return found if found is not None else _get(m, "checkpoint", "bytes")

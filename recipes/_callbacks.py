@@ -41,7 +41,7 @@ from omegaconf import OmegaConf, open_dict
 
 from core.models.ref import ModelRef
 from core.run.io import atomic_write_text
-from core.run.record import run_status
+from core.run.record import run_status, saved_checkpoint
 from recipes._common import structure_for_ref
 
 log = logging.getLogger(__name__)
@@ -116,16 +116,12 @@ def sweep_summary(sweep: Path, jobs: list[Path]) -> list[str]:
 
 
 def saved_model(job: Path) -> Optional[Path]:
-    """The checkpoint a job saved: ``checkpoint.path`` of its record (replace and convert name theirs with
-    ``output_name``), else its ``model/``; None when it saved none."""
+    """The checkpoint a job saved (``core.run.record.saved_checkpoint`` of its record); None when it saved none."""
     try:
-        recorded = (json.loads((job / "metrics.json").read_text()).get("checkpoint") or {}).get("path")
-    except (OSError, ValueError, AttributeError):
-        recorded = None
-    for path in ([Path(recorded), job / Path(recorded).name] if recorded else []) + [job / "model"]:
-        if path.is_dir():
-            return path
-    return None
+        m = json.loads((job / "metrics.json").read_text())
+    except (OSError, ValueError):
+        m = {}
+    return saved_checkpoint(job, m if isinstance(m, dict) else {})
 
 
 def _batch_analysis(sweep: Path, models: list[Path]) -> list[str]:

@@ -68,6 +68,15 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def saved_checkpoint(run_dir: Path, m: dict) -> Optional[Path]:
+    """The checkpoint folder a run saved, found in ``run_dir`` (which may have moved since): its record's
+    ``checkpoint.path`` by name (``model/``, or the folder ``output_name`` named), else the recorded path itself,
+    else ``model/``; None when there is none."""
+    recorded = (m.get("checkpoint") or {}).get("path") if isinstance(m.get("checkpoint"), dict) else None
+    named = [run_dir / Path(recorded).name, Path(recorded)] if isinstance(recorded, str) and recorded else []
+    return next((p for p in [*named, run_dir / "model"] if p.is_dir()), None)
+
+
 def run_status(m: dict, now: Optional[float] = None) -> str:
     """A record's status as a reader should report it: a ``running`` record whose process is gone (same host)
     or whose heartbeat stopped (another host, 3 missed beats) is ``dead``."""
