@@ -21,7 +21,7 @@ from typing import Any, Optional
 import hydra
 from omegaconf import DictConfig
 
-from core.run.config import validate
+from core.run.config import output_name_errors, validate
 from core.run.errors import ConfigError
 from core.run.wandb_view import NO_VIEW
 from recipes import load_recipe, optimized_metric
@@ -40,9 +40,10 @@ def check(cfg: DictConfig) -> Any:
     except ConfigError as e:
         raise ConfigError("invalid configuration:\n  - " + "\n  - ".join([str(e), *errors])) from None
     errors += recipe.validate(cfg)
-    if cfg.get("output_name") is not None and not getattr(recipe, "OUTPUT_NAME", False):
-        errors.append(f"output_name={cfg.output_name}: task={cfg.task} writes no named results folder (replace, "
-                      "convert and batch_analyze do); leave it out")
+    if cfg.get("output_name") is not None:  # the folder name of the tasks that declare OUTPUT_NAME; refused elsewhere
+        errors += output_name_errors(cfg.output_name) if getattr(recipe, "OUTPUT_NAME", False) else [
+            f"output_name={cfg.output_name}: task={cfg.task} writes no named results folder (replace, convert and "
+            "batch_analyze do); leave it out"]
     try:
         optimized_metric(cfg, recipe)
     except ConfigError as e:

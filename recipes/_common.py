@@ -19,7 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 from core.data.text import TextSpec
 from core.models.card import write_model_card
 from core.models.ref import ModelRef
-from core.run.errors import ConfigError, LoadError, UserError
+from core.run.errors import ConfigError, LoadError, RunDirError, UserError
 
 log = logging.getLogger(__name__)
 
@@ -235,3 +235,15 @@ def write_card(model_dir: Path, ctx: Any, *, settings: tuple[str, ...] = (), lab
                 "`eval=mmlu`, `eval=full` or `eval.tasks=[...]` for other benchmarks; `eval.limit=N` for a quick look.")
     write_model_card(model_dir, dict(getattr(ctx, "metrics", None) or {}), warn=True, settings=settings, label=label,
                      command=run_command(), sections={"Evaluate it with prunelab": evaluate})
+
+
+def results_folder(ctx: Any, run_dir: Path, name: str, derived: bool, *, what: str = "checkpoint",
+                   writes: bool = True) -> Path:
+    """``<run dir>/<name>``, the folder ``output_name`` names (replace, convert, batch_analyze), recorded as the run's
+    ``output`` (``written`` turns true once it is complete). It must not exist yet (a fresh run dir holds none):
+    nothing is ever written into what is there. ``writes=False``: nothing will be written (``save_model=false``)."""
+    out = run_dir / name
+    if writes and (out.exists() or out.is_symlink()):
+        raise RunDirError(f"output_name={name}: {out} already exists; the {what} is always a new folder")
+    ctx.log("output", {"name": name, "path": str(out) if writes else None, "derived": derived, "written": False})
+    return out

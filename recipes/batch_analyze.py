@@ -22,9 +22,9 @@ from typing import Any
 
 from omegaconf import DictConfig
 
-from core.run.config import derived_output_name, output_name_errors
-from core.run.errors import DataError, RunDirError
-from recipes._common import resolve_model, structure_for_ref
+from core.run.config import derived_output_name
+from core.run.errors import DataError
+from recipes._common import resolve_model, results_folder, structure_for_ref
 
 log = logging.getLogger(__name__)
 
@@ -33,9 +33,9 @@ OUTPUT_NAME = True  # writes its results into <run dir>/<output_name>/ (run.chec
 
 
 def validate(cfg: DictConfig) -> list[str]:
-    errors = output_name_errors(cfg.output_name)
+    errors: list[str] = []
     if not cfg.models_dir:
-        return [*errors, "task=batch_analyze needs models_dir=<folder of models>"]
+        return ["task=batch_analyze needs models_dir=<folder of models>"]
     path = Path(str(cfg.models_dir)).expanduser()
     if not path.is_dir():
         errors.append(f"models_dir={cfg.models_dir}: {'not a folder' if path.exists() else 'no such folder'}")
@@ -54,11 +54,8 @@ def run(cfg: DictConfig, ctx: Any) -> dict:
     from analysis.batch import batch_analyze  # local: torch, pandas, matplotlib; validation imports this module
 
     name = output_name(cfg)
-    out = Path(ctx.run_dir) / name
-    if out.exists() or out.is_symlink():  # a fresh run dir holds none: never write into what is there
-        raise RunDirError(f"output_name={name}: {out} already exists; the results folder is always a new one")
+    out = results_folder(ctx, Path(ctx.run_dir), name, cfg.output_name is None, what="results folder")
     out.mkdir()
-    ctx.log("output", {"name": name, "path": str(out), "derived": cfg.output_name is None})
     count_nonzero = bool(cfg.count_nonzero)
     base, base_dir = (structure_for_ref(resolve_model(str(cfg.base)), cache_dir=cfg.paths.cache_dir,
                                         count_nonzero=count_nonzero, allow_pickle=bool(cfg.allow_pickle))

@@ -24,9 +24,8 @@ from omegaconf import DictConfig
 
 from core.models.llama import count_params, params_from_config
 from core.models.ref import read_config_json, tiny_config
-from core.run.config import derived_output_name, output_name_errors
-from core.run.errors import RunDirError
-from recipes._common import model_ref, plain, resolve_model, write_card
+from core.run.config import derived_output_name
+from recipes._common import model_ref, plain, resolve_model, results_folder, write_card
 from recipes._plan import plan_convert
 
 log = logging.getLogger(__name__)
@@ -38,7 +37,7 @@ plan = plan_convert  # dry_run=true prints it; a run checks it before loading (r
 
 def validate(cfg: DictConfig) -> list[str]:
     """A SliceGPT output path, and a base unless its config.json sits beside it; no weights read."""
-    errors = output_name_errors(cfg.output_name)
+    errors: list[str] = []
     path = Path(str(cfg.model.path)).expanduser() if cfg.model.path else None
     if cfg.model.kind != "hf" or path is None:
         errors.append("task=convert needs model=<SliceGPT's .pt file or the folder holding it>")
@@ -76,10 +75,7 @@ def run(cfg: DictConfig, ctx: Any) -> dict:
     run_dir = Path(cfg.paths.output_dir)
     files = SliceGPTFiles.of(str(ref.path))
     name = str(cfg.output_name) if cfg.output_name is not None else derived_output_name(files.weights.stem, "sliced")
-    out_dir = run_dir / name
-    if out_dir.exists() or out_dir.is_symlink():  # a fresh run dir holds none
-        raise RunDirError(f"output_name={name}: {out_dir} already exists; the checkpoint is always a new folder")
-    ctx.log("output", {"name": name, "path": str(out_dir), "derived": cfg.output_name is None, "written": False})
+    out_dir = results_folder(ctx, run_dir, name, cfg.output_name is None)
     tokenizer, base_ref = None, None  # without a base: the tokenizer beside the file, if any
     if cfg.base:
         base_config, tokenizer, base_ref = _base(str(cfg.base), cfg.paths.cache_dir)

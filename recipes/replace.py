@@ -24,12 +24,12 @@ from omegaconf import DictConfig
 
 from core.data.text import TextSpec, eval_tokens, load_documents
 from core.models.ref import model_config
-from core.run.config import derived_output_name, output_name_errors
-from core.run.errors import RunDirError, UserError
+from core.run.config import derived_output_name
+from core.run.errors import UserError
 from core.run.io import atomic_write_text
 from core.run.wandb_view import WandbView
 from replacement.spec import hybrid_readme
-from recipes._common import (build, donor_dir, headline_metrics, plain, replacement_models,
+from recipes._common import (build, donor_dir, headline_metrics, plain, replacement_models, results_folder,
                              tokenizer_or_donors, write_card)
 from recipes._plan import plan_replace
 
@@ -43,13 +43,11 @@ GENERIC_NAMES = {"model", "models", "pruned", "checkpoint", "checkpoints", "hf",
 
 
 def validate(cfg: DictConfig) -> list[str]:
-    errors = output_name_errors(cfg.output_name)
     try:
         spec = build(cfg.replacement, "replacement")
     except UserError as e:
-        return [*errors, str(e)]
-    return errors + ([] if spec.layers else
-                     ["task=replace needs replacement.layers=[...] (the donor's layers to take)"])
+        return [str(e)]
+    return [] if spec.layers else ["task=replace needs replacement.layers=[...] (the donor's layers to take)"]
 
 
 def short_name(name: str, config: dict) -> str:
@@ -88,11 +86,7 @@ def run(cfg: DictConfig, ctx: Any) -> dict:
     check_compatible(base_cfg, donor.config, spec.base, spec.donor)
     layers = check_layers(list(spec.layers), donor.depth)
     name = output_name(cfg, base_ref.name or spec.base, base_cfg, layers)
-    out_dir = run_dir / name
-    if cfg.save_model and (out_dir.exists() or out_dir.is_symlink()):  # a fresh run dir holds none
-        raise RunDirError(f"output_name={name}: {out_dir} already exists; the checkpoint is always a new folder")
-    ctx.log("output", {"name": name, "path": str(out_dir) if cfg.save_model else None,
-                       "derived": cfg.output_name is None, "written": False})
+    out_dir = results_folder(ctx, run_dir, name, cfg.output_name is None, writes=bool(cfg.save_model))
 
     # 2. Base model, donor layers swapped in (only those layers are read from the donor's files).
     t0 = time.perf_counter()
