@@ -318,7 +318,14 @@ def set_mmap_threshold(mib: Optional[float]) -> bool:
 
 
 def _startup_seconds() -> Optional[float]:
+    """Seconds since this process started. On Linux from its start time in clock ticks since boot
+    (/proc/self/stat) against CLOCK_BOOTTIME: exact to a tick. psutil's create_time adds the boot time, which
+    /proc/stat gives in whole seconds, so it can be off by up to a second; it is the fallback elsewhere."""
     try:
+        if sys.platform.startswith("linux"):
+            fields = Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()
+            ticks = int(fields[19])  # starttime: field 22 of proc(5), the 20th after the ")" of comm
+            return time.clock_gettime(time.CLOCK_BOOTTIME) - ticks / os.sysconf("SC_CLK_TCK")
         return time.time() - psutil.Process().create_time()
     except Exception:  # noqa: BLE001 - a timing, never a reason to fail
         return None

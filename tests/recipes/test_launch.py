@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from core.run.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_a_command_line_is_composed_and_checked_without_running(tmp_path):
@@ -28,3 +32,19 @@ def test_a_sweep_gives_one_checked_config_per_job_and_claims_no_dir(tmp_path, mo
     files = run.compose_and_validate(["-cd", "multirun_sweeps", "-cn", "baselines"])
     assert len(files) == 7 and len({c.run_name for c in files}) == 7  # one job per preset of the sweep file
     assert not any(tmp_path.iterdir())  # composing named the run and sweep dirs, it created none
+
+
+def test_startup_seconds_count_from_the_process_start_to_the_tick():
+    """The record's startup_s is measured from the process's own start (to a clock tick), not from psutil's
+    create_time, whose boot time is whole seconds and can put it up to a second off."""
+    import subprocess
+    import sys
+
+    code = ("import time; t = time.perf_counter(); time.sleep(0.3); import sys; sys.path.insert(0, %r); "
+            "from recipes._launch import _startup_seconds; s = _startup_seconds(); "
+            "print(s, time.perf_counter() - t)" % str(ROOT))
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    startup, since_first_line = float(out[0]), float(out[1])
+    # at least the time the script itself has run (one 10 ms tick of slack), at most that plus the interpreter's
+    # start; psutil's create_time was off by the boot time's fraction of a second (0.88 s on this machine)
+    assert since_first_line - 0.02 <= startup <= since_first_line + 0.5
