@@ -43,7 +43,8 @@ dense model's on calibration text, and searches the set of removed layers by evo
 
 Cost: ``block``: one streamed pass over the layers (``n + 1`` copies of the calibration hidden states, where
 ``states`` puts them) and one pass up to the block's end (the fit keeps the MLP outputs of layer
-``s - 1`` and the residual it is added to: two extra copies, and three ``hidden x hidden`` float64 sums).
+``s - 1`` and the residual it is added to: two extra copies; the solve holds four ``hidden x hidden`` float64
+matrices, the sums, the solver's factor and the map, and the merge a block of ``down_proj`` columns at a time).
 ``greedy``: ``n`` times a full pass and a pass up to the cut.
 """
 
@@ -70,8 +71,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-SELECTIONS = ("block", "greedy")
+SELECTIONS = ("block", "greedy", "search")
 COMPENSATIONS = ("linear", "none")
+SEARCH_OFFSPRING = 8  # selection=search: evolve's lambda (candidates per generation)
+MERGE_BLOCK_BYTES = 32 * 2**20  # merge_map: a float64 block of down_proj columns (and its product) at a time
 
 
 @dataclass(frozen=True)
@@ -98,6 +101,9 @@ class Depth:
     offload: bool = False  # keep the model where it is, run each layer on `device`
     device: Optional[str] = None  # where layers run (None: the model's device)
     states: str = "auto"  # where the calibration hidden states live: auto | device | host | disk (docs/scale.md)
+    search_budget: int = 48  # selection=search: full-fidelity KL evaluations (the starts included)
+    search_tokens: int = 1024  # selection=search: fitness tokens, the LAST calibration samples (never fitted on)
+    seed: int = 0  # selection=search: the engine's seed; otherwise recorded only (deterministic)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "attention_layers", as_range(self.attention_layers))
@@ -121,6 +127,14 @@ class Depth:
                           "of X^T X; 0 = pseudo-inverse)")
         elif self.compensate == "none" and d != type(self).damp:
             errors.append(f"pruner.damp={d} applies to compensate=linear only, not none")
+        if isinstance(self.search_budget, bool) or not isinstance(self.search_budget, int) or self.search_budget < 3:
+            errors.append(f"pruner.search_budget={self.search_budget!r} must be an integer >= 3 (full-fidelity "
+                          "KL evaluations)")
+        if isinstance(self.search_tokens, bool) or not isinstance(self.search_tokens, int) or self.search_tokens < 1:
+            errors.append(f"pruner.search_tokens={self.search_tokens!r} must be a positive integer")
+        if self.selection == "search" and self.offload:
+            errors.append("pruner.selection=search scores each candidate by a forward of the whole model: it needs "
+                          "the model on its device (pruner.offload=false; model.device_map spreads a large one)")
         errors += stream_option_errors(self.batch_size, self.offload, self.device, self.states)
         errors += range_order_errors(attention=self.attention_layers, mlp=self.mlp_layers)
         errors += resolve_ratio_target(self)
@@ -130,6 +144,10 @@ class Depth:
     @property
     def needs_calibration(self) -> bool:
         return True
+
+    def search_rows(self, seq_len: int) -> int:
+        """selection=search: the calibration samples (the last ones) that are the fitness tokens."""
+        return math.ceil(int(self.search_tokens) / max(1, int(seq_len)))
 
     def count(self, depth: int) -> int:
         """How many layers go on a model of ``depth`` layers."""
@@ -166,26 +184,43 @@ class Depth:
         """Peak memory and work on a model of ``config.json`` ``cfg`` (torch-free; core/run/plan.py): the layer
         stream with its copies of the hidden states (``block``: n + 1 while scoring), one micro-batch's float64
         activations and the two ``hidden x hidden`` float64 sums of the fit."""
+        from core.run.plan import dtype_bytes
         from pruning.memory import micro_batch, stream
 
         depth = int(cfg["num_hidden_layers"])
         self.check(depth)
         n = self.count(depth)
         units = self.candidates(depth)
-        copies = max(n + 1 if self.selection == "block" else 2, 3 if self.compensate == "linear" else 1)
+        copies = max(n + 1 if self.selection in ("block", "search") else 2, 3 if self.compensate == "linear" else 1)
         p = stream(cfg, tokens=tokens, seq_len=seq_len, batch_size=self.batch_size, dtype=dtype, model_device=device,
                    device=self.device, offload=self.offload, copies=copies, states=self.states,
                    device_free=(free or (None,))[0], host_free=(free or (None, None))[1])
         d = int(cfg["hidden_size"])
         b = micro_batch(tokens, seq_len, self.batch_size)
         p.add(**{"float64 activations of a micro-batch": 3 * b * int(seq_len) * d * 8})
-        if self.compensate == "linear":
-            p.add(**{"float64 X^T X, X^T Y and the map": 3 * d * d * 8})
+        if self.compensate == "linear":  # the sums, the solver's factor and the map (the pseudo-inverse: its eigh too)
+            p.add(**{"float64 X^T X, X^T Y, the solve and the map": (4 if self.damp > 0 else 6) * d * d * 8
+                     + 2 * MERGE_BLOCK_BYTES})
+        how = {"block": "one block by angular distance", "greedy": "one at a time by angular distance",
+               "search": f"searched by KL to the dense model ({self.search_budget} evaluations on "
+                         f"{self.search_rows(seq_len) * int(seq_len):,} held-out tokens)"}[self.selection]
         passes = depth + depth if self.selection == "block" else n * 2 * depth
-        removes = [f"{n} whole layers of {len(units)} candidates ({units[0]}..{units[-1]}), "
-                   f"{'one block' if self.selection == 'block' else 'one at a time'} by angular distance, "
+        notes = []
+        if self.selection == "search":  # two scoring passes (the starts), the fits, and the search's forwards
+            rows = self.search_rows(seq_len)
+            vocab = int(cfg.get("vocab_size") or 0)
+            p.add_host(**{"the dense model's log-probabilities on the fitness tokens (float32)":
+                          rows * (int(seq_len) - 1) * vocab * 4})
+            p.add(**{"one fitness row's logits and log-probabilities (float32)": 2 * int(seq_len) * vocab * 4,
+                     "the fitness tokens' hidden states entering the first candidate":
+                     rows * int(seq_len) * d * dtype_bytes(dtype, cfg)})
+            passes = 2 * depth + n * depth
+            notes.append(f"selection=search adds up to {self.search_budget} fitness evaluations (forwards of the "
+                         "layers from the first candidate on, over the fitness tokens), not counted in the layer "
+                         "forwards")
+        removes = [f"{n} whole layers of {len(units)} candidates ({units[0]}..{units[-1]}), {how}, "
                    f"{'compensated by a linear map merged into down_proj' if self.compensate == 'linear' else 'not compensated'}"]
-        return p.footprint(layer_forwards=passes, tokens=int(tokens), removes=removes)
+        return p.footprint(layer_forwards=passes, tokens=int(tokens), removes=removes, notes=notes)
 
     def __call__(self, model: nn.Module, calibration: Optional[torch.Tensor]) -> PruneResult:
         # local: imports torch, and config validation imports this module
@@ -206,15 +241,25 @@ class Depth:
         allowed = set(self.candidates(depth))
         cuts: list[dict[str, Any]] = []
         timings = {"score_s": 0.0, "fit_s": 0.0, "surgery_s": 0.0}
-        rounds = [n] if self.selection == "block" else [1] * n
-        for k in rounds:
-            starts = [j for j in range(len(alive) - k + 1) if all(alive[j + t] in allowed for t in range(k))]
-            t0 = time.perf_counter()
-            dist = block_distances(model, calibration, k, starts, **stream_kw)
-            timings["score_s"] += time.perf_counter() - t0
-            s = min(starts, key=lambda j: (dist[j], j))
-            cut: dict[str, Any] = {"layers": [alive[s + t] for t in range(k)], "distance": dist[s],
-                                   "distances": {alive[j]: dist[j] for j in starts}}
+        search: dict[str, Any] = {}
+        runs: list[tuple[int, int]] = []  # selection=search: (first layer, length) of each run to cut, ascending
+        if self.selection == "search":
+            chosen, search, calibration = self._search(model, calibration, n, sorted(allowed), stream_kw, timings)
+            runs = _runs(chosen)
+        rounds = [n] if self.selection == "block" else [k for _, k in runs] if runs else [1] * n
+        for r, k in enumerate(rounds):
+            if runs:
+                s = alive.index(runs[r][0])
+                cut: dict[str, Any] = {"layers": [alive[s + t] for t in range(k)], "distance": None,
+                                       "distances": search["angular_distances"]}
+            else:
+                starts = [j for j in range(len(alive) - k + 1) if all(alive[j + t] in allowed for t in range(k))]
+                t0 = time.perf_counter()
+                dist = block_distances(model, calibration, k, starts, **stream_kw)
+                timings["score_s"] += time.perf_counter() - t0
+                s = min(starts, key=lambda j: (dist[j], j))
+                cut = {"layers": [alive[s + t] for t in range(k)], "distance": dist[s],
+                       "distances": {alive[j]: dist[j] for j in starts}}
             t0 = time.perf_counter()
             if self.compensate == "linear":
                 fit = fit_linear_map(model, calibration, s, s + k, float(self.damp), **stream_kw)
@@ -226,12 +271,92 @@ class Depth:
             timings["surgery_s"] += time.perf_counter() - t0
             del alive[s:s + k]
             cuts.append(cut)
-            log.info("depth: layers %s removed (angular distance %.4f)%s", cut["layers"], cut["distance"],
+            log.info("depth: layers %s removed (%s)%s", cut["layers"],
+                     "searched" if runs else f"angular distance {cut['distance']:.4f}",
                      f", map merged into layer {cut['merged_into']}" if "merged_into" in cut else "")
-        return self._result(cuts, depth, n, params_before, count_params(model), timings)
+        if search:
+            search.pop("angular_distances", None)
+        return self._result(cuts, depth, n, params_before, count_params(model), timings, search)
+
+    def _search(self, model: nn.Module, calibration: torch.Tensor, n: int, units: list[int],
+                stream_kw: dict[str, Any], timings: dict[str, float]
+                ) -> tuple[list[int], dict[str, Any], torch.Tensor]:
+        """selection=search: the ``n`` layers of ``units`` whose plain removal gives the least KL to the dense model
+        on the fitness tokens (the last ``search_tokens`` of the calibration, never fitted on), searched by the
+        engine's ``evolve`` at three fidelities from two starts scored on the other samples: ShortGPT's rule (the
+        ``n`` layers of least angular distance, each alone) and the ``block`` rule. Returns the layers, the record
+        and the calibration samples left for the maps."""
+        # local: imports torch, and config validation imports this module
+        from torch import nn
+
+        from core.search import Subsets, search
+        from pruning.fitness import KLFitness, fidelity_rows, fitness_chunks
+
+        seq = calibration.shape[1]
+        rows = self.search_rows(seq)
+        if calibration.shape[0] - rows < 2:
+            raise PruneError(f"depth: pruner.search_tokens={self.search_tokens} takes {rows} of the "
+                             f"{calibration.shape[0]} calibration samples; at least 2 must stay for the starts and "
+                             "the maps: lower it or raise data.num_samples")
+        fit, tokens = calibration[:-rows], calibration[-rows:]
+        t0 = time.perf_counter()
+        single = block_distances(model, fit, 1, units, **stream_kw)
+        allowed = set(units)
+        block_starts = [j for j in units if all(j + t in allowed for t in range(n))]
+        block = block_distances(model, fit, n, block_starts, **stream_kw) if block_starts else {}
+        timings["score_s"] += time.perf_counter() - t0
+        starts = {"shortgpt": tuple(sorted(sorted(units, key=lambda l: (single[l], l))[:n]))}
+        if block:
+            b = min(block, key=lambda j: (block[j], j))
+            starts["block"] = tuple(range(b, b + n))
+        pos = {l: i for i, l in enumerate(units)}
+        space = Subsets(len(units), n)
+        first, fids = units[0], fidelity_rows(rows)
+        chunks = fitness_chunks(rows, fids, self.batch_size or rows)
+        layers = decoder_layers(model)
+
+        def apply(c: Any) -> None:  # the candidate's layers left out of the stack (put back in `finally`)
+            gone = {units[i] for i in c}
+            model.model.layers = nn.ModuleList([layer for j, layer in enumerate(layers) if j not in gone])
+
+        was_training = model.training
+        model.eval()
+        t0 = time.perf_counter()
+        try:
+            reference = KLFitness.reference(model, tokens, first, chunks)
+            fitness = KLFitness(model, tokens, first, chunks, reference, apply=apply)
+            initial = list(dict.fromkeys(tuple(sorted(pos[l] for l in c)) for c in starts.values()))
+            res = search(space, fitness, strategy="evolve", budget=self.search_budget, seed=int(self.seed),
+                         fidelities=[r * seq for r in fids], offspring=SEARCH_OFFSPRING, initial=initial)
+        finally:
+            model.model.layers = layers
+            model.train(was_training)
+        timings["search_s"] = time.perf_counter() - t0
+        top = {e.candidate: e.fitness for e in res.history if e.fidelity == fids[-1] * seq}
+        start_fit = {name: top.get(tuple(sorted(pos[l] for l in c))) for name, c in starts.items()}
+        scored = {k: v for k, v in start_fit.items() if v is not None}
+        best_start = min(scored, key=lambda k: scored[k]) if scored else None
+        chosen = sorted(units[i] for i in res.best)
+        full = fitness.seconds.get(rows * seq, [0, 0.0])
+        details = {
+            "strategy": "evolve", "fitness": "mean per-token KL(dense || candidate), the layers removed plainly",
+            "seed": int(self.seed), "fitness_tokens": int(tokens.numel()), "fit_tokens": int(fit.numel()),
+            "fidelities": [r * seq for r in fids], "candidates": units, "space_size": space.size(),
+            "starts": {k: {"layers": list(c), "fitness": start_fit[k]} for k, c in starts.items()},
+            "best_start": best_start, "best_start_fitness": scored.get(best_start) if best_start else None,
+            "best_fitness": res.best_fitness, "layers": chosen,
+            "gain": (scored[best_start] - res.best_fitness) if best_start else None,
+            "evaluations": res.evaluations, "full_fidelity_evaluations": res.cost, "budget": res.budget,
+            "cache_hits": res.cache_hits, "stopped": res.stopped, "search_s": res.wall_s,
+            "seconds_per_full_evaluation": full[1] / full[0] if full[0] else None,
+            "angular_distances": single,
+        }
+        log.info("depth: searched layers %s (KL %.4f; best start %s: %s)", chosen, res.best_fitness, best_start,
+                 None if best_start is None else f"{scored[best_start]:.4f}")
+        return chosen, details, fit
 
     def _result(self, cuts: list[dict[str, Any]], depth: int, n: int, params_before: int, params_after: int,
-                timings: dict[str, float]) -> PruneResult:
+                timings: dict[str, float], search: Optional[dict[str, Any]] = None) -> PruneResult:
         gone = sorted(i for c in cuts for i in c["layers"])
         kept = [i for i in range(depth) if i not in set(gone)]
         merged = {c["merged_into"]: c for c in cuts if "merged_into" in c}
@@ -239,7 +364,7 @@ class Depth:
         per_layer = []
         for i in range(depth):
             row: dict[str, Any] = {"layer": i, "new_index": kept.index(i) if i in kept else None, "removed": i in gone}
-            if self.selection == "greedy" or n == 1:
+            if self.selection in ("greedy", "search") or n == 1:
                 row["angular_distance"] = first_scores.get(i)
             if i in merged:
                 row["map_merged"] = True
@@ -262,8 +387,19 @@ class Depth:
                      "removed_layers": gone,
                      "cuts": [{k: v for k, v in c.items() if k != "distances"} for c in cuts],
                      "block_distances": {str(k): v for k, v in first_scores.items()},
-                     "params_removed": params_before - params_after},
+                     "params_removed": params_before - params_after, **({"search": search} if search else {})},
             timings=timings)
+
+
+def _runs(layers: list[int]) -> list[tuple[int, int]]:
+    """``(first, length)`` of each maximal run of consecutive layers, ascending: [3, 4, 9] -> [(3, 2), (9, 1)]."""
+    out: list[tuple[int, int]] = []
+    for l in sorted(layers):
+        if out and out[-1][0] + out[-1][1] == l:
+            out[-1] = (out[-1][0], out[-1][1] + 1)
+        else:
+            out.append((l, 1))
+    return out
 
 
 # --------------------------------------------------------------------------- scores
@@ -371,22 +507,31 @@ def fit_linear_map(model: nn.Module, calibration: torch.Tensor, start: int, end:
 
 
 def _solve(xtx: torch.Tensor, xty: torch.Tensor, yty: torch.Tensor, damp: float) -> dict[str, Any]:
+    """``T = (X^T X + lam I)^-1 X^T Y`` (``lam = damp x`` the mean diagonal; ``damp=0``: the pseudo-inverse) and its
+    relative residual. ``xtx`` is consumed (its diagonal raised in place, then freed): with ``damp > 0`` the peak is
+    four ``hidden x hidden`` float64 matrices (the sums, the solver's factor and ``T``), as the footprint counts."""
     import torch
 
     d = xtx.shape[0]
-    eye = torch.eye(d, dtype=torch.float64, device=xtx.device)
+    # ||X T - Y||^2 = ||Y||^2 - 2 <T, X^T Y> + <T, X^T X T>. The identity (plain removal of the block's update):
+    # ||Y||^2 - 2 tr(X^T Y) + tr(X^T X), read before xtx changes. For the fit, X^T X T = X^T Y - lam T (damped), or
+    # X^T Y itself (the pseudo-inverse: X^T Y lies in the range of X^T X), so no d x d product is formed.
+    plain = float(yty - 2 * torch.diagonal(xty).sum() + torch.diagonal(xtx).sum())
     if damp > 0:
         lam = damp * float(torch.diagonal(xtx).mean())
-        t = torch.linalg.solve(xtx + lam * eye, xty)
+        torch.diagonal(xtx).add_(lam)
+        t = torch.linalg.solve(xtx, xty)
+        del xtx
+        fitted = float(yty - torch.dot(t.reshape(-1), xty.reshape(-1)) - lam * torch.dot(t.reshape(-1), t.reshape(-1)))
     else:
         t = torch.linalg.pinv(xtx, hermitian=True) @ xty
-    # ||X T - Y||^2 = ||Y||^2 - 2 tr(T^T X^T Y) + tr(T^T X^T X T); the identity (plain removal of the block's
-    # update, the map of no compensation) for comparison
-    def residual(m: torch.Tensor) -> float:
-        return float(yty - 2 * (m * xty).sum() + (m * (xtx @ m)).sum())
-    fitted, plain = residual(t), residual(eye)
-    return {"map": t.cpu(), "fit": {"residual": fitted / plain if plain > 0 else 0.0,
-                                    "map_minus_identity": float(torch.linalg.matrix_norm(t - eye) / math.sqrt(d))}}
+        del xtx
+        fitted = float(yty - torch.dot(t.reshape(-1), xty.reshape(-1)))
+    torch.diagonal(t).sub_(1.0)  # T - I, in place: no identity matrix is built
+    off = float(torch.linalg.matrix_norm(t) / math.sqrt(d))
+    torch.diagonal(t).add_(1.0)
+    return {"map": t.cpu(), "fit": {"residual": max(fitted, 0.0) / plain if plain > 0 else 0.0,
+                                    "map_minus_identity": off}}
 
 
 # --------------------------------------------------------------------------- surgery
@@ -401,7 +546,10 @@ def merge_map(layer: nn.Module, t: torch.Tensor) -> None:
     down = layer.mlp.down_proj
     w = down.weight
     tt = t.to(device=w.device, dtype=torch.float64).T
+    d, cols = w.shape
+    step = max(1, MERGE_BLOCK_BYTES // (d * 8))  # column blocks: two float64 d x step blocks at a time, not the matrix
     with torch.no_grad():
-        w.copy_((tt @ w.double()).to(w.dtype))
+        for j in range(0, cols, step):
+            w[:, j:j + step] = (tt @ w[:, j:j + step].double()).to(w.dtype)
         if down.bias is not None:
             down.bias.copy_((tt @ down.bias.double()).to(down.bias.dtype))

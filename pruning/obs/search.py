@@ -32,7 +32,7 @@ safetensors files of a scratch directory (:class:`VariantStore`). So the variant
 prune fits (on the uniformly pruned prefix). A candidate then costs one forward: its layers' variants are swapped in (gate/up rows of the dense layer, the cached
 ``down_proj``), only where they changed.
 
-**Fitness** (:class:`KLFitness`): the mean per-token KL(dense || candidate) of the next-token distributions on the
+**Fitness** (:class:`pruning.fitness.KLFitness`): the mean per-token KL(dense || candidate) of the next-token distributions on the
 fitness tokens, the dense log-probabilities computed once (float32, CPU: ``tokens x vocab x 4`` bytes, 1.6 GB for
 SmolLM2 at 8192 tokens); the layers before the first MLP layer in range are the same in every candidate, so their
 output is computed once. Multi-fidelity (the engine's ``evolve``, lambda = 8): 1/16, 1/4 and all of the fitness
@@ -52,8 +52,8 @@ range and ``LEVELS`` float32 ``down_proj`` variants per layer (445 MB for SmolLM
 References: EvoPress (Sieberling et al. 2024), OWL / FLAP for non-uniform schedules.
 
 Imports: torch, ``core.models.llama``, ``core.search`` (the engine), ``pruning`` (PruneError),
-``pruning.compensate`` (FLAP's scores from a Gram matrix), ``pruning.stats`` (standardise),
-``pruning.streaming``, ``pruning.obs.allocate`` (the fixed starts) and ``pruning.obs.fit`` (the fit, its options
+``pruning.compensate`` (FLAP's scores from a Gram matrix), ``pruning.fitness`` (the KL fitness and its
+fidelities), ``pruning.stats`` (standardise), ``pruning.streaming``, ``pruning.obs.allocate`` (the fixed starts) and ``pruning.obs.fit`` (the fit, its options
 and the pass). Never the pruner.
 """
 
@@ -69,7 +69,6 @@ from random import Random
 from typing import Any, Iterator, Optional, Sequence
 
 import torch
-import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -79,9 +78,10 @@ from pruning import PruneError
 from pruning.compensate import column_scores
 from pruning.obs.allocate import allocate_channels
 from pruning.compensate import ProjectionSums
+from pruning.fitness import KLFitness, fidelity_rows, fitness_chunks
 from pruning.obs.fit import FitOptions, Fitted, ProjectionFit, fit_sums, prune_sequential
 from pruning.stats import standardise
-from pruning.streaming import LayerStream, Scratch
+from pruning.streaming import Scratch
 
 LEVELS = 7  # width levels per layer: the centre +- 3 steps
 OFFSPRING = 8  # evolve's lambda: candidates per generation
@@ -422,96 +422,6 @@ def build_variants(model: nn.Module, calibration: torch.Tensor, att_plan: dict[i
                     seconds=seconds, records=records, store=stand_in.store)
 
 
-# ----------------------------------------------------------------------------------------------- the fitness
-
-def fitness_chunks(rows: int, fidelity_rows: Sequence[int], batch: int) -> list[tuple[int, int]]:
-    """Row ranges ``[a, b)`` of at most ``batch`` rows that never straddle a fidelity's row count, so that every
-    fidelity is a prefix of whole chunks (and the reference and a candidate see the same shapes)."""
-    cuts = sorted({r for r in fidelity_rows if 0 < r < rows} | {rows})
-    out, a = [], 0
-    for cut in cuts:
-        while a < cut:
-            out.append((a, min(cut, a + max(1, batch))))
-            a = out[-1][1]
-    return out
-
-
-class KLFitness:
-    """``fitness(candidate, tokens) -> float``: mean per-token KL(dense || candidate) on the first ``tokens``
-    fitness tokens (whole rows). ``reference`` is :meth:`reference` of the dense model on the same tokens."""
-
-    def __init__(self, model: nn.Module, tokens: torch.Tensor, first: int, chunks: list[tuple[int, int]],
-                 reference: list[torch.Tensor], variants: Optional[Variants] = None,
-                 space: Optional[BudgetLevels] = None):
-        self.model, self.tokens, self.first, self.chunks = model, tokens, first, chunks
-        self.reference, self.variants, self.space = reference, variants, space
-        self.prefix = _prefix(model, tokens, first, chunks)  # the layers every candidate shares, run once
-        self.seconds: dict[int, list[float]] = {}  # tokens -> [evaluations, seconds]
-
-    @staticmethod
-    def reference(model: nn.Module, tokens: torch.Tensor, first: int, chunks: list[tuple[int, int]]
-                  ) -> list[torch.Tensor]:
-        """The dense model's next-token log-probabilities per row, ``[seq - 1, vocab]`` float32 (CPU)."""
-        return [lp.cpu() for lp in _logprobs(model, _prefix(model, tokens, first, chunks), first)]
-
-    def __call__(self, candidate: Sequence[int], fidelity: Optional[float] = None) -> float:
-        t0 = time.perf_counter()
-        if self.variants is not None and self.space is not None:
-            self.variants.apply(self.model, self.space.counts(candidate))
-        value = self.kl(fidelity)
-        spent = self.seconds.setdefault(self.tokens_of(fidelity), [0, 0.0])
-        spent[0] += 1
-        spent[1] += time.perf_counter() - t0
-        return value
-
-    def tokens_of(self, fidelity: Optional[float]) -> int:
-        return self.rows_of(fidelity) * self.tokens.shape[1]
-
-    def rows_of(self, fidelity: Optional[float]) -> int:
-        rows = self.tokens.shape[0]
-        return rows if fidelity is None else min(rows, max(1, math.ceil(fidelity / self.tokens.shape[1])))
-
-    def kl(self, fidelity: Optional[float] = None) -> float:
-        """KL of the model as it is now (no variant applied)."""
-        rows = self.rows_of(fidelity)
-        n = sum(1 for a, b in self.chunks if b <= rows)
-        total, count = 0.0, 0
-        with torch.no_grad():
-            for q, p in zip(_logprobs(self.model, self.prefix[:n], self.first), self.reference):
-                total += float(F.kl_div(q, p.to(q.device), reduction="sum", log_target=True))  # sum e^p (p - q)
-                count += q.shape[0]
-        return total / count
-
-
-def _prefix(model: nn.Module, tokens: torch.Tensor, first: int, chunks: list[tuple[int, int]]
-            ) -> list[tuple[torch.Tensor, dict[str, Any]]]:
-    """Per chunk: the hidden states entering layer ``first`` and the keyword arguments the model passes a layer."""
-    out = []
-    for a, b in chunks:
-        stream = LayerStream(model, tokens[a:b], batch_size=0)
-        for i, _ in stream:
-            if i >= first:
-                break
-            stream.advance()
-        out.append((stream.hidden[0], stream.kwargs[0]))
-    return out
-
-
-def _logprobs(model: nn.Module, prefix: list[tuple[torch.Tensor, dict[str, Any]]], first: int
-              ) -> Iterator[torch.Tensor]:
-    """Next-token log-probabilities ``[seq - 1, vocab]`` (float32) of each row of the prefix chunks, in order, from
-    layer ``first`` (one row's logits at a time: a chunk's would be ``rows x seq x vocab``)."""
-    layers = decoder_layers(model)
-    with torch.no_grad():
-        for h, kw in prefix:
-            for layer in layers[first:]:
-                y = layer(h, **kw)
-                h = y[0] if isinstance(y, tuple) else y
-            h = model.model.norm(h)
-            for r in h:
-                yield torch.log_softmax(model.lm_head(r[:-1]).float(), -1)
-
-
 def separable_allocation(space: BudgetLevels, fitness: Any, fidelity: Optional[float] = None
                          ) -> tuple[Candidate, dict[str, Any]]:
     """The ``sensitivity`` start: each layer's own cost curve, then the budget spent where it costs least.
@@ -574,11 +484,6 @@ class SearchedAllocation:
     details: dict[str, Any]
 
 
-def fidelity_rows(rows: int) -> list[int]:
-    """The fitness rows of each fidelity: 1/16, 1/4 and all (whole rows, distinct)."""
-    return sorted({max(1, rows // 16), max(1, rows // 4), rows})
-
-
 def search_allocation(model: nn.Module, calibration: torch.Tensor, geo: Geometry, mlp_range: tuple[int, int],
                       att_plan: dict[int, int], total: int, options: FitOptions, *, budget: int, fitness_tokens: int,
                       min_channels: int = 1, seed: int = 0, seconds: Optional[dict[str, float]] = None
@@ -606,7 +511,8 @@ def search_allocation(model: nn.Module, calibration: torch.Tensor, geo: Geometry
         store = variants.store
         try:
             t_var = time.perf_counter() - t0 - t_ref
-            fitness = KLFitness(model, tokens, first, chunks, reference, variants, space)
+            fitness = KLFitness(model, tokens, first, chunks, reference,
+                                apply=lambda c: variants.apply(model, space.counts(c)))
             starts = {"uniform": space.centre,
                       "depth": space.project(allocate_channels(geo, mlp_range, total, "depth", min_channels)),
                       "flap": space.project(allocate_channels(geo, mlp_range, total, "flap", min_channels,

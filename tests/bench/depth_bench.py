@@ -34,7 +34,7 @@ from _common import record, run_child  # noqa: E402  (tests/bench/_common.py, ne
 import quality_bench as qb  # noqa: E402  (its model, texts, calibration source and perplexity protocol)
 
 ROWS = ("shortgpt", "depth:none:block", "depth:linear:block")
-SELECTIONS, COMPENSATIONS = ("block", "greedy"), ("none", "linear")
+SELECTIONS, COMPENSATIONS = ("block", "greedy", "search"), ("none", "linear")
 
 
 def parse_rows(spec: Optional[str]) -> list[str]:
@@ -45,7 +45,7 @@ def parse_rows(spec: Optional[str]) -> list[str]:
         parts = r.split(":")
         if r != "shortgpt" and not (len(parts) == 3 and parts[0] == "depth" and parts[1] in COMPENSATIONS
                                     and parts[2] in SELECTIONS):
-            raise SystemExit(f"--rows: {r!r} is not shortgpt or depth:none|linear:block|greedy")
+            raise SystemExit(f"--rows: {r!r} is not shortgpt or depth:none|linear:block|greedy|search")
     return rows
 
 
@@ -94,6 +94,11 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
                     "overrides": list(args.override),
                     "cuts": [{k: v for k, v in c.items() if k in ("layers", "distance", "merged_into", "fit")}
                              for c in d["cuts"]]})
+        if "search" in d:  # selection=search: the starts' and the best set's KL, and what the search cost
+            row["search"] = {k: d["search"][k] for k in ("fitness_tokens", "fit_tokens", "starts", "best_start",
+                                                         "best_start_fitness", "best_fitness", "gain", "evaluations",
+                                                         "full_fidelity_evaluations", "search_s",
+                                                         "seconds_per_full_evaluation")}
     row["ppl"] = qb._ppls(model, texts)
     return row
 
@@ -129,7 +134,7 @@ def finish(row: dict[str, Any], dense: dict[str, Any], ref: Optional[dict[str, A
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--rows", help="shortgpt,depth:none|linear:block|greedy,... (default: " + ",".join(ROWS) + ")")
+    ap.add_argument("--rows", help="shortgpt,depth:none|linear:block|greedy|search,... (default: " + ",".join(ROWS) + ")")
     ap.add_argument("--num-layers", type=int, default=8, help="layers removed by every row (8 = ceil(25%% of 30))")
     ap.add_argument("--samples", type=int, default=128)
     ap.add_argument("--seq-len", type=int, default=128)

@@ -56,6 +56,8 @@ METHODS: dict[str, tuple[list[str], str, str]] = {
     "flap": (["pruner=flap", "ratio=0.1", *CAL], "prune", ""),
     "shortgpt": (["pruner=shortgpt", "pruner.num_layers=1", *CAL], "prune", "removes 1 layer"),
     "slicegpt": (["pruner=slicegpt", "ratio=0.1", *CAL], "prune", ""),
+    "depth": (["pruner=depth", "pruner.num_layers=1", *CAL], "prune",
+              "removes 1 layer (greedy), the linear map fitted and merged into the previous down_proj"),
     "obs": (["pruner=obs", "ratio=0.05", f"pruner.tokens={ROWS * SEQ}", f"pruner.seq_len={SEQ}",
              "pruner.progress=false"], "prune", "uniform allocation"),
     "obs_search": (["pruner=obs", "ratio=0.05", f"pruner.tokens={2 * ROWS * SEQ}", f"pruner.seq_len={SEQ}",
@@ -69,6 +71,7 @@ METHODS: dict[str, tuple[list[str], str, str]] = {
 VARIANTS: dict[tuple[str, str], dict] = {
     # ShortGPT removes whole layers: a 1-layer shape has none it may drop
     ("shortgpt", "70b"): {"layers": 2},
+    ("depth", "70b"): {"layers": 2},  # the same for depth, which never drops layer 0 (it has no down_proj before it)
     # obs at the 8B width: one layer (one down_proj fit with n = 14,336 takes minutes on one thread) on 8,192
     # calibration tokens (16 x 512), otherwise its defaults (rounds 8, target dense, guard, holdout 0.1, batch 8)
     ("obs", "8b"): {"layers": 1, "args": ["pruner.tokens=8192"], "tokens": 8192},

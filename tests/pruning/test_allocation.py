@@ -15,7 +15,8 @@ from pruning.compensate import relative_error
 from pruning.obs.allocate import allocate_channels
 from pruning.obs.fit import ProjectionFit, prune_sequential
 from pruning.obs.pruner import StructuredOBS
-from pruning.obs.search import (BudgetLevels, KLFitness, build_variants, fidelity_rows, fitness_chunks,
+from pruning.fitness import KLFitness, fidelity_rows, fitness_chunks
+from pruning.obs.search import (BudgetLevels, build_variants,
                                 separable_allocation)
 
 SPACES = [

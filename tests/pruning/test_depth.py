@@ -247,7 +247,11 @@ def test_ratio_counts_layers_rounded_up(deep, calib):
     ({"num_layers": 0}, r"^pruner.num_layers=0 removes no layers: it must be >= 1"),
     ({"num_layers": 2.5}, r"^pruner.num_layers=2.5 must be a whole number"),
     ({"ratio": 1.0}, r"^ratio=1.0 with pruner.num_layers=null: ratio is the share of the layers"),
-    ({"selection": "window"}, r"^pruner.selection='window' is not one of block, greedy$"),
+    ({"selection": "window"}, r"^pruner.selection='window' is not one of block, greedy, search$"),
+    ({"search_budget": 2}, r"^pruner.search_budget=2 must be an integer >= 3"),
+    ({"search_tokens": 0}, r"^pruner.search_tokens=0 must be a positive integer"),
+    ({"selection": "search", "offload": True, "device": "cpu"},
+     r"^pruner.selection=search scores each candidate by a forward of the whole model"),
     ({"compensate": "cosine"}, r"^pruner.compensate='cosine' is not one of linear, none$"),
     ({"damp": -1.0}, r"^pruner.damp=-1.0 must be a number >= 0"),
     ({"compensate": "none", "damp": 0.1}, r"^pruner.damp=0.1 applies to compensate=linear only"),
@@ -289,3 +293,111 @@ def test_validation_imports_no_torch():
             "print([m for m in ('torch', 'transformers') if m in sys.modules])")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert out.returncode == 0 and out.stdout.strip() == "[]", out.stderr[-2000:]
+
+
+@pytest.mark.parametrize("damp", [0.0, 1e-3])
+def test_solve_residuals_match_the_explicit_formula(damp):
+    """The residuals read without forming X^T X T (the normal equations) equal ||X T - Y||^2 computed directly."""
+    from pruning.depth import _solve
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(200, 6, generator=g, dtype=torch.float64)
+    y = x @ torch.randn(6, 6, generator=g, dtype=torch.float64) + 0.3 * torch.randn(200, 6, generator=g,
+                                                                                 dtype=torch.float64)
+    out = _solve(x.T @ x, x.T @ y, (y * y).sum(), damp)
+    t = out["map"]
+    direct = float(((x @ t - y) ** 2).sum() / ((x - y) ** 2).sum())
+    assert out["fit"]["residual"] == pytest.approx(direct, rel=1e-9)
+    assert out["fit"]["map_minus_identity"] == pytest.approx(float(torch.linalg.matrix_norm(t - torch.eye(6))
+                                                                   / 6 ** 0.5), rel=1e-12)
+
+
+def test_merge_map_in_column_blocks_equals_the_whole_product(monkeypatch):
+    """merge_map works a block of down_proj columns at a time (bounded memory at 70B widths): same weights."""
+    import pruning.depth as depth
+
+    model, _ = build_tiny(num_layers=2)
+    layer = model.model.layers[1]
+    w = layer.mlp.down_proj.weight.detach().clone()
+    t = torch.randn(w.shape[0], w.shape[0], dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    monkeypatch.setattr(depth, "MERGE_BLOCK_BYTES", w.shape[0] * 8 * 3)  # 3 columns per block, a ragged last one
+    depth.merge_map(layer, t)
+    assert torch.allclose(layer.mlp.down_proj.weight, (t.T @ w.double()).float(), atol=1e-6)
+
+
+# --------------------------------------------------------------------------- selection=search (EvoPress)
+
+
+def _kl_of_plain_removal(model, ids, gone: set[int]) -> float:
+    """Mean per-token KL(dense || model without layers ``gone``) over next-token predictions, computed with a
+    rebuilt stock Llama (an independent check of the search's fitness)."""
+    kept = [i for i in range(len(model.model.layers)) if i not in gone]
+    cut = rebuilt(model, kept)
+    with torch.no_grad():
+        p = torch.log_softmax(model(ids).logits[:, :-1].float(), -1)
+        q = torch.log_softmax(cut(ids).logits[:, :-1].float(), -1)
+    return float(F.kl_div(q, p, reduction="sum", log_target=True) / (ids.shape[0] * (ids.shape[1] - 1)))
+
+
+def test_search_finds_the_set_of_least_kl(deep):
+    """With a budget above the space's size, the searched set is the best of all C(5, 2) sets by the KL of their
+    plain removal on the fitness rows (measured on a rebuilt model), and no start beats it."""
+    import itertools
+
+    ids = torch.randint(0, 256, (12, 16), generator=torch.Generator().manual_seed(3))
+    p = pruner(num_layers=2, selection="search", compensate="none", search_budget=40, search_tokens=64,
+               attention_layers=(1, None), mlp_layers=(1, None))
+    dense, _ = deep
+    model = copy.deepcopy(dense)
+    res = p(model, ids)
+    fitness_rows = ids[-4:]  # search_tokens=64 in rows of 16: the last 4 samples
+    kl = {c: _kl_of_plain_removal(dense, fitness_rows, set(c)) for c in itertools.combinations(range(1, 6), 2)}
+    best = min(kl, key=kl.get)
+    s = res.details["search"]
+    assert res.details["removed_layers"] == list(best) == s["layers"]
+    assert s["best_fitness"] == pytest.approx(kl[best], rel=1e-4)
+    assert all(v["fitness"] is None or v["fitness"] >= s["best_fitness"] - 1e-12 for v in s["starts"].values())
+    assert s["fitness_tokens"] == 64 and s["fit_tokens"] == 8 * 16
+    assert len(model.model.layers) == 4 and model.config.removed_layers == list(best)
+
+
+def test_search_maps_are_fitted_without_the_fitness_rows(deep, monkeypatch):
+    """The maps after a search see only the samples before the fitness rows; the cut model is a plain Llama whose
+    logits equal the pruned model's."""
+    import pruning.depth as depth
+
+    seen = []
+    real = depth.fit_linear_map
+
+    def spy(model, calibration, *a, **kw):
+        seen.append(calibration.shape[0])
+        return real(model, calibration, *a, **kw)
+
+    monkeypatch.setattr(depth, "fit_linear_map", spy)
+    ids = torch.randint(0, 256, (10, 16), generator=torch.Generator().manual_seed(4))
+    model = copy.deepcopy(deep[0])
+    res = pruner(num_layers=2, selection="search", search_budget=6, search_tokens=32)(model, ids)
+    runs = depth._runs(res.details["removed_layers"])
+    assert seen == [8] * len(runs) and all(c.get("merged_into") is not None for c in res.details["cuts"])
+    kept = [i for i in range(6) if i not in res.details["removed_layers"]]
+    assert len(model.model.layers) == len(kept) == model.config.num_hidden_layers
+
+
+def test_search_needs_samples_to_fit_on(deep):
+    ids = torch.randint(0, 256, (3, 16), generator=torch.Generator().manual_seed(5))
+    with pytest.raises(PruneError, match=r"^depth: pruner.search_tokens=32 takes 2 of the 3 calibration samples"):
+        pruner(num_layers=1, selection="search", search_tokens=32)(copy.deepcopy(deep[0]), ids)
+
+
+def test_runs_group_consecutive_layers():
+    from pruning.depth import _runs
+
+    assert _runs([9, 3, 4]) == [(3, 2), (9, 1)] and _runs([5]) == [(5, 1)] and _runs([1, 2, 3]) == [(1, 3)]
+
+
+def test_search_plan_counts_the_reference_log_probabilities():
+    cfg = {"num_hidden_layers": 6, "hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 8,
+           "num_key_value_heads": 2, "vocab_size": 256, "model_type": "llama", "tie_word_embeddings": True}
+    fp = pruner(num_layers=2, selection="search", search_tokens=64).footprint(cfg, 256, "float32", "cpu", seq_len=16)
+    assert fp.host_parts["the dense model's log-probabilities on the fitness tokens (float32)"] == 4 * 15 * 256 * 4
+    assert any("searched by KL" in r for r in fp.removes) and fp.notes
