@@ -7,6 +7,12 @@
     .venv/bin/python tests/bench/quality_bench.py --rows obs:comp:uniform --override pruner.target=layer
     .venv/bin/python tests/bench/quality_bench.py --rows obs:comp:uniform --tokens 32768   # a point of the token curve
 
+Joint rows (``--rows joint:2``): ``pruner=joint`` (``conf/pruner/joint.yaml``) removing that many whole layers first,
+then KV groups and MLP channels to the same ``--ratio`` of all parameters; ``--joint-override`` adds Hydra overrides to
+these rows only (e.g. ``pruner.width.attention_ratio=0.67``, ``layers.mlp.start=1``)::
+
+    .venv/bin/python tests/bench/quality_bench.py --ratio 0.5 --rows joint:2 --joint-override layers.mlp.start=1 ...
+
 Rows: ``pruner=obs`` (built from its real option file, ``conf/pruner/obs.yaml``) with ``selection`` obs / wanda /
 flap / magnitude x ``compensate`` (``nocomp`` / ``comp``) x ``allocation`` (``uniform``, and ``search`` when
 ``pruning.obs.pruner.ALLOCATIONS`` offers it), MLP channels only (``attention_ratio=0``), layers [3, 27),
@@ -77,14 +83,19 @@ def parse_rows(spec: Optional[str]) -> list[tuple[str, bool, str]]:
     rows = []
     for item in spec.split(","):
         parts = item.strip().split(":")
+        if len(parts) == 2 and parts[0] == "joint" and parts[1].isdigit():
+            rows.append(("joint", True, parts[1]))  # pruner=joint removing that many whole layers first
+            continue
         if len(parts) != 3 or parts[0] not in SELECTIONS or parts[1] not in ("comp", "nocomp") or parts[2] not in allowed:
             raise SystemExit(f"--rows: {item!r} is not selection:comp|nocomp:allocation with selection in "
-                             f"{', '.join(SELECTIONS)} and allocation in {', '.join(allowed)}")
+                             f"{', '.join(SELECTIONS)} and allocation in {', '.join(allowed)}, or joint:<layers>")
         rows.append((parts[0], parts[1] == "comp", parts[2]))
     return rows
 
 
 def row_name(selection: str, compensate: bool, allocation: str) -> str:
+    if selection == "joint":
+        return f"joint:{allocation}"
     return f"{selection}:{'comp' if compensate else 'nocomp'}:{allocation}"
 
 
@@ -166,6 +177,26 @@ def _obs_pruner(selection: str, compensate: bool, allocation: str, ratio: float,
     return build(cfg.pruner, "pruner")
 
 
+def _joint_pruner(num_layers: int, ratio: float, tokens: Any, extra: tuple[str, ...] = ()) -> Any:
+    """``pruner=joint`` from its real option file (conf/pruner/joint.yaml) with ``num_layers`` whole layers, this
+    run's ratio and tokens, the benchmark's layer ranges, then ``extra`` (``--joint-override``)."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    import run  # noqa: F401  (registers the schema and resolvers)
+    from recipes._common import build
+
+    overrides = ["pruner=joint", f"ratio={ratio}", f"pruner.num_layers={num_layers}",
+                 f"layers.attention.start={LAYERS[0]}", f"layers.attention.end={LAYERS[1]}",
+                 f"layers.mlp.start={LAYERS[0]}", f"layers.mlp.end={LAYERS[1]}", f"+pruner.width.tokens={tokens}",
+                 "+pruner.width.progress=false", "paths.output_dir=/tmp", *extra]
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("config", overrides=overrides)
+    GlobalHydra.instance().clear()
+    return build(cfg.pruner, "pruner")
+
+
 def child_dense(args: argparse.Namespace) -> dict[str, Any]:
     """The dense model's perplexities (and zero-shot), and the forward times the rows are compared with."""
     from core.data.text import calibration_batch
@@ -200,6 +231,15 @@ def child_row(args: argparse.Namespace) -> dict[str, Any]:
         samples, seq_len = REF_SAMPLES, REF_SEQ_LEN
         row: dict[str, Any] = {"row": "reference", "method": "llm_pruner taylor param_first", "ratio": ratio,
                                "ratio_target": target}
+    elif args.child.startswith("joint:"):
+        k = int(args.child.split(":")[1])
+        pruner = _joint_pruner(k, args.ratio, args.tokens, tuple(args.joint_override))
+        plan = pruner.calibration_plan(model.config.to_dict())
+        samples, seq_len = plan.shape
+        row = {"row": args.child, "method": "joint", "num_layers": k, "ratio": args.ratio, "ratio_target": "params",
+               "overrides": list(args.joint_override), "source_sha256": source_digest(),
+               "tokens_option": args.tokens, "calibration_rule": plan.rule,
+               "depth_options": dict(pruner.depth), "width_options": dict(pruner.width)}
     else:
         selection, compensate, allocation = parse_rows(args.child)[0]
         digest = source_digest()
@@ -220,7 +260,17 @@ def child_row(args: argparse.Namespace) -> dict[str, Any]:
                 "params_before": params_before, "params_after": count_params(model),
                 "prune_s": round(prune_s, 2), "peak_rss_gib_after_prune": round(peak_prune, 3),
                 "timings": {k: round(v, 2) for k, v in res.timings.items()}})
-    if args.child != "reference":
+    if args.child.startswith("joint:"):
+        d = res.details
+        w = d["width"]
+        row.update({"removed_layers": d["removed_layers"], "width_ratio": round(d["width_ratio"], 6),
+                    "params_removed_by": d["params_removed"],
+                    "channels_removed": sum(w.get("channels_removed", {}).values()),
+                    "channels_per_layer": {int(k): v for k, v in w.get("channels_removed", {}).items()},
+                    "kv_groups_removed": w.get("kv_groups_removed", w.get("groups_removed")),
+                    "depth_search": {k: (d["depth"] or {}).get("search", {}).get(k)
+                                     for k in ("starts", "best_fitness", "evaluations", "search_s")}})
+    elif args.child != "reference":
         d = res.details
         row.update({"updates_kept": d.get("updates_kept"), "updates_rejected": d.get("updates_rejected"),
                     "channels_removed": sum(d.get("channels_removed", {}).values()),
@@ -240,7 +290,8 @@ def _spawn(name: str, args: argparse.Namespace) -> dict[str, Any]:
     RSS (os.wait4) added, or ``status: failed`` with the last line of its stderr."""
     cmd = [sys.executable, __file__, "--child", name, "--ratio", str(args.ratio), "--tokens", str(args.tokens),
            "--zeroshot-limit", str(args.zeroshot_limit), "--threads", str(args.threads),
-           *(f"--override={o}" for o in args.override), *(["--matched-reference"] if args.matched_reference else [])]
+           *(f"--override={o}" for o in args.override), *(f"--joint-override={o}" for o in args.joint_override),
+           *(["--matched-reference"] if args.matched_reference else [])]
     c = run_child(cmd, ROOT)
     lines = [ln for ln in c.stdout.splitlines() if ln.startswith("{")]
     if c.returncode or not lines:
@@ -265,8 +316,11 @@ def finish_row(row: dict[str, Any], dense: dict[str, Any], ref: Optional[dict[st
     row["forward_s"] = round(forward, 2)
     ppl_ratio = {k: (v / dense["ppl_raw"][k] if v is not None else None) for k, v in ppl.items()}
     row["ppl_ratio"] = {k: (round(v, 4) if v is not None else None) for k, v in ppl_ratio.items()}
+    same_budget = ref is not None and ((ref.get("ratio"), ref.get("ratio_target")) == (row.get("ratio"), "params")
+                                       or (row.get("ratio") == BENCHMARK_RATIO and ref.get("ratio_target") == "groups"))
     if ref is not None and ref.get("status") != "failed":
         row["time_over_reference"] = round(row["prune_s"] / ref["prune_s"], 3)
+    if same_budget and ref.get("status") != "failed":  # damage only against LLM-Pruner at this row's budget
         ref_ratio = {k: ref["ppl_raw"][k] / dense["ppl_raw"][k] for k in TEXTS}
         row["damage_vs_reference"] = {k: (round((ppl_ratio[k] - 1) / (ref_ratio[k] - 1), 4)
                                           if ppl_ratio[k] is not None and ref_ratio[k] != 1 else None) for k in TEXTS}
@@ -295,8 +349,9 @@ def reused(args: argparse.Namespace, context: dict[str, Any]) -> tuple[dict[str,
     dense, ref = found["dense"], found["reference"]
     want_ref = (args.ratio, "params") if args.matched_reference else (0.25, "groups")
     problems = []
-    same = {k: v for k, v in context["budget"].items() if k != "ratio"}
-    if {k: v for k, v in (dense.get("budget") or {}).items() if k != "ratio"} != same or dense.get("threads") != args.threads:
+    # the dense line depends on the threads and the calibration count (checked below), not on what the rows remove
+    same = context["budget"].get("ratio_target")
+    if (dense.get("budget") or {}).get("ratio_target") != same or dense.get("threads") != args.threads:
         problems.append(f"budget/threads {dense.get('budget')}, {dense.get('threads')}")
     if args.tokens == "auto" or "tokens_option" in dense:  # the rule's count: the same option, the same model
         if dense.get("tokens_option") != args.tokens:
@@ -344,6 +399,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--override", action="append", default=[],
                     help="an extra Hydra override of every obs row, e.g. pruner.target=layer (repeatable)")
+    ap.add_argument("--joint-override", action="append", default=[],
+                    help="an extra Hydra override of every joint:<layers> row, e.g. pruner.width.attention_ratio=0.67")
     ap.add_argument("--matched-reference", action="store_true",
                     help="the reference removes --ratio of all parameters too (ratio_target=params) instead of "
                          "LLM-Pruner's fixed 0.25 of the groups (the benchmark budget)")
@@ -362,8 +419,16 @@ def main() -> None:
         print(json.dumps(child_dense(args) if args.child == "dense" else child_row(args)))
         return
     rows = parse_rows(args.rows)
+    joint_only = all(r[0] == "joint" for r in rows)
+    probe = (_joint_pruner(int(rows[0][2]), args.ratio, args.tokens, tuple(args.joint_override)) if joint_only else
+             _obs_pruner("obs", True, "uniform", args.ratio, args.tokens, tuple(args.override)))  # the rows' ranges
+    attention = probe.width["attention_ratio"] if joint_only else probe.attention_ratio
+    units = (("whole layers, " if joint_only else "") + "MLP channels"
+             + (f" and KV groups ({attention:g} per layer)" if attention else ""))
+    layers: Any = (list(probe.mlp_layers) if probe.attention_layers == probe.mlp_layers or not attention
+                   else {"attention": list(probe.attention_layers), "mlp": list(probe.mlp_layers)})
     context = {"bench": "quality", "model": "SmolLM2-135M-Instruct", "threads": args.threads,
-               "budget": {"ratio": args.ratio, "ratio_target": "params", "layers": list(LAYERS), "units": "MLP channels"},
+               "budget": {"ratio": args.ratio, "ratio_target": "params", "layers": layers, "units": units},
                "ppl_protocol": {"seq_len": PPL_SEQ_LEN, "tokens": PPL_TOKENS,
                                 "texts": {"austen_holdout": "in domain: Austen, last 10% of paragraphs",
                                           "boolq": "out of domain: BoolQ validation passages"}}}

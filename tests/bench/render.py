@@ -522,6 +522,21 @@ def _scale_rows(ln: dict[str, Any]) -> list[Row]:
 
 
 BENCHES.append(
+    Bench("presets", "Compression presets (`presets_bench.py`)",
+          "`experiment=compress_25` / `compress_40` / `compress_50`: the planner's calibration tokens, decoder-layer "
+          "passes and peak memory on SmolLM2 on this CPU and for Llama-3-8B on one 80 GB GPU (no weight read), and "
+          "the newest quality_bench line that ran the preset's settings on SmolLM2.",
+          "the planner (`dry_run=true`); the measured columns are quality_bench's (damage against LLM-Pruner at "
+          "the same budget where it reaches it).",
+          [("SmolLM2 tokens", "smollm2.tokens"), ("SmolLM2 passes", "smollm2.layer_forwards"),
+           ("SmolLM2 peak host GiB", "smollm2.host_gib"), ("Austen ×", "measured.ppl_ratio.austen_holdout"),
+           ("BoolQ ×", "measured.ppl_ratio.boolq"), ("prune s", "measured.prune_s"),
+           ("8B tokens", "llama3_8b_gpu.tokens"), ("8B passes", "llama3_8b_gpu.layer_forwards"),
+           ("8B peak GPU GiB", "llama3_8b_gpu.device_gib"), ("8B peak host GiB", "llama3_8b_gpu.host_gib"),
+           ("fits 80 GB", "llama3_8b_gpu.fits")],
+          lambda line: _one(line, line.get("preset", "?"), "")))
+
+BENCHES.append(
     Bench("scale", "Scale: the real widths on this CPU (`scale_bench.py`)",
           "each method on the shape models (random weights with Llama-3-8B's and Llama-3-70B's geometry, 1 to 2 "
           "layers, bfloat16), one child process at a time, 1 thread: seconds per processed layer over one dense "
@@ -788,6 +803,123 @@ def token_curve(results: Path) -> str:
             out.append("| " + " | ".join(cells) + " |")
         out.append("")
     return "\n".join(out) if out else "No results yet."
+
+
+REGIMES = {0.1184: "LLM-Pruner's budget (ratio 0.1184 of all parameters; the reference removes 25% of the groups)",
+           0.25: "25% of all parameters", 0.4: "40% of all parameters", 0.5: "50% of all parameters"}
+
+
+def _regime_settings(ln: dict[str, Any]) -> str:
+    """Tokens and overrides, the four layer-range overrides shown as one range when they agree."""
+    tokens = ln.get("calibration_tokens")
+    overrides = list(ln.get("overrides") or [])
+    ends = {k: v for k, _, v in (o.partition("=") for o in overrides) if k.startswith("layers.")}
+    keys = [f"layers.{g}.{e}" for g in ("attention", "mlp") for e in ("start", "end")]
+    if set(ends) == set(keys) and ends[keys[0]] == ends[keys[2]] and ends[keys[1]] == ends[keys[3]]:
+        overrides = [o for o in overrides if not o.startswith("layers.")] + [f"layers [{ends[keys[0]]}, {ends[keys[1]]})"]
+    return _join(f"{tokens:,} tokens" if tokens else None, *overrides)
+
+
+def _same_budget(ref: dict[str, Any], ratio: float) -> bool:
+    """Whether a reference line removed what the rows at ``ratio`` remove (LLM-Pruner's budget: 25% of its groups)."""
+    if ratio == 0.1184:
+        return (ref.get("ratio"), ref.get("ratio_target")) == (0.25, "groups")
+    return (ref.get("ratio"), ref.get("ratio_target")) == (ratio, "params")
+
+
+@block("docs/quality.md", "presets")
+def quality_presets(results: Path) -> str:
+    """The presets' cost: the newest presets_bench line per preset."""
+    newest: dict[str, dict[str, Any]] = {}
+    for ln in load(results).get("presets", []):
+        newest[ln["preset"]] = ln
+    if not newest:
+        return "No results yet."
+    header = ["preset", "SmolLM2: Austen ×", "BoolQ ×", "prune s (1 thread)", "tokens", "Llama-3-8B on one 80 GB GPU: "
+              "peak GPU GiB", "peak host GiB", "decoder-layer passes", "tokens"]
+    out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for name in sorted(newest):
+        ln = newest[name]
+        cells = [f"`{name}`", *(fmt(get(ln, f)) for f in (
+            "measured.ppl_ratio.austen_holdout", "measured.ppl_ratio.boolq", "measured.prune_s",
+            "smollm2.tokens", "llama3_8b_gpu.device_gib", "llama3_8b_gpu.host_gib", "llama3_8b_gpu.layer_forwards",
+            "llama3_8b_gpu.tokens"))]
+        out.append("| " + " | ".join(cells) + " |")
+    dates = sorted({ln["date"][:10] for ln in newest.values()})
+    out += ["", f"Planned {', '.join(dates)} (`tests/bench/results/presets.jsonl`); the SmolLM2 columns are the newest "
+            "quality_bench line with the preset's settings (— : none yet). The planner predicts memory and work, not "
+            "seconds: a GPU's time is the passes over the tokens at its speed."]
+    return "\n".join(out)
+
+
+@block("docs/quality.md", "regimes")
+def quality_regimes(results: Path) -> str:
+    """Every method at each budget of the quality page: the newest line per (row, settings) of quality_bench at that
+    budget, with the damage against LLM-Pruner measured in the same run where it could reach the budget, and the
+    50% goal (each text's ratio at most LLM-Pruner's at 25%)."""
+    lines = load(results).get("quality", [])
+    newest: dict[tuple[float, str, str], tuple[tuple[datetime, int], dict[str, Any]]] = {}
+    for i, ln in enumerate(lines):
+        ratio = get(ln, "budget.ratio")
+        if ln.get("status") == "failed" or ratio not in REGIMES or ln.get("row") == "dense" \
+                or get(ln, "ppl_ratio.boolq") is None or (ln.get("row") == "reference" and not _same_budget(ln, ratio)):
+            continue
+        key = (ratio, ln["row"], _regime_settings(ln) if ln["row"] != "reference" else ln.get("ratio_target", ""))
+        stamp = (datetime.fromisoformat(ln["date"]), i)
+        if key not in newest or stamp >= newest[key][0]:
+            newest[key] = (stamp, ln)
+    ref25 = latest(lines, lambda ln: ln.get("row") == "reference" and get(ln, "budget.ratio") == 0.25
+                   and ln.get("ratio_target") == "params")
+    header = ["row", "settings", "Austen ×", "BoolQ ×", "damage Austen", "damage BoolQ", "params after", "prune s",
+              "date", "commit"]
+    out = []
+    for ratio, label in REGIMES.items():
+        rows = sorted(((row, settings), ln) for (r, row, settings), (_, ln) in newest.items() if r == ratio)
+        if not rows:
+            continue
+        out += [f"**{label}**", ""]
+        if ratio == 0.5 and ref25 is not None:
+            out += [f"Goal: each ratio at most LLM-Pruner's at 25% (Austen × {fmt(get(ref25, 'ppl_ratio.austen_holdout'))}, "
+                    f"BoolQ × {fmt(get(ref25, 'ppl_ratio.boolq'))}; its line of {ref25['date'][:10]}).", ""]
+        out += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        matched = any(row == "reference" for (row, _), _ in rows)  # else no damage column: no LLM-Pruner here
+        for (row, settings), ln in rows:
+            label_row = "LLM-Pruner (reference)" if row == "reference" else row
+            if not matched:
+                ln = {**ln, "damage_vs_reference": None}
+            cells = [label_row, settings if row != "reference" else f"ratio {ln.get('ratio')} of the "
+                     f"{ln.get('ratio_target')}, {fmt(ln.get('calibration_tokens'))} tokens",
+                     *(fmt(get(ln, f)) for f in ("ppl_ratio.austen_holdout", "ppl_ratio.boolq",
+                                                 "damage_vs_reference.austen_holdout", "damage_vs_reference.boolq",
+                                                 "params_after", "prune_s")),
+                     ln["date"][:10], fmt(ln["commit"])]
+            out.append("| " + " | ".join(cells) + " |")
+        out.append("")
+    return "\n".join(out) if out else "No results yet."
+
+
+@block("docs/quality.md", "depth")
+def quality_depth(results: Path) -> str:
+    """Depth alone: the newest line per row of depth_bench (ShortGPT and every pruner=depth rule)."""
+    newest: dict[str, dict[str, Any]] = {}
+    for ln in load(results).get("depth", []):
+        if ln.get("status") != "failed" and ln.get("row") != "dense" and get(ln, "ppl_ratio.boolq") is not None:
+            if ln["row"] not in newest or ln["date"] >= newest[ln["row"]]["date"]:
+                newest[ln["row"]] = ln
+    if not newest:
+        return "No results yet."
+    header = ["row", "layers removed", "Austen ×", "BoolQ ×", "damage Austen", "damage BoolQ", "prune s", "date",
+              "commit"]
+    out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for row in sorted(newest, key=lambda r: (r != "shortgpt", r)):
+        ln = newest[row]
+        cells = [row, fmt(ln.get("removed_layers")),
+                 *(fmt(get(ln, f)) for f in ("ppl_ratio.austen_holdout", "ppl_ratio.boolq",
+                                             "damage_vs_shortgpt.austen_holdout", "damage_vs_shortgpt.boolq",
+                                             "prune_s")),
+                 ln["date"][:10], fmt(ln["commit"])]
+        out.append("| " + " | ".join(cells) + " |")
+    return "\n".join(out)
 
 
 @block("docs/options.md", "ratio-table")

@@ -100,3 +100,24 @@ def test_llamba_replace_search_runs_on_the_shapes(tmp_path):
     assert set(res["reference"]) == {"base", "donor"}
     assert time.perf_counter() - t0 < 240
     assert os.path.isdir(base)
+
+
+@pytest.mark.parametrize("preset,ratio,attention,start", [("compress_25", 0.25, 0.0, 3), ("compress_40", 0.4, 0.34, 3),
+                                                          ("compress_50", 0.5, 0.34, 1)])
+def test_compression_presets_compose_and_plan_llama3_8b_on_one_80gb_gpu(tmp_path, preset, ratio, attention, start):
+    """The three regimes of docs/quality.md: what each removes, and that each plans the full Llama-3-8B on one 80 GB
+    GPU (issue 24's planner; no weight read). compress_25 is the default pipeline itself."""
+    from recipes._plan import prepare
+
+    import run
+
+    cfg = compose([f"experiment={preset}"], tmp_path)
+    assert cfg.pruner.name == "obs" and cfg.ratio == ratio and cfg.pruner.attention_ratio == attention
+    assert cfg.layers.mlp.start == cfg.layers.attention.start == start
+    if preset == "compress_25":
+        default = compose([], tmp_path)
+        assert cfg.pruner == default.pruner and cfg.layers == default.layers and cfg.ratio == default.ratio
+    big = compose([f"experiment={preset}", "model=llama3_8b_shape", "model.device=cuda", "plan.device_memory=80GB",
+                   "dry_run=true"], tmp_path)
+    fp, _ = prepare(big, run.check(big)).plan.peak()
+    assert 0 < fp.device_bytes < 80e9
