@@ -3,13 +3,15 @@
     python run.py pruner=joint ratio=0.5 pruner.num_layers=2                   # 2 layers, then heads + channels
     python run.py pruner=joint ratio=0.5 pruner.num_layers=2 pruner.width.allocation=search
     python run.py -m pruner=joint ratio=0.5 pruner.num_layers=0,1,2,3,4          # the split, swept
+    python run.py pruner=joint ratio=0.5 pruner.num_layers=null pruner.layer_ratio=0.13   # a share of the depth
 
 Two stages on the same calibration batch, each the project's own pruner with its own compensation:
 
 1. **Depth** (:class:`pruning.depth.Depth`, options under ``depth``): ``num_layers`` whole layers removed, chosen
    by ``depth.selection`` (default ``search``: the set whose plain removal has the least KL to the dense model) and
    each run of them replaced by a linear map merged into the preceding ``down_proj`` (``depth.compensate=linear``).
-   ``num_layers=0`` skips the stage.
+   ``num_layers=0`` skips the stage; ``num_layers=null`` with ``layer_ratio`` removes ``ceil(layer_ratio x depth)``
+   layers, the same share of any model's depth (a preset for every model).
 2. **Width** (:class:`pruning.obs.pruner.StructuredOBS`, options under ``width``): KV groups with their query heads
    (``width.attention_ratio`` per layer) and MLP channels, compensated by OBS on ``o_proj`` / ``down_proj``, until
    ``ratio`` of the ORIGINAL model's parameters are gone: the width stage's own ratio is computed after the depth
@@ -31,6 +33,7 @@ Imports: ``core`` (errors, Llama anatomy), ``pruning`` (result, error), ``prunin
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, Mapping, Optional
 
@@ -67,7 +70,8 @@ class Joint:
     ratio: float = 0.5
     ratio_target: Optional[str] = None  # params (RATIO)
     name: str = "joint"
-    num_layers: int = 0  # whole layers removed by the depth stage (0: width only)
+    num_layers: Optional[int] = 0  # whole layers removed by the depth stage (0: width only; null: layer_ratio)
+    layer_ratio: Optional[float] = None  # with num_layers=null: ceil(layer_ratio x depth) whole layers
     attention_layers: Any = (0, None)
     mlp_layers: Any = (0, None)
     seed: int = 0
@@ -80,9 +84,15 @@ class Joint:
         object.__setattr__(self, "depth", {**DEPTH_DEFAULTS, **dict(self.depth or {})})
         object.__setattr__(self, "width", {**WIDTH_DEFAULTS, **dict(self.width or {})})
         errors = []
-        n = self.num_layers
-        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+        n, share = self.num_layers, self.layer_ratio
+        if n is None:
+            if isinstance(share, bool) or not isinstance(share, (int, float)) or not 0.0 < float(share) < 1.0:
+                errors.append(f"pruner.num_layers=null needs pruner.layer_ratio in (0, 1) (the share of the layers "
+                              f"removed whole), not {share!r}")
+        elif isinstance(n, bool) or not isinstance(n, int) or n < 0:
             errors.append(f"pruner.num_layers={n!r} must be a whole number of layers >= 0")
+        elif share is not None:
+            errors.append(f"pruner.layer_ratio={share} applies with pruner.num_layers=null only (it is {n})")
         r = self.ratio
         if isinstance(r, bool) or not isinstance(r, (int, float)) or not 0.0 < float(r) < 1.0:
             errors.append(f"ratio={r!r} must be in (0, 1): the share of all parameters removed")
@@ -99,13 +109,20 @@ class Joint:
         self._width_stage(float(self.ratio), self.attention_layers, self.mlp_layers)
 
     # ------------------------------------------------------------------ the stages
+    def count(self, depth: int) -> int:
+        """Whole layers the depth stage removes from a model of ``depth`` layers."""
+        if self.num_layers is not None:
+            return int(self.num_layers)
+        return math.ceil(float(self.layer_ratio) * depth - 1e-9)
+
     def _depth_stage(self, validate: bool = False) -> Optional[Depth]:
         """The depth stage (None with ``num_layers=0``; ``validate``: built anyway, so that its options are checked
         even when unused)."""
         if self.num_layers == 0 and not validate:
             return None
+        n = None if self.num_layers is None else max(1, self.num_layers)
         try:
-            return Depth(**{**self.depth, "num_layers": max(1, self.num_layers),
+            return Depth(**{**self.depth, "num_layers": n, "ratio": float(self.layer_ratio or 0.25),
                             "attention_layers": self.attention_layers, "mlp_layers": self.mlp_layers,
                             "seed": self.seed})
         except TypeError as e:
@@ -132,7 +149,7 @@ class Joint:
         if stage is not None:
             stage.check(depth)
         self._width_stage(float(self.ratio), *self._renumbered_ranges(depth, self._guess_gone(depth))).check(
-            depth - self.num_layers)
+            depth - self.count(depth))
 
     def calibration_plan(self, model: Any) -> Any:
         """The width stage's (``pruner.width.tokens``: the token rule by default): the larger of the two needs;
@@ -140,12 +157,12 @@ class Joint:
         return self._width_stage(float(self.ratio), self.attention_layers, self.mlp_layers).calibration_plan(model)
 
     # ------------------------------------------------------------------ budget and plan
-    def width_ratio(self, params_before: int, params_after_depth: int) -> float:
+    def width_ratio(self, params_before: int, params_after_depth: int, layers: int) -> float:
         """The width stage's share of the parameters left after the depth stage that brings the total to
         ``ratio`` of ``params_before``."""
         left = float(self.ratio) * params_before - (params_before - params_after_depth)
         if left <= 0:
-            raise PruneError(f"joint: {self.num_layers} whole layers already remove "
+            raise PruneError(f"joint: {layers} whole layers already remove "
                              f"{1 - params_after_depth / params_before:.2%} of the parameters, at least ratio="
                              f"{self.ratio}: remove fewer layers (pruner.num_layers) or use pruner=depth")
         return left / params_after_depth
@@ -158,13 +175,14 @@ class Joint:
         from pruning.memory import layer_weight_params
 
         p0 = model_params(cfg)
-        if self.num_layers == 0:
-            return cfg, p0, p0
         geo = Geometry.from_config(cfg)
+        n = self.count(geo.depth)
+        if n == 0:
+            return cfg, p0, p0
         units = self._depth_stage().candidates(geo.depth)
         per_layer = sorted(layer_weight_params(geo, l) + 2 * geo.hidden for l in units)
-        p1 = p0 - sum(per_layer[:self.num_layers])  # the smallest candidates: the most the width stage can need
-        return {**cfg, "num_hidden_layers": geo.depth - self.num_layers}, p0, p1
+        p1 = p0 - sum(per_layer[:n])  # the smallest candidates: the most the width stage can need
+        return {**cfg, "num_hidden_layers": geo.depth - n}, p0, p1
 
     def footprint(self, cfg: dict, tokens: int, dtype: str, device: str, *, seq_len: Optional[int] = None,
                   free: Optional[tuple[Optional[int], Optional[int]]] = None) -> Any:
@@ -172,7 +190,8 @@ class Joint:
         depth = int(cfg["num_hidden_layers"])
         self.check(depth)
         cut, p0, p1 = self._cut_config(cfg)
-        width = self._width_stage(self.width_ratio(p0, p1), *self._renumbered_ranges(depth, self._guess_gone(depth)))
+        width = self._width_stage(self.width_ratio(p0, p1, self.count(depth)),
+                                  *self._renumbered_ranges(depth, self._guess_gone(depth)))
         wf = width.footprint(cut, tokens, dtype, device, seq_len=seq_len, free=free)
         stage = self._depth_stage()
         if stage is None:
@@ -186,7 +205,8 @@ class Joint:
     def _guess_gone(self, depth: int) -> list[int]:
         """For the plan (no weights): the last ``num_layers`` candidates, which shifts no range start."""
         stage = self._depth_stage()
-        return [] if stage is None else stage.candidates(depth)[-self.num_layers:]
+        n = self.count(depth)
+        return [] if stage is None or n == 0 else stage.candidates(depth)[-n:]
 
     def _renumbered_ranges(self, depth: int, gone: list[int]) -> tuple[tuple[int, int], tuple[int, int]]:
         """The configured ranges, resolved on the original model, renumbered after ``gone`` left it."""
@@ -207,7 +227,7 @@ class Joint:
         first = stage(model, calibration) if stage is not None else None
         gone = first.details["removed_layers"] if first is not None else []
         p1 = count_params(model)
-        ratio = self.width_ratio(p0, p1)
+        ratio = self.width_ratio(p0, p1, len(gone))
         width = self._width_stage(ratio, *self._renumbered_ranges(depth, gone))
         second = width(model, calibration)
         kept = [i for i in range(depth) if i not in set(gone)]
@@ -218,7 +238,7 @@ class Joint:
         params_after = count_params(model)
         return PruneResult(
             params_before=p0, params_after=params_after,
-            compression={"unit": "params", "amount": float(self.ratio), "layers": self.num_layers,
+            compression={"unit": "params", "amount": float(self.ratio), "layers": len(gone),
                          "width_ratio": ratio, "params_removed": 1.0 - params_after / p0},
             ranges={"attention": list(resolve_range(*self.attention_layers, depth, "attention", 0.0)),
                     "mlp": list(resolve_range(*self.mlp_layers, depth, "mlp", 0.0))},
@@ -226,7 +246,8 @@ class Joint:
             notes=[*(first.notes if first else []), *second.notes,
                    f"depth stage: {len(gone)} layers ({p0 - p1:,} parameters); width stage: {ratio:.4f} of the "
                    f"{p1:,} left ({p1 - params_after:,} parameters)"],
-            details={"num_layers": self.num_layers, "removed_layers": gone, "width_ratio": ratio,
+            details={"num_layers": len(gone), "layer_ratio": self.layer_ratio, "removed_layers": gone,
+                     "width_ratio": ratio,
                      "params_removed": {"depth": p0 - p1, "width": p1 - params_after},
                      "depth": first.details if first else None, "width": second.details},
             timings={**{f"depth_{k}": v for k, v in (first.timings if first else {}).items()},

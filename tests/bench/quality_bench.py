@@ -399,6 +399,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--override", action="append", default=[],
                     help="an extra Hydra override of every obs row, e.g. pruner.target=layer (repeatable)")
+    ap.add_argument("--no-reference", action="store_true",
+                    help="measure no LLM-Pruner row (at 40%% and 50%% it cannot reach the budget; rows get no damage)")
     ap.add_argument("--joint-override", action="append", default=[],
                     help="an extra Hydra override of every joint:<layers> row, e.g. pruner.width.attention_ratio=0.67")
     ap.add_argument("--matched-reference", action="store_true",
@@ -441,12 +443,12 @@ def main() -> None:
             raise SystemExit(f"dense model failed: {dense['error']}")
         dense["ppl_raw"] = dense["ppl"]
         dense["ppl"] = _round_ppl(dense["ppl"])
-    if ref is None:
+    if ref is None and not args.no_reference:
         ref = finish_row(_spawn("reference", args), dense, None)
         if ref.get("status") != "failed":
             ref["damage_vs_reference"] = {k: 1.0 for k in TEXTS}
             ref["time_over_reference"] = 1.0
-    for line in ({**context, **_public(dense)}, {**context, **_public(ref)}):
+    for line in ({**context, **_public(dense)}, *([{**context, **_public(ref)}] if ref is not None else [])):
         if "reused_from" in line:  # measured by an earlier run, whose line is already in the results file
             print(json.dumps(line), flush=True)
         else:

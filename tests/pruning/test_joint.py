@@ -88,6 +88,8 @@ def test_too_many_layers_for_the_budget_is_one_line(model, data):
     ({"num_layers": -1}, r"^pruner.num_layers=-1 must be a whole number of layers >= 0"),
     ({"ratio": 1.0}, r"^ratio=1.0 must be in \(0, 1\)"),
     ({"ratio_target": "groups"}, r"^ratio_target='groups' is not supported by pruner=joint"),
+    ({"num_layers": None}, r"^pruner.num_layers=null needs pruner.layer_ratio in \(0, 1\)"),
+    ({"num_layers": 2, "layer_ratio": 0.1}, r"^pruner.layer_ratio=0.1 applies with pruner.num_layers=null only"),
 ])
 def test_bad_options_fail_at_build_in_one_line(kw, match):
     with pytest.raises(ConfigError, match=match) as e:
@@ -112,3 +114,13 @@ def test_validation_imports_no_torch():
             "print('torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_layer_ratio_is_a_share_of_any_depth(model, data):
+    """num_layers=null, layer_ratio=0.3: ceil(0.3 x 6) = 2 layers, then the width stage to the same budget."""
+    p0 = count_params(model)
+    p = joint(ratio=0.5, num_layers=None, layer_ratio=0.3)
+    assert p.count(6) == 2 and p.count(32) == 10
+    res = p(model, data)
+    assert len(res.details["removed_layers"]) == 2 and len(model.model.layers) == 4
+    assert 0 <= (p0 - count_params(model)) - 0.5 * p0 < 3 * 64
