@@ -29,8 +29,8 @@ from _common import RESULTS, record  # noqa: E402
 MEASURED_BY = {
     "compress_25": (0.25, "obs:comp:uniform", []),
     "compress_40": (0.4, "obs:comp:uniform", ["pruner.attention_ratio=0.34"]),
-    "compress_50": (0.5, "obs:comp:uniform", ["pruner.attention_ratio=0.34", "layers.attention.start=1",
-                                              "layers.attention.end=30", "layers.mlp.start=1", "layers.mlp.end=30"]),
+    "compress_50": (0.5, "joint:4", ["layers.attention.start=1", "layers.attention.end=30", "layers.mlp.start=1",
+                                     "layers.mlp.end=30", "pruner.width.attention_ratio=0.34"]),
 }
 
 

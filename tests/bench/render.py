@@ -898,6 +898,54 @@ def quality_regimes(results: Path) -> str:
     return "\n".join(out) if out else "No results yet."
 
 
+@block("docs/quality.md", "goals")
+def quality_goals(results: Path) -> str:
+    """Issue 27's goal rows against the best measured line of each (the newest line per setting, as the tables)."""
+    lines = [ln for ln in load(results).get("quality", []) if ln.get("status") != "failed"
+             and get(ln, "ppl_ratio.boolq") is not None and ln.get("row") not in ("dense", "reference")]
+    ref25 = latest(load(results).get("quality", []), lambda ln: ln.get("row") == "reference"
+                   and get(ln, "budget.ratio") == 0.25 and ln.get("ratio_target") == "params")
+
+    def best(ratio: float, key: Callable[[dict[str, Any]], float]) -> Optional[dict[str, Any]]:
+        found = [ln for ln in lines if get(ln, "budget.ratio") == ratio and key(ln) is not None]
+        return min(found, key=key) if found else None
+
+    def what(ln: dict[str, Any]) -> str:
+        return f"`{ln['row']}`" + (f" ({_regime_settings(ln)})" if _regime_settings(ln) else "")
+
+    rows = ["| goal | best measured | figures | met |", "|---|---|---|---|"]
+    if ref25 is not None:
+        ra, rb = get(ref25, "ppl_ratio.austen_holdout"), get(ref25, "ppl_ratio.boolq")
+        ln = best(0.5, lambda l: max(get(l, "ppl_ratio.austen_holdout") / ra, get(l, "ppl_ratio.boolq") / rb))
+        if ln:
+            a, b = get(ln, "ppl_ratio.austen_holdout"), get(ln, "ppl_ratio.boolq")
+            rows.append(f"| 50%: each ratio at most LLM-Pruner's at 25% (× {fmt(ra)} / × {fmt(rb)}) | {what(ln)} | "
+                        f"× {fmt(a)} / × {fmt(b)} | {'yes' if a <= ra and b <= rb else 'no'} |")
+    damage = lambda l: (max(get(l, "damage_vs_reference.austen_holdout"), get(l, "damage_vs_reference.boolq"))  # noqa: E731
+                        if get(l, "damage_vs_reference.boolq") is not None else None)
+    ln = best(0.25, damage)
+    if ln:
+        a, b = get(ln, "damage_vs_reference.austen_holdout"), get(ln, "damage_vs_reference.boolq")
+        rows.append(f"| 25%: at most 0.15 of LLM-Pruner's damage on each text | {what(ln)} | {fmt(a)} / {fmt(b)} | "
+                    f"{'yes' if max(a, b) <= 0.15 else 'no'} |")
+    ln = best(0.1184, lambda l: get(l, "damage_vs_reference.austen_holdout"))
+    default = latest(lines, lambda l: get(l, "budget.ratio") == 0.1184 and l.get("row") == "obs:comp:uniform"
+                     and l.get("tokens_option") == "auto" and not l.get("overrides"))
+    if ln:
+        a = get(ln, "damage_vs_reference.austen_holdout")
+        d = get(default, "damage_vs_reference.austen_holdout") if default else None
+        rows.append(f"| LLM-Pruner's budget: the default at most 0.25 of its damage in domain, held-out text | "
+                    f"{what(ln)}; the default: {fmt(d)} | {fmt(a)} (Austen holdout) | "
+                    f"{'yes' if d is not None and d <= 0.25 else 'not by the default' if a <= 0.25 else 'no'} |")
+    deep = [l for l in load(results).get("depth", []) if get(l, "damage_vs_shortgpt.boolq") is not None]
+    if deep:
+        ln = min(deep, key=lambda l: max(get(l, "damage_vs_shortgpt.austen_holdout"), get(l, "damage_vs_shortgpt.boolq")))
+        a, b = get(ln, "damage_vs_shortgpt.austen_holdout"), get(ln, "damage_vs_shortgpt.boolq")
+        rows.append(f"| 25% of the layers, at most 0.1 of ShortGPT's damage | `{ln['row']}` | {fmt(a)} / {fmt(b)} | "
+                    f"{'yes' if max(a, b) <= 0.1 else 'no'} |")
+    return "\n".join(rows) + "\n\nThe best line per goal over every quality_bench / depth_bench line."
+
+
 @block("docs/quality.md", "depth")
 def quality_depth(results: Path) -> str:
     """Depth alone: the newest line per row of depth_bench (ShortGPT and every pruner=depth rule)."""

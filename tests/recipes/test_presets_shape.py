@@ -112,8 +112,13 @@ def test_compression_presets_compose_and_plan_llama3_8b_on_one_80gb_gpu(tmp_path
     import run
 
     cfg = compose([f"experiment={preset}"], tmp_path)
-    assert cfg.pruner.name == "obs" and cfg.ratio == ratio and cfg.pruner.attention_ratio == attention
-    assert cfg.layers.mlp.start == cfg.layers.attention.start == start
+    width = cfg.pruner.width if preset == "compress_50" else cfg.pruner  # compress_50: pruner=joint's width stage
+    assert cfg.pruner.name == ("joint" if preset == "compress_50" else "obs") and cfg.ratio == ratio
+    assert width.attention_ratio == attention and cfg.layers.mlp.start == cfg.layers.attention.start == start
+    if preset == "compress_50":
+        from recipes._common import build
+
+        assert build(cfg.pruner, "pruner").count(30) == 4 and build(cfg.pruner, "pruner").count(32) == 5
     if preset == "compress_25":
         default = compose([], tmp_path)
         assert cfg.pruner == default.pruner and cfg.layers == default.layers and cfg.ratio == default.ratio
