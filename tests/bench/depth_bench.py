@@ -50,23 +50,13 @@ def parse_rows(spec: Optional[str]) -> list[str]:
 
 
 def _pruner(row: str, num_layers: int, extra: tuple[str, ...]) -> Any:
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-
-    import run  # noqa: F401  (registers the schema and resolvers)
-    from recipes._common import build
-
+    """ShortGPT or pruner=depth from its real option file, as run.py builds it (quality_bench's builder)."""
     if row == "shortgpt":
         overrides = ["pruner=shortgpt"]
     else:
         _, compensate, selection = row.split(":")
         overrides = ["pruner=depth", f"pruner.compensate={compensate}", f"pruner.selection={selection}", *extra]
-    overrides += ["layers=all", f"pruner.num_layers={num_layers}", "paths.output_dir=/tmp"]
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose("config", overrides=overrides)
-    GlobalHydra.instance().clear()
-    return build(cfg.pruner, "pruner")
+    return qb._build_pruner([*overrides, "layers=all", f"pruner.num_layers={num_layers}"])
 
 
 def child(args: argparse.Namespace) -> dict[str, Any]:

@@ -155,46 +155,41 @@ def source_digest() -> str:
     return h.hexdigest()[:12]
 
 
-def _obs_pruner(selection: str, compensate: bool, allocation: str, ratio: float, tokens: Any,
-                extra: tuple[str, ...] = ()) -> Any:
-    """``pruner=obs`` from its real option file with this row's overrides (as ``run.py`` would build it), then
-    ``extra`` (``--override``)."""
+def _build_pruner(overrides: list[str]) -> Any:
+    """The pruner ``run.py`` would build from these Hydra overrides (its real option file, the schema's checks)."""
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
     import run  # noqa: F401  (registers the schema and resolvers)
     from recipes._common import build
 
-    overrides = ["pruner=obs", f"ratio={ratio}", "ratio_target=params", f"layers.attention.start={LAYERS[0]}",
-                 f"layers.attention.end={LAYERS[1]}", f"layers.mlp.start={LAYERS[0]}", f"layers.mlp.end={LAYERS[1]}",
-                 "pruner.ratio_target=params", "pruner.attention_ratio=0", f"pruner.selection={selection}",
-                 f"pruner.compensate={str(compensate).lower()}", f"pruner.allocation={allocation}",
-                 f"pruner.tokens={tokens}", "pruner.progress=false", "paths.output_dir=/tmp", *extra]
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose("config", overrides=overrides)
+        cfg = compose("config", overrides=[*overrides, "paths.output_dir=/tmp"])
     GlobalHydra.instance().clear()
     return build(cfg.pruner, "pruner")
+
+
+def _ranges() -> list[str]:
+    return [f"layers.attention.start={LAYERS[0]}", f"layers.attention.end={LAYERS[1]}",
+            f"layers.mlp.start={LAYERS[0]}", f"layers.mlp.end={LAYERS[1]}"]
+
+
+def _obs_pruner(selection: str, compensate: bool, allocation: str, ratio: float, tokens: Any,
+                extra: tuple[str, ...] = ()) -> Any:
+    """``pruner=obs`` from its real option file with this row's overrides (as ``run.py`` would build it), then
+    ``extra`` (``--override``)."""
+    return _build_pruner(["pruner=obs", f"ratio={ratio}", "ratio_target=params", *_ranges(),
+                          "pruner.ratio_target=params", "pruner.attention_ratio=0", f"pruner.selection={selection}",
+                          f"pruner.compensate={str(compensate).lower()}", f"pruner.allocation={allocation}",
+                          f"pruner.tokens={tokens}", "pruner.progress=false", *extra])
 
 
 def _joint_pruner(num_layers: int, ratio: float, tokens: Any, extra: tuple[str, ...] = ()) -> Any:
     """``pruner=joint`` from its real option file (conf/pruner/joint.yaml) with ``num_layers`` whole layers, this
     run's ratio and tokens, the benchmark's layer ranges, then ``extra`` (``--joint-override``)."""
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-
-    import run  # noqa: F401  (registers the schema and resolvers)
-    from recipes._common import build
-
-    overrides = ["pruner=joint", f"ratio={ratio}", f"pruner.num_layers={num_layers}",
-                 f"layers.attention.start={LAYERS[0]}", f"layers.attention.end={LAYERS[1]}",
-                 f"layers.mlp.start={LAYERS[0]}", f"layers.mlp.end={LAYERS[1]}", f"+pruner.width.tokens={tokens}",
-                 "+pruner.width.progress=false", "paths.output_dir=/tmp", *extra]
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose("config", overrides=overrides)
-    GlobalHydra.instance().clear()
-    return build(cfg.pruner, "pruner")
+    return _build_pruner(["pruner=joint", f"ratio={ratio}", f"pruner.num_layers={num_layers}", *_ranges(),
+                          f"+pruner.width.tokens={tokens}", "+pruner.width.progress=false", *extra])
 
 
 def child_dense(args: argparse.Namespace) -> dict[str, Any]:

@@ -273,8 +273,9 @@ def _peer_rows(line: dict[str, Any]) -> list[Row]:
 
 BENCHES: list[Bench] = [
     Bench("quality", "Compensated pruning quality (`quality_bench.py`)",
-          "`pruner=obs` rows (selection × compensation × allocation) on SmolLM2-135M-Instruct, MLP channels of "
-          "layers [3, 27): perplexity on Austen's held-out last 10% (in domain) and on BoolQ passages (out of domain), "
+          "`pruner=obs` rows (selection × compensation × allocation; MLP channels of layers [3, 27) unless the "
+          "settings say otherwise) and `pruner=joint` rows (`joint:<layers>`) on SmolLM2-135M-Instruct: "
+          "perplexity on Austen's held-out last 10% (in domain) and on BoolQ passages (out of domain), "
           "as × the dense model, with pruning time and peak RSS; with `--zeroshot-limit`, the 7-task zero-shot "
           "average.",
           "LLM-Pruner's Taylor `param_first` (the `reference` row, same run): `damage` is "
