@@ -872,7 +872,16 @@ def quality_regimes(results: Path) -> str:
     ref25 = latest(lines, lambda ln: ln.get("row") == "reference" and get(ln, "budget.ratio") == 0.25
                    and ln.get("ratio_target") == "params")
     header = ["row", "settings", "Austen ×", "BoolQ ×", "damage Austen", "damage BoolQ", "params after", "prune s",
-              "date", "commit"]
+              "zero-shot avg (dense)", "date", "commit"]
+    dense_zs = {get(ln, "zeroshot.limit"): get(ln, "zeroshot.average") for ln in lines
+                if ln.get("row") == "dense" and get(ln, "zeroshot.average") is not None}
+
+    def zeroshot(ln: dict[str, Any]) -> str:
+        limit = get(ln, "zeroshot.limit")
+        if limit is None:
+            return MISSING
+        return f"{fmt(get(ln, 'zeroshot.average'))} ({fmt(dense_zs.get(limit))}), limit {limit}"
+
     out = []
     for ratio, label in REGIMES.items():
         rows = sorted(((row, settings), ln) for (r, row, settings), (_, ln) in newest.items() if r == ratio)
@@ -893,7 +902,7 @@ def quality_regimes(results: Path) -> str:
                      *(fmt(get(ln, f)) for f in ("ppl_ratio.austen_holdout", "ppl_ratio.boolq",
                                                  "damage_vs_reference.austen_holdout", "damage_vs_reference.boolq",
                                                  "params_after", "prune_s")),
-                     ln["date"][:10], fmt(ln["commit"])]
+                     zeroshot(ln), ln["date"][:10], fmt(ln["commit"])]
             out.append("| " + " | ".join(cells) + " |")
         out.append("")
     return "\n".join(out) if out else "No results yet."
