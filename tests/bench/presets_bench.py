@@ -28,7 +28,7 @@ from _common import RESULTS, record  # noqa: E402
 # the quality_bench row that runs each preset's settings on SmolLM2: (budget ratio, row, overrides)
 MEASURED_BY = {
     "compress_25": (0.25, "obs:comp:uniform", []),
-    "compress_40": (0.4, "obs:comp:uniform", ["pruner.attention_ratio=0.34"]),
+    "compress_40": (0.4, "joint:4", ["pruner.width.attention_ratio=0.34"]),
     "compress_50": (0.5, "joint:4", ["layers.attention.start=1", "layers.attention.end=30", "layers.mlp.start=1",
                                      "layers.mlp.end=30", "pruner.width.attention_ratio=0.34"]),
 }

@@ -112,10 +112,11 @@ def test_compression_presets_compose_and_plan_llama3_8b_on_one_80gb_gpu(tmp_path
     import run
 
     cfg = compose([f"experiment={preset}"], tmp_path)
-    width = cfg.pruner.width if preset == "compress_50" else cfg.pruner  # compress_50: pruner=joint's width stage
-    assert cfg.pruner.name == ("joint" if preset == "compress_50" else "obs") and cfg.ratio == ratio
+    joint = preset != "compress_25"  # 40% and 50%: pruner=joint, the heads and channels in its width stage
+    width = cfg.pruner.width if joint else cfg.pruner
+    assert cfg.pruner.name == ("joint" if joint else "obs") and cfg.ratio == ratio
     assert width.attention_ratio == attention and cfg.layers.mlp.start == cfg.layers.attention.start == start
-    if preset == "compress_50":
+    if joint:
         from recipes._common import build
 
         assert build(cfg.pruner, "pruner").count(30) == 4 and build(cfg.pruner, "pruner").count(32) == 5
