@@ -125,9 +125,7 @@ class Joint:
             return Depth(**{**self.depth, "num_layers": n, "ratio": float(self.layer_ratio or 0.25),
                             "attention_layers": self.attention_layers, "mlp_layers": self.mlp_layers,
                             "seed": self.seed})
-        except TypeError as e:
-            raise ConfigError(f"pruner.depth: {e}") from None
-        except ConfigError as e:
+        except (TypeError, ConfigError) as e:  # an unknown key, or the stage's own check: one line, named
             raise ConfigError(f"pruner.depth: {e}") from None
 
     def _width_stage(self, ratio: float, attention_layers: Any, mlp_layers: Any) -> StructuredOBS:
@@ -135,9 +133,7 @@ class Joint:
             return StructuredOBS(**{**self.width, "ratio": ratio, "ratio_target": "params",
                                     "attention_layers": attention_layers, "mlp_layers": mlp_layers,
                                     "seed": self.seed})
-        except TypeError as e:
-            raise ConfigError(f"pruner.width: {e}") from None
-        except ConfigError as e:
+        except (TypeError, ConfigError) as e:  # an unknown key, or the stage's own check: one line, named
             raise ConfigError(f"pruner.width: {e}") from None
 
     @property

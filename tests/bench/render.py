@@ -831,9 +831,7 @@ def _same_budget(ref: dict[str, Any], ratio: float) -> bool:
 @block("docs/quality.md", "presets")
 def quality_presets(results: Path) -> str:
     """The presets' cost: the newest presets_bench line per preset."""
-    newest: dict[str, dict[str, Any]] = {}
-    for ln in load(results).get("presets", []):
-        newest[ln["preset"]] = ln
+    newest = newest_by(load(results).get("presets", []), lambda ln: ln["preset"])
     if not newest:
         return "No results yet."
     header = ["preset", "SmolLM2: Austen ×", "BoolQ ×", "prune s (1 thread)", "tokens", "Llama-3-8B on one 80 GB GPU: "
@@ -859,16 +857,15 @@ def quality_regimes(results: Path) -> str:
     budget, with the damage against LLM-Pruner measured in the same run where it could reach the budget, and the
     50% goal (each text's ratio at most LLM-Pruner's at 25%)."""
     lines = load(results).get("quality", [])
-    newest: dict[tuple[float, str, str], tuple[tuple[datetime, int], dict[str, Any]]] = {}
-    for i, ln in enumerate(lines):
+
+    def key(ln: dict[str, Any]) -> Optional[tuple[float, str, str]]:
         ratio = get(ln, "budget.ratio")
         if ln.get("status") == "failed" or ratio not in REGIMES or ln.get("row") == "dense" \
                 or get(ln, "ppl_ratio.boolq") is None or (ln.get("row") == "reference" and not _same_budget(ln, ratio)):
-            continue
-        key = (ratio, ln["row"], _regime_settings(ln) if ln["row"] != "reference" else ln.get("ratio_target", ""))
-        stamp = (datetime.fromisoformat(ln["date"]), i)
-        if key not in newest or stamp >= newest[key][0]:
-            newest[key] = (stamp, ln)
+            return None
+        return (ratio, ln["row"], _regime_settings(ln) if ln["row"] != "reference" else ln.get("ratio_target", ""))
+
+    newest = newest_by(lines, key)
     ref25 = latest(lines, lambda ln: ln.get("row") == "reference" and get(ln, "budget.ratio") == 0.25
                    and ln.get("ratio_target") == "params")
     header = ["row", "settings", "Austen ×", "BoolQ ×", "damage Austen", "damage BoolQ", "params after", "prune s",
@@ -884,7 +881,7 @@ def quality_regimes(results: Path) -> str:
 
     out = []
     for ratio, label in REGIMES.items():
-        rows = sorted(((row, settings), ln) for (r, row, settings), (_, ln) in newest.items() if r == ratio)
+        rows = sorted(((row, settings), ln) for (r, row, settings), ln in newest.items() if r == ratio)
         if not rows:
             continue
         out += [f"**{label}**", ""]
@@ -956,14 +953,22 @@ def quality_goals(results: Path) -> str:
     return "\n".join(rows) + "\n\nThe best line per goal over every quality_bench / depth_bench line."
 
 
+def newest_by(lines: list[dict[str, Any]], key: Callable[[dict[str, Any]], Any]) -> dict[Any, dict[str, Any]]:
+    """The newest line (by date, then file order) per ``key(line)``, over the lines whose key is not None."""
+    found: dict[Any, tuple[tuple[datetime, int], dict[str, Any]]] = {}
+    for i, ln in enumerate(lines):
+        k = key(ln)
+        stamp = (datetime.fromisoformat(ln["date"]), i)
+        if k is not None and (k not in found or stamp >= found[k][0]):
+            found[k] = (stamp, ln)
+    return {k: ln for k, (_, ln) in found.items()}
+
+
 @block("docs/quality.md", "depth")
 def quality_depth(results: Path) -> str:
     """Depth alone: the newest line per row of depth_bench (ShortGPT and every pruner=depth rule)."""
-    newest: dict[str, dict[str, Any]] = {}
-    for ln in load(results).get("depth", []):
-        if ln.get("status") != "failed" and ln.get("row") != "dense" and get(ln, "ppl_ratio.boolq") is not None:
-            if ln["row"] not in newest or ln["date"] >= newest[ln["row"]]["date"]:
-                newest[ln["row"]] = ln
+    newest = newest_by(load(results).get("depth", []), lambda ln: ln["row"] if ln.get("status") != "failed" and
+                       ln.get("row") != "dense" and get(ln, "ppl_ratio.boolq") is not None else None)
     if not newest:
         return "No results yet."
     header = ["row", "layers removed", "Austen ×", "BoolQ ×", "damage Austen", "damage BoolQ", "prune s", "date",
