@@ -20,6 +20,8 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers.activations import SiLUActivation
 
+from core.run import plan
+
 
 class _SwiGLUDown(torch.autograd.Function):
     """``down(silu(g) * u)`` that saves only ``g`` and ``u`` for backward and recomputes the product.
@@ -64,7 +66,7 @@ def lean_mlps(model: nn.Module) -> list[nn.Module]:
     return out
 
 
-LOGITS_CHUNK_BYTES = 8 * 2**20  # fp32 logits per LM-head chunk (their softmax and gradient are as large)
+LOGITS_CHUNK_BYTES = plan.LOGITS_CHUNK_BYTES  # fp32 logits per LM-head chunk (their softmax and gradient are as large)
 
 
 def lm_loss_backward(model: nn.Module, ids: torch.Tensor, scale: float = 1.0) -> None:
@@ -74,7 +76,7 @@ def lm_loss_backward(model: nn.Module, ids: torch.Tensor, scale: float = 1.0) ->
     backward accumulating into the gradient of the final hidden states, which is then pushed through the
     decoder once. Same gradients as the plain loss (next-token mean over all positions), but the
     ``[tokens, vocab]`` fp32 logits and their gradient never exist all at once (10 x 64 tokens of a
-    49k-token vocabulary: 126 MB each).
+    49k-token vocabulary: 126 MB each; a chunk holds at most :data:`LOGITS_CHUNK_BYTES`).
     """
     hidden = model.model(input_ids=ids, use_cache=False).last_hidden_state[:, :-1]
     if not hidden.requires_grad:

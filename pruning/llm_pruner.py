@@ -153,8 +153,8 @@ class LLMPruner:
         ``batch_size`` samples, 0 = all), one weight's gradient at a time, and for ``param_mix`` the float32 mean
         gradient and Fisher diagonal of every scored weight. Nothing is streamed: a model larger than one GPU
         needs ``model.device_map=auto`` (accelerate spreads the layers, and their activations, over the GPUs)."""
-        from core.run.plan import (LOGITS_LIVE_TENSORS, Placement, accelerator, dtype_bytes, geometry, hidden_bytes,
-                                   model_bytes, model_params, span)
+        from core.run.plan import (LOGITS_CHUNK_BYTES, LOGITS_LIVE_TENSORS, Placement, accelerator, dtype_bytes,
+                                   geometry, hidden_bytes, model_bytes, model_params, span)
 
         geo = geometry(cfg)
         spec = self.resolved(geo.depth)
@@ -188,7 +188,7 @@ class LLMPruner:
                 saved += t * geo.depth * TAYLOR_NORM_FLOAT32 * h * (4 - b)
             p.add(**{"activations saved for backward (all layers)": saved,
                      "one weight's gradient": largest * b,
-                     "LM-head loss chunk": LOGITS_LIVE_TENSORS * 8 * 2**20 + 2 * hidden_bytes(t, cfg, dtype)})
+                     "LM-head loss chunk": LOGITS_LIVE_TENSORS * LOGITS_CHUNK_BYTES + 2 * hidden_bytes(t, cfg, dtype)})
             if self.taylor == "param_mix":
                 scored = sum(4 * geo.group_params(l) * geo.kv_heads[l] for l in range(*spec.attention_layers)) \
                     + sum(4 * geo.channel_params() * geo.widths[l] for l in range(*spec.mlp_layers))

@@ -165,7 +165,9 @@ def _run(cfg: DictConfig, ctx) -> dict:
                                       run_dir=run_dir, outputs_root=cfg.paths.outputs_root)
         ctx.log("data", {"recovery": prep.record()})
     params_base = count_params(model)
-    nonzero_base = count_nonzero(model)
+    # non-zeros are counted by torch kernels on another core while this thread tokenises, evaluates the base model
+    # and builds its structure (all read-only); joined before the pruner writes a weight
+    nonzero_base_count = InBackground(count_nonzero, model)
     context = int(cfg.eval.ppl.seq_len)
     flops_base = flops_per_token(model, context)
 
@@ -182,6 +184,7 @@ def _run(cfg: DictConfig, ctx) -> dict:
 
     # 4. Prune. The analysis modules (pandas, matplotlib: ~0.5 s) are imported meanwhile, beside torch's kernels.
     analysis_imports = InBackground(importlib.import_module, "analysis.report")
+    nonzero_base = nonzero_base_count.result()
     t0 = time.perf_counter()
     result = pruner(model, batch)
     t_prune = time.perf_counter() - t0
@@ -190,13 +193,19 @@ def _run(cfg: DictConfig, ctx) -> dict:
              100 * result.removed_fraction, t_prune)
     ctx.log("method", pruner.name)
     ctx.log("compression", result.compression)
-    nonzero = count_nonzero(model)
-    ctx.log("params", {"base": params_base, "pruned": result.params_after,
-                       "kept_pct": 100.0 * result.params_after / params_base,
-                       "removed_pct": 100.0 * result.removed_fraction,
-                       # zeros kept in dense shapes (unstructured / N:M) count here, not above
-                       "nonzero_base": nonzero_base, "nonzero": nonzero,
-                       "sparsity_pct": 100.0 * (1.0 - nonzero / nonzero_base)})
+    # counted beside the pruned model's evaluation, the checkpoint write and the analysis (all read-only); joined
+    # before recovery changes a weight
+    nonzero_count = InBackground(count_nonzero, model)
+
+    def log_params() -> int:
+        nonzero = nonzero_count.result()
+        ctx.log("params", {"base": params_base, "pruned": result.params_after,
+                           "kept_pct": 100.0 * result.params_after / params_base,
+                           "removed_pct": 100.0 * result.removed_fraction,
+                           # zeros kept in dense shapes (unstructured / N:M) count here, not above
+                           "nonzero_base": nonzero_base, "nonzero": nonzero,
+                           "sparsity_pct": 100.0 * (1.0 - nonzero / nonzero_base)})
+        return nonzero
     flops = flops_per_token(model, context)
     ctx.log("flops", {"context": context, "per_token_base": flops_base, "per_token": flops,
                       "kept_pct": 100.0 * flops / flops_base,
@@ -225,7 +234,9 @@ def _run(cfg: DictConfig, ctx) -> dict:
 
     # 5b. recovery=lora: train adapters on the pruned model, merge them, evaluate again (recipes/_recovery.py).
     recovery_entry, t_recovery = None, 0.0
+    nonzero = None
     if prep is not None:
+        nonzero = log_params()
         t0 = time.perf_counter()
         identity = {"model": ref.path or ref.name, "pruner": plain(cfg.pruner), "ratio": float(cfg.ratio),
                     "ratio_target": pruner.ratio_target, "layers": plain(cfg.layers), "data": plain(cfg.data),
@@ -283,6 +294,8 @@ def _run(cfg: DictConfig, ctx) -> dict:
     finally:
         if saving is not None:  # never leave while the checkpoint is still being written
             saving.result()
+    if nonzero is None:
+        nonzero = log_params()
     t_save = saving.seconds if saving is not None else 0.0
     peak["save"] = peak["analysis"] = _peak_mib()
     ctx.log("analysis", summary)

@@ -52,6 +52,10 @@ MLP_LIVE_TENSORS = 3
 ATTENTION_LIVE_TENSORS = 4
 # Logits of an evaluation forward: the float32 logits, their float32 copy for the loss and log-softmax.
 LOGITS_LIVE_TENSORS = 3
+# A Taylor pass's LM-head loss runs over chunks of tokens whose float32 logits take at most this many bytes
+# (pruning.calibration.lm_loss_backward): 24 MiB is five chunks for 10 x 64 tokens of a 49k vocabulary, 13 of a 128k
+# vocabulary (8 MiB was 15 chunks for SmolLM2 and cost a tenth of its Taylor pass), and bounded whatever the batch.
+LOGITS_CHUNK_BYTES = 24 * 2**20
 
 KNOBS = ("pruner.offload", "pruner.tokens", "pruner.batch_size", "model.dtype", "model.device_map", "pruner.states")
 
