@@ -13,6 +13,16 @@ these rows only (e.g. ``pruner.width.attention_ratio=0.67``, ``layers.mlp.start=
 
     .venv/bin/python tests/bench/quality_bench.py --ratio 0.5 --rows joint:2 --joint-override layers.mlp.start=1 ...
 
+Other methods at the same share of ALL parameters (``--rows method:shortgpt,method:slicegpt,method:flap`` and
+``depth:<greedy|block|search>:comp|nocomp``): each pruner from its own option file, at its defaults (prunelab's
+default layer ranges), calibrated on the obs rows' text and token count, with the budget put into its own unit
+(``method_overrides``): ShortGPT's ``params`` target (the fewest layers reaching it), ``pruner=depth`` with
+``num_layers`` = the layers whose parameters reach it (rounded up), FLAP's ``pruning_ratio`` = the share over the
+attention + MLP parameters of its ranges, SliceGPT's sparsity = the widest multiple-of-8 hidden size whose
+parameters (shortcuts and the untied LM head included) fit. Each line records ``budget_unit`` and ``budget_met``::
+
+    .venv/bin/python tests/bench/quality_bench.py --ratio 0.4 --no-reference --rows method:shortgpt,depth:search:comp
+
 Rows: ``pruner=obs`` (built from its real option file, ``conf/pruner/obs.yaml``) with ``selection`` obs / wanda /
 flap / magnitude x ``compensate`` (``nocomp`` / ``comp``) x ``allocation`` (``uniform``, and ``search`` when
 ``pruning.obs.pruner.ALLOCATIONS`` offers it), MLP channels only (``attention_ratio=0``), layers [3, 27),
@@ -61,6 +71,10 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 BENCHMARK_RATIO = 0.1184  # of 134,515,008: <= 118,589,760 kept, LLM-Pruner's size at --pruning_ratio 0.25
 LAYERS = (3, 27)
 SELECTIONS = ("obs", "wanda", "flap", "magnitude")
+# method:<name> rows: the other pruners at their option files' defaults (prunelab's default layer ranges), the
+# budget translated into each one's own unit (method_overrides); depth:<selection>:comp|nocomp rows: pruner=depth
+METHODS = ("shortgpt", "slicegpt", "flap")
+DEPTH_SELECTIONS = ("greedy", "block", "search")
 REF_SAMPLES, REF_SEQ_LEN = 10, 64
 PPL_TOKENS, PPL_SEQ_LEN = 4096, 128
 TEXTS = ("austen_holdout", "boolq")
@@ -76,7 +90,9 @@ def allocations() -> tuple[str, ...]:
 
 
 def parse_rows(spec: Optional[str]) -> list[tuple[str, bool, str]]:
-    """``obs:comp:uniform,wanda:nocomp:search`` -> [(selection, compensate, allocation)]; None: the whole table."""
+    """``obs:comp:uniform,wanda:nocomp:search`` -> [(selection, compensate, allocation)]; None: the whole table.
+    ``joint:<layers>`` -> ("joint", True, layers); ``method:<name>`` -> ("method", False, name);
+    ``depth:<selection>:comp|nocomp`` -> ("depth", compensate, selection)."""
     allowed = allocations()
     if not spec:
         return [(s, c, a) for s in SELECTIONS for c in (False, True) for a in allowed]
@@ -86,9 +102,16 @@ def parse_rows(spec: Optional[str]) -> list[tuple[str, bool, str]]:
         if len(parts) == 2 and parts[0] == "joint" and parts[1].isdigit():
             rows.append(("joint", True, parts[1]))  # pruner=joint removing that many whole layers first
             continue
+        if len(parts) == 2 and parts[0] == "method" and parts[1] in METHODS:
+            rows.append(("method", False, parts[1]))  # another pruner at its own defaults, budget in its unit
+            continue
+        if len(parts) == 3 and parts[0] == "depth" and parts[1] in DEPTH_SELECTIONS and parts[2] in ("comp", "nocomp"):
+            rows.append(("depth", parts[2] == "comp", parts[1]))
+            continue
         if len(parts) != 3 or parts[0] not in SELECTIONS or parts[1] not in ("comp", "nocomp") or parts[2] not in allowed:
             raise SystemExit(f"--rows: {item!r} is not selection:comp|nocomp:allocation with selection in "
-                             f"{', '.join(SELECTIONS)} and allocation in {', '.join(allowed)}, or joint:<layers>")
+                             f"{', '.join(SELECTIONS)} and allocation in {', '.join(allowed)}, joint:<layers>, "
+                             f"method:<{'|'.join(METHODS)}> or depth:<{'|'.join(DEPTH_SELECTIONS)}>:comp|nocomp")
         rows.append((parts[0], parts[1] == "comp", parts[2]))
     return rows
 
@@ -96,6 +119,10 @@ def parse_rows(spec: Optional[str]) -> list[tuple[str, bool, str]]:
 def row_name(selection: str, compensate: bool, allocation: str) -> str:
     if selection == "joint":
         return f"joint:{allocation}"
+    if selection == "method":
+        return f"method:{allocation}"
+    if selection == "depth":
+        return f"depth:{allocation}:{'comp' if compensate else 'nocomp'}"
     return f"{selection}:{'comp' if compensate else 'nocomp'}:{allocation}"
 
 
@@ -192,6 +219,65 @@ def _joint_pruner(num_layers: int, ratio: float, tokens: Any, extra: tuple[str, 
                           f"+pruner.width.tokens={tokens}", "+pruner.width.progress=false", *extra])
 
 
+def _layer_params(layer: Any) -> int:
+    return sum(p.numel() for p in layer.parameters())
+
+
+def sliced_params(model: Any, width: int) -> int:
+    """Parameters of ``model`` after SliceGPT at hidden ``width`` (pruning/slicegpt.py, ``slice_head=false``): every
+    weight dimension that reads or writes the residual stream becomes ``width``, each layer gains two
+    ``width x width`` shortcuts; the last layer's output (its ``down_proj`` and MLP shortcut) and the LM head keep the
+    full hidden size (the head an untied copy when the embedding was tied). Norm weights are counted whole (an upper
+    bound by at most them: tests/test_bench_budgets.py; each row checks ``budget_met`` on the real model)."""
+    d, inner = model.config.hidden_size, model.model
+    total = inner.embed_tokens.weight.shape[0] * width + model.lm_head.weight.numel() + inner.norm.weight.numel()
+    last = len(inner.layers) - 1
+    for i, layer in enumerate(inner.layers):
+        for name, p in layer.named_parameters():
+            if p.dim() != 2 or d not in p.shape or (i == last and name.endswith("down_proj.weight")):
+                total += p.numel()
+            else:
+                total += p.numel() // d * width
+        total += width * width + width * (d if i == last else width)
+    return total
+
+
+def method_overrides(name: str, ratio: float, model: Any) -> tuple[list[str], dict[str, Any]]:
+    """The Hydra overrides that make ``pruner=<name>`` (or ``depth:...``) remove at least ``ratio`` of ALL the
+    model's parameters in its own unit, and how the unit's amount was derived (recorded)."""
+    from core.models.llama import count_params
+
+    total = count_params(model)
+    want = ratio * total  # parameters to remove
+    if name == "shortgpt":  # its own params unit: the fewest least influential layers reaching the share
+        return ["pruner=shortgpt", f"ratio={ratio}", "ratio_target=params"], {"unit": "params (ShortGPT's own)"}
+    if name == "depth":
+        per_layer = _layer_params(model.model.layers[0])
+        n = math.ceil(want / per_layer)
+        return [f"pruner.num_layers={n}"], {"unit": "whole layers", "num_layers": n, "layer_params": per_layer}
+    if name == "flap":
+        ranges = _build_pruner(["pruner=flap", "ratio=0.5"]).ranges(len(model.model.layers))
+        (a0, a1), (m0, m1) = ranges["attention"], ranges["mlp"]
+        layers = model.model.layers
+        prunable = sum(_layer_params(layers[l].self_attn) for l in range(a0, a1)) + \
+            sum(_layer_params(layers[l].mlp) for l in range(m0, m1))
+        if want >= prunable:
+            raise SystemExit(f"method:flap cannot remove {ratio} of all parameters: its layer ranges hold "
+                             f"{prunable:,} prunable parameters")
+        f = want / prunable
+        return ["pruner=flap", f"ratio={f:.6f}", "ratio_target=prunable_params"], \
+            {"unit": "prunable_params (FLAP's pruning_ratio)", "ratio_of_prunable": round(f, 6), "prunable": prunable}
+    if name == "slicegpt":
+        d, step = model.config.hidden_size, 8
+        width = next((w for w in range(d - d % step, 0, -step) if sliced_params(model, w) <= total - want), None)
+        if width is None:
+            raise SystemExit(f"method:slicegpt cannot remove {ratio} of all parameters")
+        sparsity = max(0.0, 1 - (width + 0.5) / d)  # int((1 - s) * d) == width, a multiple of the round interval
+        return ["pruner=slicegpt", f"ratio={sparsity:.6f}"], \
+            {"unit": "slicing (SliceGPT's sparsity)", "sliced_width": width, "sparsity": round(sparsity, 6)}
+    raise SystemExit(f"no method {name!r}")
+
+
 def child_dense(args: argparse.Namespace) -> dict[str, Any]:
     """The dense model's perplexities (and zero-shot), and the forward times the rows are compared with."""
     from core.data.text import calibration_batch
@@ -235,6 +321,20 @@ def child_row(args: argparse.Namespace) -> dict[str, Any]:
                "overrides": list(args.joint_override), "source_sha256": source_digest(),
                "tokens_option": args.tokens, "calibration_rule": plan.rule,
                "depth_options": dict(pruner.depth), "width_options": dict(pruner.width)}
+    elif args.child.startswith(("method:", "depth:")):
+        selection, compensate, allocation = parse_rows(args.child)[0]
+        obs = _obs_pruner("obs", True, "uniform", args.ratio, args.tokens, tuple(args.override))
+        samples, seq_len = obs.calibration_plan(model.config.to_dict()).shape  # the obs rows' calibration
+        if selection == "depth":
+            extra, derived = method_overrides("depth", args.ratio, model)
+            overrides = ["pruner=depth", f"pruner.selection={allocation}",
+                         f"pruner.compensate={'linear' if compensate else 'none'}", *extra]
+        else:
+            overrides, derived = method_overrides(allocation, args.ratio, model)
+        pruner = _build_pruner([*overrides, "pruner.progress=false"] if allocation == "slicegpt" else overrides)
+        row = {"row": args.child, "method": allocation if selection == "method" else "depth",
+               "ratio": args.ratio, "ratio_target": "params", "pruner_overrides": overrides, "budget_unit": derived,
+               "tokens_option": args.tokens, "calibration_rule": "the obs rows' calibration (same text and count)"}
     else:
         selection, compensate, allocation = parse_rows(args.child)[0]
         digest = source_digest()
@@ -265,6 +365,10 @@ def child_row(args: argparse.Namespace) -> dict[str, Any]:
                     "kv_groups_removed": w.get("kv_groups_removed", w.get("groups_removed")),
                     "depth_search": {k: (d["depth"] or {}).get("search", {}).get(k)
                                      for k in ("starts", "best_fitness", "evaluations", "search_s")}})
+    elif args.child.startswith(("method:", "depth:")):
+        d = res.details
+        row.update({k: d[k] for k in ("removed_layers", "kv_groups_removed", "channels_removed", "sliced_width",
+                                      "shortcut_params", "untied_embeddings", "removed_prunable_params") if k in d})
     elif args.child != "reference":
         d = res.details
         row.update({"updates_kept": d.get("updates_kept"), "updates_rejected": d.get("updates_rejected"),
@@ -424,6 +528,8 @@ def main() -> None:
              + (f" and KV groups ({attention:g} per layer)" if attention else ""))
     layers: Any = (list(probe.mlp_layers) if probe.attention_layers == probe.mlp_layers or not attention
                    else {"attention": list(probe.attention_layers), "mlp": list(probe.mlp_layers)})
+    if all(r[0] in ("method", "depth") for r in rows):  # each method in its own unit and layer ranges
+        units, layers = "each method's own unit (the line's budget_unit), at its option file's layer ranges", None
     context = {"bench": "quality", "model": "SmolLM2-135M-Instruct", "threads": args.threads,
                "budget": {"ratio": args.ratio, "ratio_target": "params", "layers": layers, "units": units},
                "ppl_protocol": {"seq_len": PPL_SEQ_LEN, "tokens": PPL_TOKENS,

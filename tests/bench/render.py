@@ -239,7 +239,7 @@ def _quality_rows(line: dict[str, Any]) -> list[Row]:
     else:
         group = f"A true cut: ratio {ratio} of all parameters"
     tokens = line.get("calibration_tokens")
-    settings = _join(f"{tokens:,} tokens" if tokens else None, *(line.get("overrides") or []),
+    settings = _join(f"{tokens:,} tokens" if tokens else None, *(line.get("overrides") or []), _budget_unit(line),
                      f"target={get(line, 'options.target')}" if get(line, "options.target") else None,
                      f"zero-shot limit {get(line, 'zeroshot.limit')}" if get(line, "zeroshot.limit") else None,
                      _threads(line))
@@ -274,7 +274,9 @@ def _peer_rows(line: dict[str, Any]) -> list[Row]:
 BENCHES: list[Bench] = [
     Bench("quality", "Compensated pruning quality (`quality_bench.py`)",
           "`pruner=obs` rows (selection × compensation × allocation; MLP channels of layers [3, 27) unless the "
-          "settings say otherwise) and `pruner=joint` rows (`joint:<layers>`) on SmolLM2-135M-Instruct: "
+          "settings say otherwise), `pruner=joint` rows (`joint:<layers>`), and the other methods at the same share "
+          "of all parameters in their own unit (`method:<name>`, `depth:<selection>:comp|nocomp`) on "
+          "SmolLM2-135M-Instruct: "
           "perplexity on Austen's held-out last 10% (in domain) and on BoolQ passages (out of domain), "
           "as × the dense model, with pruning time and peak RSS; with `--zeroshot-limit`, the 7-task zero-shot "
           "average.",
@@ -818,7 +820,17 @@ def _regime_settings(ln: dict[str, Any]) -> str:
     keys = [f"layers.{g}.{e}" for g in ("attention", "mlp") for e in ("start", "end")]
     if set(ends) == set(keys) and ends[keys[0]] == ends[keys[2]] and ends[keys[1]] == ends[keys[3]]:
         overrides = [o for o in overrides if not o.startswith("layers.")] + [f"layers [{ends[keys[0]]}, {ends[keys[1]]})"]
-    return _join(f"{tokens:,} tokens" if tokens else None, *overrides)
+    return _join(f"{tokens:,} tokens" if tokens else None, *overrides, _budget_unit(ln))
+
+
+def _budget_unit(ln: dict[str, Any]) -> Optional[str]:
+    """A ``method:`` / ``depth:`` row's budget in the method's own unit (quality_bench's ``budget_unit``)."""
+    unit = ln.get("budget_unit") or {}
+    return (f"{unit['num_layers']} whole layers" if "num_layers" in unit else
+            f"hidden {unit['sliced_width']} (sparsity {unit['sparsity']:g})" if "sliced_width" in unit else
+            f"{unit['ratio_of_prunable']:g} of the prunable params" if "ratio_of_prunable" in unit else
+            f"{len(ln['removed_layers'])} whole layers" if ln.get("removed_layers") and unit else
+            unit.get("unit"))
 
 
 def _same_budget(ref: dict[str, Any], ratio: float) -> bool:
