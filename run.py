@@ -14,6 +14,7 @@ The process around a run (environment, resolvers, signals, threads, failure reco
 
 from __future__ import annotations
 
+import gc
 import logging
 import sys
 from typing import Any, Optional
@@ -73,6 +74,7 @@ def run(cfg: DictConfig) -> Optional[float]:
             return dry_run(job, cfg, plan)  # printed and recorded (status dry_run); nothing loaded
         ctx = job.open_record(cfg, getattr(recipe, "WANDB_VIEW", NO_VIEW))  # torch is imported here
         enforce(cfg, plan, ctx)  # a run predicted not to fit stops here (plan.force=true runs it anyway)
+        gc.enable()  # (python run.py starts with it paused: imports_without_gc; a recipe's own imports pause it again)
         metrics = recipe.run(cfg, ctx) or {}
         target = optimized_metric(cfg, recipe)
         value = metrics.get(target[0]) if target else None
@@ -91,6 +93,7 @@ def main(cfg: DictConfig) -> Optional[float]:
 
 
 if __name__ == "__main__":
+    gc.disable()  # until the recipe runs: start-up imports torch and transformers (recipes._launch.imports_without_gc)
     sys.argv = [sys.argv[0]] + rewrite_model_args(sys.argv[1:])
     for _message in plugin_errors(sys.argv[1:]):  # before Hydra's "Could not find 'hydra/launcher/joblib'"
         print(f"error: {_message}", file=sys.stderr, flush=True)

@@ -28,6 +28,7 @@ from core.run.io import InBackground
 from core.run.wandb_view import WandbView
 from recipes import _recovery as recovery_stage
 from recipes._common import build, headline_metrics, model_ref, plain, text_spec, write_card
+from recipes._launch import imports_without_gc
 from recipes._plan import plan_prune
 
 log = logging.getLogger(__name__)
@@ -94,8 +95,9 @@ def run(cfg: DictConfig, ctx) -> dict:
     """The prune task. The objects that exist once torch and transformers are imported (~400k, alive until exit) are
     frozen out of the cyclic collector for the run: each collection (the one after pruning, Python's own) then
     walks only what the run made, not the imports again (what is freed does not change)."""
-    import core.models.checkpoint  # noqa: F401 - torch + transformers, imported before freezing
-    import core.models.load  # noqa: F401
+    with imports_without_gc():
+        import core.models.checkpoint  # noqa: F401 - torch + transformers, imported before freezing
+        import core.models.load  # noqa: F401
 
     gc.freeze()
     try:
