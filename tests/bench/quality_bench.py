@@ -261,12 +261,15 @@ def method_overrides(name: str, ratio: float, model: Any) -> tuple[list[str], di
         layers = model.model.layers
         prunable = sum(_layer_params(layers[l].self_attn) for l in range(a0, a1)) + \
             sum(_layer_params(layers[l].mlp) for l in range(m0, m1))
-        if want >= prunable:
+        if want + model.config.hidden_size * ((a1 - a0) + (m1 - m0)) >= prunable:
             raise SystemExit(f"method:flap cannot remove {ratio} of all parameters: its layer ranges hold "
                              f"{prunable:,} prunable parameters")
-        f = want / prunable
+        # its bias compensation adds a hidden-size bias to each o_proj / down_proj in range: removed on top
+        biases = model.config.hidden_size * ((a1 - a0) + (m1 - m0))
+        f = (want + biases) / prunable
         return ["pruner=flap", f"ratio={f:.6f}", "ratio_target=prunable_params"], \
-            {"unit": "prunable_params (FLAP's pruning_ratio)", "ratio_of_prunable": round(f, 6), "prunable": prunable}
+            {"unit": "prunable_params (FLAP's pruning_ratio)", "ratio_of_prunable": round(f, 6), "prunable": prunable,
+             "bias_params": biases}
     if name == "slicegpt":
         d, step = model.config.hidden_size, 8
         width = next((w for w in range(d - d % step, 0, -step) if sliced_params(model, w) <= total - want), None)

@@ -63,6 +63,11 @@ METHODS: dict[str, tuple[list[str], str, str]] = {
     "obs_search": (["pruner=obs", "ratio=0.05", f"pruner.tokens={2 * ROWS * SEQ}", f"pruner.seq_len={SEQ}",
                     "pruner.allocation=search", "pruner.search_budget=3", f"pruner.search_tokens={SEQ}",
                     "pruner.progress=false"], "prune", "allocation=search, budget 3"),
+    "joint": (["pruner=joint", "ratio=0.2", "pruner.num_layers=1", "pruner.depth.search_budget=3",
+               f"pruner.depth.search_tokens={SEQ}", f"+pruner.width.tokens={4 * SEQ}", f"+pruner.width.seq_len={SEQ}",
+               "+pruner.width.progress=false", *CAL], "prune",
+              "removes 1 whole layer (searched by KL, its map merged), then KV groups and MLP channels (obs) to 20% of "
+              "all parameters"),
     "lora": (["task=finetune", "recovery=lora", "recovery.steps=2", "recovery.micro_batch=1",
               f"recovery.seq_len={SEQ}", "recovery.eval_every=0", "recovery.eval_tokens=512"], "step",
              "LoRA recovery (task=finetune), per optimizer step of 1 x 512 tokens"),
@@ -72,6 +77,9 @@ VARIANTS: dict[tuple[str, str], dict] = {
     # ShortGPT removes whole layers: a 1-layer shape has none it may drop
     ("shortgpt", "70b"): {"layers": 2},
     ("depth", "70b"): {"layers": 2},  # the same for depth, which never drops layer 0 (it has no down_proj before it)
+    # joint: one layer dropped (never layer 0), the width stage on the two left
+    ("joint", "8b"): {"layers": 3, "tokens": 4 * SEQ},  # 4 samples: 1 for the depth search's fitness, 3 to fit
+    ("joint", "70b"): {"layers": 2, "tokens": 4 * SEQ},
     # obs at the 8B width: one layer (one down_proj fit with n = 14,336 takes minutes on one thread) on 8,192
     # calibration tokens (16 x 512), otherwise its defaults (rounds 8, target dense, guard, holdout 0.1, batch 8)
     ("obs", "8b"): {"layers": 1, "args": ["pruner.tokens=8192"], "tokens": 8192},
