@@ -48,3 +48,23 @@ def test_startup_seconds_count_from_the_process_start_to_the_tick():
     # at least the time the script itself has run (one 10 ms tick of slack), at most that plus the interpreter's
     # start; psutil's create_time was off by the boot time's fraction of a second (0.88 s on this machine)
     assert since_first_line - 0.02 <= startup <= since_first_line + 0.5
+
+
+def test_imports_without_gc_pauses_the_collector_and_restores_what_it_found():
+    import gc
+
+    from recipes._launch import imports_without_gc
+
+    assert gc.isenabled()
+    with pytest.raises(RuntimeError):
+        with imports_without_gc():
+            assert not gc.isenabled()
+            raise RuntimeError("an import failed")
+    assert gc.isenabled()  # back on after a failed import too
+    gc.disable()  # python run.py: paused from the start until the recipe runs
+    try:
+        with imports_without_gc():
+            assert not gc.isenabled()
+        assert not gc.isenabled()  # left as found
+    finally:
+        gc.enable()
