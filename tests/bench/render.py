@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from dataclasses import dataclass
 from datetime import datetime
@@ -915,6 +916,52 @@ def quality_regimes(results: Path) -> str:
             out.append("| " + " | ".join(cells) + " |")
         out.append("")
     return "\n".join(out) if out else "No results yet."
+
+
+def _unit_kind(row: str) -> Optional[str]:
+    """Which units a quality_bench row removes: ``joint`` (layers, then heads and channels) or one kind alone."""
+    if row.startswith("joint:"):
+        return "joint"
+    if row.startswith(("depth:", "method:shortgpt")):
+        return "whole layers"
+    if row.startswith(("obs:", "wanda:", "flap:", "magnitude:", "method:flap")):
+        return "width (heads, channels)"
+    if row.startswith("method:slicegpt"):
+        return "hidden size (SliceGPT)"
+    return None
+
+
+@block("docs/quality.md", "gains")
+def quality_gains(results: Path) -> str:
+    """The joint rows against the best row that removes one kind of unit, per budget (issue 27's report): each side
+    the row of least geometric mean of its two perplexity ratios, and how much of that row's damage (× − 1) the
+    joint row removes on each text."""
+    lines = [ln for ln in load(results).get("quality", []) if ln.get("status") != "failed"
+             and get(ln, "ppl_ratio.boolq") is not None and _unit_kind(ln.get("row", "")) is not None]
+    score = lambda ln: math.sqrt(get(ln, "ppl_ratio.austen_holdout") * get(ln, "ppl_ratio.boolq"))  # noqa: E731
+    header = ["budget", "best joint row", "Austen ×", "BoolQ ×", "best single-kind row", "Austen ×", "BoolQ ×",
+              "damage removed: Austen", "BoolQ"]
+    out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for ratio, label in REGIMES.items():
+        at = [ln for ln in lines if get(ln, "budget.ratio") == ratio]
+        joint = min((ln for ln in at if _unit_kind(ln["row"]) == "joint"), key=score, default=None)
+        single = min((ln for ln in at if _unit_kind(ln["row"]) != "joint"), key=score, default=None)
+        if joint is None or single is None:
+            continue
+        cells = [label.split(" (")[0]]
+        for ln in (joint, single):
+            what = f"`{ln['row']}` ({_unit_kind(ln['row'])}" + (f"; {_regime_settings(ln)})" if _regime_settings(ln)
+                                                                  else ")")
+            cells += [what, fmt(get(ln, "ppl_ratio.austen_holdout")), fmt(get(ln, "ppl_ratio.boolq"))]
+        for text in ("austen_holdout", "boolq"):
+            j, o = get(joint, f"ppl_ratio.{text}"), get(single, f"ppl_ratio.{text}")
+            cells.append(f"{1 - (j - 1) / (o - 1):+.0%}" if o != 1 else MISSING)
+        out.append("| " + " | ".join(cells) + " |")
+    if len(out) == 2:
+        return "No results yet."
+    return "\n".join(out) + ("\n\nEvery quality_bench line at the budget is a candidate (each side's best by the geometric mean "
+                             "of its two ratios); \"damage removed\" is 1 − (joint × − 1) / (single-kind × − 1): "
+                             "negative where the joint row does more damage.")
 
 
 @block("docs/quality.md", "goals")
