@@ -101,6 +101,11 @@ class Joint:
             if shared:
                 errors.append(f"{', '.join(f'pruner.{stage}.{k}' for k in shared)}: set by pruner=joint itself "
                               f"(use pruner.{shared[0]} or the top-level key)")
+        devices = {str(d) for d in (self.depth.get("device"), self.width.get("device")) if d is not None}
+        if len(devices) > 1:
+            errors.append(f"pruner.depth.device={self.depth.get('device')} and pruner.width.device="
+                          f"{self.width.get('device')}: the stages run one after the other on one device; give both "
+                          "the same")
         errors += range_order_errors(attention=self.attention_layers, mlp=self.mlp_layers)
         errors += resolve_ratio_target(self)
         if errors:
@@ -139,6 +144,12 @@ class Joint:
     @property
     def needs_calibration(self) -> bool:
         return True
+
+    @property
+    def device(self) -> Optional[str]:
+        """Where the stages run their layers (``pruner.depth.device`` / ``pruner.width.device``, one device): the
+        planner counts it among the run's devices, as a streaming pruner's ``device``."""
+        return next((str(d) for d in (self.width.get("device"), self.depth.get("device")) if d is not None), None)
 
     def check(self, depth: int) -> None:
         stage = self._depth_stage()

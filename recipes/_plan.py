@@ -253,15 +253,16 @@ def prepare(cfg: DictConfig, recipe: Any) -> Prepared:
 
 
 def device_errors(cfg: DictConfig, count: int) -> list[str]:
-    """Devices a configuration names that this machine lacks: model.device, model.device_map, pruner.device,
-    replacement.donor_device."""
+    """Devices a configuration names that this machine lacks: model.device, model.device_map, pruner.device (and
+    pruner=joint's stage devices), replacement.donor_device."""
     errors = P.device_errors(OmegaConf.select(cfg, "model.device"), count)
     device_map = OmegaConf.select(cfg, "model.device_map")
     if isinstance(device_map, DictConfig):
         device_map = OmegaConf.to_container(device_map)
     errors += P.device_map_errors(device_map, count)
-    if str(cfg.task) == "prune":
-        errors += P.device_errors(OmegaConf.select(cfg, "pruner.device"), count, "pruner.device")
+    if str(cfg.task) == "prune":  # (pruner=joint: its stages' devices, pruner.depth.device / pruner.width.device)
+        for key in ("pruner.device", "pruner.depth.device", "pruner.width.device"):
+            errors += P.device_errors(OmegaConf.select(cfg, key), count, key)
     if str(cfg.task) in ("replace", "search"):
         for key in ("replacement.device", "replacement.donor_device"):
             errors += P.device_errors(OmegaConf.select(cfg, key), count, key)

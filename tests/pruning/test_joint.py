@@ -124,3 +124,25 @@ def test_layer_ratio_is_a_share_of_any_depth(model, data):
     res = p(model, data)
     assert len(res.details["removed_layers"]) == 2 and len(model.model.layers) == 4
     assert 0 <= (p0 - count_params(model)) - 0.5 * p0 < 3 * 64
+
+
+def test_the_stages_stream_with_offload_and_give_the_same_model(model, data):
+    """``pruner.depth.offload`` / ``pruner.width.offload`` (a 70B model on one GPU: greedy depth, the weights on
+    the host): each stage moves one layer at a time to its device; the result is the one without offload."""
+    stream = {"offload": True, "device": "cpu", "batch_size": 8}
+    depth = {"selection": "greedy"}
+    a, b = copy.deepcopy(model), copy.deepcopy(model)
+    ra = joint(ratio=0.4, num_layers=1, depth=depth)(a, data)
+    rb = joint(ratio=0.4, num_layers=1, depth={**depth, **stream}, width={**WIDTH, **stream})(b, data)
+    assert ra.details["removed_layers"] == rb.details["removed_layers"] and ra.params_after == rb.params_after
+    with torch.no_grad():
+        torch.testing.assert_close(a(data[:2]).logits, b(data[:2]).logits, rtol=1e-4, atol=1e-5)
+
+
+def test_the_stage_device_is_the_pruners_and_one_device():
+    assert joint(num_layers=1).device is None
+    j = joint(num_layers=1, depth={**DEPTH, "selection": "greedy", "device": "cuda", "offload": True},
+              width={**WIDTH, "device": "cuda", "offload": True})
+    assert j.device == "cuda"  # the planner counts it among the run's devices (recipes/_plan.py)
+    with pytest.raises(ConfigError, match=r"^pruner.depth.device=cuda:0 and pruner.width.device=cuda:1: the stages"):
+        joint(num_layers=1, depth={**DEPTH, "device": "cuda:0"}, width={**WIDTH, "device": "cuda:1"})
