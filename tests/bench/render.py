@@ -631,7 +631,10 @@ def scale_table(results: Path) -> str:
             "on one device (`model.device=cuda`, no offload) at the method's defaults, with the tokens those defaults "
             "draw (calibration; LoRA: its training tokens; none: the method reads no text); above 80 GiB a single 80 GB GPU does not hold it. With offload "
             "(`model.device=cpu pruner.offload=true pruner.device=cuda`, layer-streamed methods only): the "
-            "weights in host RAM, one decoder layer at a time on the GPU. Every line: "
+            "weights in host RAM, one decoder layer at a time on the GPU. `joint` is planned at "
+            "`experiment=compress_50` (its own defaults remove no whole layer); with offload, its layers are chosen "
+            "greedily and both stages stream (`pruner.depth.selection=greedy`, `pruner.depth.offload`, "
+            "`pruner.width.offload`: [the one-GPU command](quality.md#which-command)). Every line: "
             "`tests/bench/results/scale.jsonl`; all columns: [benchmarks](benchmarks.md)."]
     return "\n".join(out)
 

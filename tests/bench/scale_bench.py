@@ -117,15 +117,22 @@ def _defaults(method: str, shape: str) -> list[str]:
         base, donor = ("llamba_8b_shape", "llama3_8b_shape") if shape == "8b" else (name, name)
         return [f"replacement.base={base}", f"replacement.donor={donor}", "task=search", "replacement.device=cuda"]
     first = METHODS[method][0][0]
-    extra = {"obs_search": ["pruner.allocation=search"], "lora": ["recovery=lora"]}.get(method, [])
+    extra = {"obs_search": ["pruner.allocation=search"], "lora": ["recovery=lora"],
+             "joint": ["experiment=compress_50"]}.get(method, [])  # joint at its 50% preset (its defaults: width only)
     return [f"model={name}", first, *extra]
 
 
 OFFLOAD = ["model.device=cpu", "pruner.offload=true", "pruner.device=cuda"]  # weights on the host, one layer on the GPU
+# pruner=joint streams through its stages' options; its searched depth stage needs whole-model forwards, so on one
+# GPU the layers are chosen greedily (docs/quality.md)
+OFFLOAD_ARGS = {"joint": ["model.device=cpu", "pruner.depth.selection=greedy", "+pruner.depth.offload=true",
+                          "+pruner.depth.device=cuda", "+pruner.width.offload=true", "+pruner.width.device=cuda"]}
 
 
 def _offloads(method: str) -> bool:
     """A layer-streamed pruner (its config has ``offload``) other than the allocation search (whole-model forwards)."""
+    if method in OFFLOAD_ARGS:
+        return True
     if method not in METHODS or method == "obs_search":
         return False
     group = METHODS[method][0][0].removeprefix("pruner=")
@@ -139,14 +146,14 @@ def _compose(args: list[str], run_dir: Path):
     return compose([*args, "logger=none", "eval=none", "save_model=false", "runtime.threads=1"], run_dir), CACHE_DIR
 
 
-def _full_depth_plan(args: list[str], run_dir: Path, device: str) -> dict:
+def _full_depth_plan(args: list[str], run_dir: Path, device: str, offload: tuple[str, ...] = tuple(OFFLOAD)) -> dict:
     import run
     from recipes._plan import prepare
 
     full = [a for a in args if not a.startswith(("model.num_layers=", "model.device="))]
     full += ["model.num_layers=null", f"model.device={device}", "dry_run=true", "plan.device_memory=80GB"]
     if device == "offload":  # the model on the host, its layers run on one GPU
-        full = [a for a in full if not a.startswith("model.device=")] + OFFLOAD
+        full = [a for a in full if not a.startswith("model.device=")] + list(offload)
     cfg, _ = _compose(full, run_dir)
     prepared = prepare(cfg, run.check(cfg))
     if prepared.error is not None or prepared.plan is None:
@@ -275,8 +282,9 @@ def main() -> int:
                         "full_depth_cuda_defaults": _full_depth_plan(_defaults(method, shape),
                                                                      work / f"{method}-{shape}", "cuda")}
                 if _offloads(method):
-                    line["full_depth_offload_defaults"] = _full_depth_plan(_defaults(method, shape),
-                                                                           work / f"{method}-{shape}-offload", "offload")
+                    line["full_depth_offload_defaults"] = _full_depth_plan(
+                        _defaults(method, shape), work / f"{method}-{shape}-offload", "offload",
+                        tuple(OFFLOAD_ARGS.get(method, OFFLOAD)))
                 record(line, __file__, threads=1)
         return 0
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
