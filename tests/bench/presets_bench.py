@@ -8,7 +8,8 @@ For each preset, without reading a weight (the planner, ``recipes/_plan.py``, as
 - ``llama3_8b_gpu``: the plan for Llama-3-8B's geometry (``model=llama3_8b_shape``, full depth, header only) on one
   80 GB GPU (``model.device=cuda plan.device_memory=80GB``): peak device and host memory, passes, and whether it fits;
 - ``measured``: the newest ``tests/bench/results/quality.jsonl`` line that ran the preset's settings on SmolLM2 (its
-  perplexity ratios, pruning seconds on one thread, date and commit), or null when none did yet.
+  perplexity ratios, its 7-task zero-shot average where it measured one, pruning seconds on one thread, date and
+  commit), or null when none did yet.
 
 docs/quality.md renders the table from the newest line per preset.
 """
@@ -65,6 +66,8 @@ def measured(name: str) -> Optional[dict[str, Any]]:
         return None
     return {"ppl_ratio": found.get("ppl_ratio"), "damage_vs_reference": found.get("damage_vs_reference"),
             "prune_s": found.get("prune_s"), "calibration_tokens": found.get("calibration_tokens"),
+            "zeroshot": ({"average": found["zeroshot"].get("average"), "limit": found["zeroshot"].get("limit"),
+                          "minus_dense": found.get("zeroshot_average_minus_dense")} if found.get("zeroshot") else None),
             "threads": found.get("threads"), "date": found.get("date"), "commit": found.get("commit")}
 
 

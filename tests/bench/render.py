@@ -850,13 +850,16 @@ def quality_presets(results: Path) -> str:
     newest = newest_by(load(results).get("presets", []), lambda ln: ln["preset"])
     if not newest:
         return "No results yet."
-    header = ["preset", "SmolLM2: Austen ×", "BoolQ ×", "prune s (1 thread)", "tokens", "Llama-3-8B on one 80 GB GPU: "
-              "peak GPU GiB", "peak host GiB", "decoder-layer passes", "tokens"]
+    header = ["preset", "SmolLM2: Austen ×", "BoolQ ×", "zero-shot avg (− dense)", "prune s (1 thread)", "tokens",
+              "Llama-3-8B on one 80 GB GPU: peak GPU GiB", "peak host GiB", "decoder-layer passes", "tokens"]
     out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for name in sorted(newest):
         ln = newest[name]
+        zs = get(ln, "measured.zeroshot")
+        zeroshot = (f"{fmt(zs['average'])} ({fmt(zs['minus_dense'])}), limit {zs['limit']}" if zs else MISSING)
         cells = [f"`{name}`", *(fmt(get(ln, f)) for f in (
-            "measured.ppl_ratio.austen_holdout", "measured.ppl_ratio.boolq", "measured.prune_s",
+            "measured.ppl_ratio.austen_holdout", "measured.ppl_ratio.boolq")), zeroshot, *(fmt(get(ln, f)) for f in (
+            "measured.prune_s",
             "smollm2.tokens", "llama3_8b_gpu.device_gib", "llama3_8b_gpu.host_gib", "llama3_8b_gpu.layer_forwards",
             "llama3_8b_gpu.tokens"))]
         out.append("| " + " | ".join(cells) + " |")
