@@ -14,7 +14,6 @@ The process around a run (environment, resolvers, signals, threads, failure reco
 
 from __future__ import annotations
 
-import gc
 import logging
 import sys
 from typing import Any, Optional
@@ -26,7 +25,8 @@ from core.run.config import output_name_errors, validate
 from core.run.errors import ConfigError
 from core.run.wandb_view import NO_VIEW
 from recipes import load_recipe, optimized_metric
-from recipes._launch import Job, compose_jobs, fast_exit, plugin_errors, rewrite_model_args, set_up
+from recipes._launch import (Job, compose_jobs, fast_exit, imports_without_gc, plugin_errors, rewrite_model_args,
+                            set_up)
 from recipes._plan import dry_run, enforce, prepare
 
 log = logging.getLogger("prunelab")
@@ -68,13 +68,13 @@ def run(cfg: DictConfig) -> Optional[float]:
     """Validate, run ``cfg.task`` in the Hydra run dir, record the outcome in metrics.json; the optimised metric."""
     with Job(cfg) as job:  # SIGTERM; every failure recorded in metrics.json, then exit (a sweep's job: None)
         job.refuse_a_used_dir()
-        recipe = check(cfg)
-        plan = prepare(cfg, recipe)  # model.device=auto resolved, devices checked, the plan: no weight read
-        if cfg.dry_run:
-            return dry_run(job, cfg, plan)  # printed and recorded (status dry_run); nothing loaded
-        ctx = job.open_record(cfg, getattr(recipe, "WANDB_VIEW", NO_VIEW))  # torch is imported here
+        with imports_without_gc():  # validation, the plan and the record import torch (and transformers)
+            recipe = check(cfg)
+            plan = prepare(cfg, recipe)  # model.device=auto resolved, devices checked, the plan: no weight read
+            if cfg.dry_run:
+                return dry_run(job, cfg, plan)  # printed and recorded (status dry_run); nothing loaded
+            ctx = job.open_record(cfg, getattr(recipe, "WANDB_VIEW", NO_VIEW))  # torch is imported here
         enforce(cfg, plan, ctx)  # a run predicted not to fit stops here (plan.force=true runs it anyway)
-        gc.enable()  # (python run.py starts with it paused: imports_without_gc; a recipe's own imports pause it again)
         metrics = recipe.run(cfg, ctx) or {}
         target = optimized_metric(cfg, recipe)
         value = metrics.get(target[0]) if target else None
@@ -93,7 +93,6 @@ def main(cfg: DictConfig) -> Optional[float]:
 
 
 if __name__ == "__main__":
-    gc.disable()  # until the recipe runs: start-up imports torch and transformers (recipes._launch.imports_without_gc)
     sys.argv = [sys.argv[0]] + rewrite_model_args(sys.argv[1:])
     for _message in plugin_errors(sys.argv[1:]):  # before Hydra's "Could not find 'hydra/launcher/joblib'"
         print(f"error: {_message}", file=sys.stderr, flush=True)

@@ -252,17 +252,27 @@ def prepare(cfg: DictConfig, recipe: Any) -> Prepared:
         return Prepared(error=e)
 
 
+def _device_options(node: Any, path: str) -> list[tuple[str, Any]]:
+    """``(dotted key, value)`` of every ``device`` option in a nested option mapping."""
+    if not isinstance(node, dict):
+        return []
+    out = [(f"{path}.device", node["device"])] if "device" in node else []
+    for key, value in node.items():
+        out += _device_options(value, f"{path}.{key}")
+    return out
+
+
 def device_errors(cfg: DictConfig, count: int) -> list[str]:
-    """Devices a configuration names that this machine lacks: model.device, model.device_map, pruner.device (and
-    pruner=joint's stage devices), replacement.donor_device."""
+    """Devices a configuration names that this machine lacks: model.device, model.device_map, every pruner option
+    named ``device`` (pruner=joint: its stages'), replacement.donor_device."""
     errors = P.device_errors(OmegaConf.select(cfg, "model.device"), count)
     device_map = OmegaConf.select(cfg, "model.device_map")
     if isinstance(device_map, DictConfig):
         device_map = OmegaConf.to_container(device_map)
     errors += P.device_map_errors(device_map, count)
-    if str(cfg.task) == "prune":  # (pruner=joint: its stages' devices, pruner.depth.device / pruner.width.device)
-        for key in ("pruner.device", "pruner.depth.device", "pruner.width.device"):
-            errors += P.device_errors(OmegaConf.select(cfg, key), count, key)
+    if str(cfg.task) == "prune":  # every `device` of the pruner's options (pruner=joint: its stages' too)
+        for key, value in _device_options(OmegaConf.to_container(cfg.pruner, resolve=True), "pruner"):
+            errors += P.device_errors(value, count, key)
     if str(cfg.task) in ("replace", "search"):
         for key in ("replacement.device", "replacement.donor_device"):
             errors += P.device_errors(OmegaConf.select(cfg, key), count, key)

@@ -198,16 +198,6 @@ def _run(cfg: DictConfig, ctx) -> dict:
     # counted beside the pruned model's evaluation, the checkpoint write and the analysis (all read-only); joined
     # before recovery changes a weight
     nonzero_count = InBackground(count_nonzero, model)
-
-    def log_params() -> int:
-        nonzero = nonzero_count.result()
-        ctx.log("params", {"base": params_base, "pruned": result.params_after,
-                           "kept_pct": 100.0 * result.params_after / params_base,
-                           "removed_pct": 100.0 * result.removed_fraction,
-                           # zeros kept in dense shapes (unstructured / N:M) count here, not above
-                           "nonzero_base": nonzero_base, "nonzero": nonzero,
-                           "sparsity_pct": 100.0 * (1.0 - nonzero / nonzero_base)})
-        return nonzero
     flops = flops_per_token(model, context)
     ctx.log("flops", {"context": context, "per_token_base": flops_base, "per_token": flops,
                       "kept_pct": 100.0 * flops / flops_base,
@@ -236,9 +226,8 @@ def _run(cfg: DictConfig, ctx) -> dict:
 
     # 5b. recovery=lora: train adapters on the pruned model, merge them, evaluate again (recipes/_recovery.py).
     recovery_entry, t_recovery = None, 0.0
-    nonzero = None
     if prep is not None:
-        nonzero = log_params()
+        nonzero_count.result()  # counted before recovery changes a weight (result() gives it again below)
         t0 = time.perf_counter()
         identity = {"model": ref.path or ref.name, "pruner": plain(cfg.pruner), "ratio": float(cfg.ratio),
                     "ratio_target": pruner.ratio_target, "layers": plain(cfg.layers), "data": plain(cfg.data),
@@ -296,8 +285,13 @@ def _run(cfg: DictConfig, ctx) -> dict:
     finally:
         if saving is not None:  # never leave while the checkpoint is still being written
             saving.result()
-    if nonzero is None:
-        nonzero = log_params()
+    nonzero = nonzero_count.result()
+    ctx.log("params", {"base": params_base, "pruned": result.params_after,
+                       "kept_pct": 100.0 * result.params_after / params_base,
+                       "removed_pct": 100.0 * result.removed_fraction,
+                       # zeros kept in dense shapes (unstructured / N:M) count here, not above
+                       "nonzero_base": nonzero_base, "nonzero": nonzero,
+                       "sparsity_pct": 100.0 * (1.0 - nonzero / nonzero_base)})
     t_save = saving.seconds if saving is not None else 0.0
     peak["save"] = peak["analysis"] = _peak_mib()
     ctx.log("analysis", summary)

@@ -219,10 +219,6 @@ def _joint_pruner(num_layers: int, ratio: float, tokens: Any, extra: tuple[str, 
                           f"+pruner.width.tokens={tokens}", "+pruner.width.progress=false", *extra])
 
 
-def _layer_params(layer: Any) -> int:
-    return sum(p.numel() for p in layer.parameters())
-
-
 def sliced_params(model: Any, width: int) -> int:
     """Parameters of ``model`` after SliceGPT at hidden ``width`` (pruning/slicegpt.py, ``slice_head=false``): every
     weight dimension that reads or writes the residual stream becomes ``width``, each layer gains two
@@ -252,20 +248,20 @@ def method_overrides(name: str, ratio: float, model: Any) -> tuple[list[str], di
     if name == "shortgpt":  # its own params unit: the fewest least influential layers reaching the share
         return ["pruner=shortgpt", f"ratio={ratio}", "ratio_target=params"], {"unit": "params (ShortGPT's own)"}
     if name == "depth":
-        per_layer = _layer_params(model.model.layers[0])
+        per_layer = count_params(model.model.layers[0])
         n = math.ceil(want / per_layer)
         return [f"pruner.num_layers={n}"], {"unit": "whole layers", "num_layers": n, "layer_params": per_layer}
     if name == "flap":
         ranges = _build_pruner(["pruner=flap", "ratio=0.5"]).ranges(len(model.model.layers))
         (a0, a1), (m0, m1) = ranges["attention"], ranges["mlp"]
         layers = model.model.layers
-        prunable = sum(_layer_params(layers[l].self_attn) for l in range(a0, a1)) + \
-            sum(_layer_params(layers[l].mlp) for l in range(m0, m1))
-        if want + model.config.hidden_size * ((a1 - a0) + (m1 - m0)) >= prunable:
-            raise SystemExit(f"method:flap cannot remove {ratio} of all parameters: its layer ranges hold "
-                             f"{prunable:,} prunable parameters")
+        prunable = sum(count_params(layers[l].self_attn) for l in range(a0, a1)) + \
+            sum(count_params(layers[l].mlp) for l in range(m0, m1))
         # its bias compensation adds a hidden-size bias to each o_proj / down_proj in range: removed on top
         biases = model.config.hidden_size * ((a1 - a0) + (m1 - m0))
+        if want + biases >= prunable:
+            raise SystemExit(f"method:flap cannot remove {ratio} of all parameters: its layer ranges hold "
+                             f"{prunable:,} prunable parameters")
         f = (want + biases) / prunable
         return ["pruner=flap", f"ratio={f:.6f}", "ratio_target=prunable_params"], \
             {"unit": "prunable_params (FLAP's pruning_ratio)", "ratio_of_prunable": round(f, 6), "prunable": prunable,
