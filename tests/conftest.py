@@ -62,3 +62,18 @@ def calib(tiny):
 
     g = torch.Generator().manual_seed(0)
     return torch.randint(0, 256, (4, 24), generator=g)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _module_scratch(request, tmp_path_factory):
+    """Disk: a module's fixtures write whole checkpoints (GBs at 8B widths) into ``tmp_path_factory`` dirs, and pytest
+    keeps those to the session's end. When every test of the module passed, what the module added is removed as it
+    ends, so the suite's disk peak is one module's, not the sum of all of them; a failing module keeps its files."""
+    import shutil
+
+    base = tmp_path_factory.getbasetemp()
+    before, failed = set(base.iterdir()), request.session.testsfailed
+    yield
+    if request.session.testsfailed == failed:
+        for path in set(base.iterdir()) - before:
+            shutil.rmtree(path, ignore_errors=True)

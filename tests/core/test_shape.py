@@ -229,11 +229,12 @@ def test_a_llamba_8b_shape_loads_as_a_cartesia_llamba_dir():
     from core.models.llama import layer_types_of
     from core.models.load import load_model
 
-    ref = ModelRef(name="llamba_8b_shape", kind="shape", shape="llamba_8b", num_layers=1, dtype="bfloat16")
+    # 2 layers: the depth the presets' shape test reads too, so the suite builds one Llamba shape (2.9 GB), not two
+    ref = ModelRef(name="llamba_8b_shape", kind="shape", shape="llamba_8b", num_layers=2, dtype="bfloat16")
     path = shape.shape_path(ref, CACHE_DIR)
     assert json.loads((path / "config.json").read_text())["model_type"] == "llamba"
     model, tok = load_model(ModelRef.at(path, dtype="bfloat16"), cache_dir=CACHE_DIR)  # as any Llamba dir
-    assert layer_types_of(model) == ["mamba2"]
+    assert layer_types_of(model) == ["mamba2"] * 2
     mixer = model.model.layers[0].mixer
     assert mixer.in_proj.weight.shape == (4096 + 2 * 32 * 64 + 4096 + 32, 4096) and mixer.headdim == 128
     ids = tok("Hello", return_tensors="pt").input_ids
