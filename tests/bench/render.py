@@ -812,6 +812,12 @@ def token_curve(results: Path) -> str:
     return "\n".join(out) if out else "No results yet."
 
 
+# answer choices per document of the 7 zero-shot tasks (conf/eval/zeroshot.yaml; ARC has a few 3- and 5-choice
+# questions): a uniform guess scores 1/choices on each, their mean is the average's chance level
+ZEROSHOT_CHOICES = {"boolq": 2, "piqa": 2, "hellaswag": 4, "winogrande": 2, "arc_easy": 4, "arc_challenge": 4,
+                    "openbookqa": 4}
+ZEROSHOT_CHANCE = sum(1 / c for c in ZEROSHOT_CHOICES.values()) / len(ZEROSHOT_CHOICES)
+
 REGIMES = {0.1184: "LLM-Pruner's budget (ratio 0.1184 of all parameters; the reference removes 25% of the groups)",
            0.25: "25% of all parameters", 0.4: "40% of all parameters", 0.5: "50% of all parameters"}
 
@@ -896,9 +902,17 @@ def quality_regimes(results: Path) -> str:
         limit = get(ln, "zeroshot.limit")
         if limit is None:
             return MISSING
-        return f"{fmt(get(ln, 'zeroshot.average'))} ({fmt(dense_zs.get(limit))}), limit {limit}"
+        avg, dense = get(ln, "zeroshot.average"), dense_zs.get(limit)
+        kept = (f", above chance kept {fmt(round((avg - ZEROSHOT_CHANCE) / (dense - ZEROSHOT_CHANCE), 3))}"
+                if avg is not None and dense is not None and ln.get("row") != "dense"
+                and set(get(ln, "zeroshot.tasks") or ()) == set(ZEROSHOT_CHOICES) else "")
+        return f"{fmt(avg)} ({fmt(dense)}), limit {limit}{kept}"
 
     out = []
+    if dense_zs:
+        out += [f"Zero-shot: a uniform guess on each of the 7 tasks averages {fmt(round(ZEROSHOT_CHANCE, 4))} "
+                f"(1 / its answer choices); the dense model's average is in brackets. \"above chance kept\" is "
+                "(row − chance) / (dense − chance).", ""]
     for ratio, label in REGIMES.items():
         rows = sorted(((row, settings), ln) for (r, row, settings), ln in newest.items() if r == ratio)
         if not rows:
