@@ -103,6 +103,7 @@ class Depth:
     states: str = "auto"  # where the calibration hidden states live: auto | device | host | disk (docs/scale.md)
     search_budget: int = 48  # selection=search: full-fidelity KL evaluations (the starts included)
     search_tokens: int = 1024  # selection=search: fitness tokens, the LAST calibration samples (never fitted on)
+    rerank: int = 8  # selection=search, compensate=linear: the best sets by plain removal, scored again with maps
     seed: int = 0  # selection=search: the engine's seed; otherwise recorded only (deterministic)
 
     def __post_init__(self) -> None:
@@ -132,6 +133,12 @@ class Depth:
                           "KL evaluations)")
         if isinstance(self.search_tokens, bool) or not isinstance(self.search_tokens, int) or self.search_tokens < 1:
             errors.append(f"pruner.search_tokens={self.search_tokens!r} must be a positive integer")
+        r = self.rerank
+        if isinstance(r, bool) or not isinstance(r, int) or r < 0:
+            errors.append(f"pruner.rerank={r!r} must be an integer >= 0 (0: the best set by plain removal)")
+        elif r != type(self).rerank and (self.selection != "search" or self.compensate != "linear"):
+            errors.append(f"pruner.rerank={r} applies to selection=search with compensate=linear only, not "
+                          f"selection={self.selection} compensate={self.compensate}")
         if self.selection == "search" and self.offload:
             errors.append("pruner.selection=search scores each candidate by a forward of the whole model: it needs "
                           "the model on its device (pruner.offload=false; model.device_map spreads a large one)")
@@ -148,6 +155,17 @@ class Depth:
     def search_rows(self, seq_len: int) -> int:
         """selection=search: the calibration samples (the last ones) that are the fitness tokens."""
         return math.ceil(int(self.search_tokens) / max(1, int(seq_len)))
+
+    @property
+    def reranks(self) -> bool:
+        """Whether the searched sets are scored again with their maps (``rerank``)."""
+        return self.selection == "search" and self.compensate == "linear" and self.rerank > 0
+
+    def rerank_rows(self, cfg: dict, seq_len: int) -> int:
+        """The calibration samples the finalists' maps are fitted on: the fitness token count, at least 4 per
+        unknown of a row of the map (``4 x hidden_size``); the final map takes every sample left."""
+        want = max(int(self.search_tokens), 4 * int(cfg["hidden_size"]))
+        return math.ceil(want / max(1, int(seq_len)))
 
     def count(self, depth: int) -> int:
         """How many layers go on a model of ``depth`` layers."""
@@ -218,6 +236,13 @@ class Depth:
             notes.append(f"selection=search adds up to {self.search_budget} fitness evaluations (forwards of the "
                          "layers from the first candidate on, over the fitness tokens), not counted in the layer "
                          "forwards")
+            if self.reranks:
+                p.add(**{"the fitness tokens' hidden states entering the layer before the first candidate":
+                         rows * int(seq_len) * d * dtype_bytes(dtype, cfg)})
+                passes += self.rerank * n * depth  # at most one fit pass per run of each finalist (runs <= n)
+                notes.append(f"rerank={self.rerank}: the best sets are fitted with their maps on "
+                             f"{self.rerank_rows(cfg, seq_len) * int(seq_len):,} tokens and scored again (one "
+                             "fitness evaluation each, and a pass up to each run of removed layers)")
         removes = [f"{n} whole layers of {len(units)} candidates ({units[0]}..{units[-1]}), {how}, "
                    f"{'compensated by a linear map merged into down_proj' if self.compensate == 'linear' else 'not compensated'}"]
         return p.footprint(layer_forwards=passes, tokens=int(tokens), removes=removes, notes=notes)
@@ -337,6 +362,14 @@ class Depth:
         scored = {k: v for k, v in start_fit.items() if v is not None}
         best_start = min(scored, key=lambda k: scored[k]) if scored else None
         chosen = sorted(units[i] for i in res.best)
+        reranked: Optional[dict[str, Any]] = None
+        if self.reranks:
+            ranked = sorted(top.items(), key=lambda kv: (kv[1], kv[0]))[:self.rerank]
+            t0 = time.perf_counter()
+            reranked = self._rerank(model, fit, tokens, first, chunks, reference,
+                                    [(sorted(units[i] for i in c), f) for c, f in ranked], stream_kw)
+            timings["rerank_s"] = time.perf_counter() - t0
+            chosen = reranked["layers"]
         full = fitness.seconds.get(rows * seq, [0, 0.0])
         details = {
             "strategy": "evolve", "fitness": "mean per-token KL(dense || candidate), the layers removed plainly",
@@ -351,9 +384,68 @@ class Depth:
             "seconds_per_full_evaluation": full[1] / full[0] if full[0] else None,
             "angular_distances": single,
         }
+        if reranked is not None:
+            details["rerank"] = reranked
+            details["fitness"] += "; the best sets scored again with their maps (rerank)"
         log.info("depth: searched layers %s (KL %.4f; best start %s: %s)", chosen, res.best_fitness, best_start,
                  None if best_start is None else f"{scored[best_start]:.4f}")
         return chosen, details, fit
+
+    def _rerank(self, model: nn.Module, fit: torch.Tensor, tokens: torch.Tensor, first: int,
+                chunks: list[tuple[int, int]], reference: list[torch.Tensor],
+                finalists: list[tuple[list[int], float]], stream_kw: dict[str, Any]) -> dict[str, Any]:
+        """The finalists (sets of original layer indices, best plain-removal KL first), each with its maps fitted
+        on the first :meth:`rerank_rows` fit samples and merged as the prune will merge them, scored by KL to the
+        dense model on the fitness tokens (never fitted on); the model is given back unchanged. The least KL wins,
+        the plain order breaking ties. Linear maps change which sets are best: a run whose layers add a nearly
+        linear function of the stream costs little with its map, whatever its plain removal costs."""
+        # local: imports torch, and config validation imports this module
+        import torch
+        from torch import nn
+
+        from pruning.fitness import KLFitness
+
+        layers = decoder_layers(model)
+        rows = min(fit.shape[0], self.rerank_rows(model.config.to_dict(), fit.shape[1]))
+        sub = fit[:rows]
+        was_training = model.training
+        model.eval()
+        # candidates' maps merge into the layer before a removed one: the shared prefix ends one layer earlier
+        fitness = KLFitness(model, tokens, first - 1, chunks, reference)
+        scored = []
+        try:
+            for gone, plain in finalists:
+                saved: list[tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]] = []
+                removed: set[int] = set()
+                try:
+                    for start, k in _runs(gone):
+                        kept = [j for j in range(len(layers)) if j not in removed]
+                        model.model.layers = nn.ModuleList(layers[j] for j in kept)
+                        s = kept.index(start)
+                        down = layers[start - 1].mlp.down_proj
+                        saved.append((down.weight, down.weight.detach().clone(),
+                                      None if down.bias is None else down.bias.detach().clone()))
+                        got = fit_linear_map(model, sub, s, s + k, float(self.damp), **stream_kw)
+                        merge_map(layers[start - 1], got["map"])
+                        removed.update(range(start, start + k))
+                    model.model.layers = nn.ModuleList(layer for j, layer in enumerate(layers) if j not in removed)
+                    kl = fitness.kl()
+                finally:
+                    model.model.layers = layers
+                    with torch.no_grad():
+                        for (w, w0, b0), (start, _) in zip(saved, _runs(gone)):
+                            w.copy_(w0)
+                            if b0 is not None:
+                                layers[start - 1].mlp.down_proj.bias.copy_(b0)
+                scored.append({"layers": gone, "kl_plain": plain, "kl_linear": kl})
+        finally:
+            model.train(was_training)
+        best = min(range(len(scored)), key=lambda i: (scored[i]["kl_linear"], i))
+        log.info("depth: rerank of %d sets with their maps: %s (KL %.4f with maps; plain rank %d)", len(scored),
+                 scored[best]["layers"], scored[best]["kl_linear"], best + 1)
+        return {"fit_tokens": int(sub.numel()), "finalists": scored, "layers": scored[best]["layers"],
+                "plain_rank": best + 1, "kl_linear": scored[best]["kl_linear"],
+                "kl_linear_of_plain_best": scored[0]["kl_linear"]}
 
     def _result(self, cuts: list[dict[str, Any]], depth: int, n: int, params_before: int, params_after: int,
                 timings: dict[str, float], search: Optional[dict[str, Any]] = None) -> PruneResult:

@@ -50,7 +50,8 @@ if TYPE_CHECKING:
     from torch import nn
 
 # the stages' options where they differ from pruner=depth's and pruner=obs's own defaults; given ones go on top
-DEPTH_DEFAULTS = {"selection": "search", "compensate": "linear", "search_budget": 48, "search_tokens": 1024}
+DEPTH_DEFAULTS = {"selection": "search", "compensate": "linear", "search_budget": 48, "search_tokens": 1024,
+                  "rerank": 8}
 WIDTH_DEFAULTS = {"attention_ratio": 0.34, "allocation": "uniform"}
 # options the joint pruner sets on both stages itself (a stage's own copy would be ignored: refused instead)
 _SHARED = ("ratio", "ratio_target", "name", "attention_layers", "mlp_layers", "num_layers", "seed")

@@ -378,7 +378,9 @@ def test_search_maps_are_fitted_without_the_fitness_rows(deep, monkeypatch):
     model = copy.deepcopy(deep[0])
     res = pruner(num_layers=2, selection="search", search_budget=6, search_tokens=32)(model, ids)
     runs = depth._runs(res.details["removed_layers"])
-    assert seen == [8] * len(runs) and all(c.get("merged_into") is not None for c in res.details["cuts"])
+    # the finalists' maps (rerank), then the prune's own: every fit sees the 8 samples before the fitness rows
+    assert seen and set(seen) == {8} and len(seen) > len(runs)
+    assert all(c.get("merged_into") is not None for c in res.details["cuts"])
     kept = [i for i in range(6) if i not in res.details["removed_layers"]]
     assert len(model.model.layers) == len(kept) == model.config.num_hidden_layers
 
@@ -401,3 +403,77 @@ def test_search_plan_counts_the_reference_log_probabilities():
     fp = pruner(num_layers=2, selection="search", search_tokens=64).footprint(cfg, 256, "float32", "cpu", seq_len=16)
     assert fp.host_parts["the dense model's log-probabilities on the fitness tokens (float32)"] == 4 * 15 * 256 * 4
     assert any("searched by KL" in r for r in fp.removes) and fp.notes
+
+
+def _kl_with_maps(dense, fit, ids, gone: list[int], damp: float) -> float:
+    """KL(dense || the model with ``gone`` removed run by run, each run's map fitted on ``fit`` and merged), built
+    on a copy with the module's public steps (an independent check of the rerank's fitness)."""
+    from pruning.depth import _runs, merge_map
+    from pruning.surgery import remove_layers
+
+    model = copy.deepcopy(dense)
+    alive = list(range(len(model.model.layers)))
+    for start, k in _runs(gone):
+        s = alive.index(start)
+        merge_map(model.model.layers[s - 1], fit_linear_map(model, fit, s, s + k, damp)["map"])
+        remove_layers(model, list(range(s, s + k)))
+        del alive[s:s + k]
+    with torch.no_grad():
+        p = torch.log_softmax(dense(ids).logits[:, :-1].float(), -1)
+        q = torch.log_softmax(model(ids).logits[:, :-1].float(), -1)
+    return float(F.kl_div(q, p, reduction="sum", log_target=True) / (ids.shape[0] * (ids.shape[1] - 1)))
+
+
+def test_rerank_scores_each_finalist_with_the_maps_the_prune_would_merge(deep):
+    """Each finalist's KL with maps equals the KL of the model cut and compensated independently (the same fit
+    samples), the model comes back bit for bit, and the set of least KL with maps is the one removed."""
+    from pruning.fitness import KLFitness, fidelity_rows, fitness_chunks
+
+    ids = torch.randint(0, 256, (12, 16), generator=torch.Generator().manual_seed(6))
+    fit, tokens = ids[:8], ids[-4:]
+    p = pruner(num_layers=2, selection="search", search_budget=6, search_tokens=64, rerank=3)
+    assert p.rerank_rows(deep[0].config.to_dict(), 16) >= 8  # 4 x hidden 64 tokens: every fit sample
+    dense = deep[0].eval()
+    model = copy.deepcopy(dense)
+    layers, before = model.model.layers, {k: v.clone() for k, v in model.state_dict().items()}
+    chunks = fitness_chunks(4, fidelity_rows(4), 8)
+    ref = KLFitness.reference(model, tokens, 1, chunks)
+    finalists = [([2, 3], 0.1), ([1, 5], 0.2), ([3, 5], 0.3)]
+    out = p._rerank(model, fit, tokens, 1, chunks, ref, finalists, {"batch_size": 8})
+    assert model.model.layers is layers and len(layers) == 6
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    want = [_kl_with_maps(dense, fit, tokens, gone, p.damp) for gone, _ in finalists]
+    assert [f["kl_linear"] for f in out["finalists"]] == pytest.approx(want, rel=1e-4)
+    assert [f["kl_plain"] for f in out["finalists"]] == [0.1, 0.2, 0.3] and out["fit_tokens"] == 8 * 16
+    best = min(range(3), key=lambda i: want[i])
+    assert out["layers"] == finalists[best][0] and out["plain_rank"] == best + 1
+
+    # the whole prune: the set it removes is its rerank's choice, and the pruned model's KL is the one scored
+    pruned = copy.deepcopy(dense)
+    res = p(pruned, ids)
+    r = res.details["search"]["rerank"]
+    assert res.details["removed_layers"] == r["layers"] == res.details["search"]["layers"]
+    assert len(r["finalists"]) <= 3 and r["kl_linear"] == min(f["kl_linear"] for f in r["finalists"])
+    with torch.no_grad():
+        lp = torch.log_softmax(dense(tokens).logits[:, :-1].float(), -1)
+        lq = torch.log_softmax(pruned(tokens).logits[:, :-1].float(), -1)
+    kl = float(F.kl_div(lq, lp, reduction="sum", log_target=True) / (4 * 15))
+    assert kl == pytest.approx(r["kl_linear"], rel=1e-4)
+
+
+@pytest.mark.parametrize("kw,match", [
+    ({"rerank": -1}, r"^pruner.rerank=-1 must be an integer >= 0"),
+    ({"rerank": 2.5}, r"^pruner.rerank=2.5 must be an integer"),
+    ({"rerank": 3, "selection": "greedy"}, r"^pruner.rerank=3 applies to selection=search with compensate=linear"),
+    ({"rerank": 3, "selection": "search", "compensate": "none"}, r"^pruner.rerank=3 applies to selection=search"),
+])
+def test_bad_rerank_is_one_line(kw, match):
+    with pytest.raises(ConfigError, match=match):
+        pruner(num_layers=2, **kw)
+
+
+def test_rerank_zero_keeps_the_plain_best(deep):
+    ids = torch.randint(0, 256, (10, 16), generator=torch.Generator().manual_seed(4))
+    res = pruner(num_layers=2, selection="search", search_budget=6, search_tokens=32, rerank=0)(
+        copy.deepcopy(deep[0]), ids)
+    assert "rerank" not in res.details["search"]
