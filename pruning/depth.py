@@ -37,9 +37,11 @@ to the LM head in SmolLM2); ``compensate=none`` may remove it. Candidates are th
 (``self_attn.layer_idx``), the config follows (``num_hidden_layers``, ``layer_types``, ``layer_configs``) and
 ``config.removed_layers`` records the original indices, so the checkpoint is a stock Llama.
 
-EvoPress (Sieberling et al. 2024) scores a depth candidate by the KL divergence of the whole model's logits to the
-dense model's on calibration text, and searches the set of removed layers by evolution; this module does neither
-(its ``window_cosine_similarity`` scoring is the ``block`` rule above).
+``search`` (EvoPress, Sieberling et al. 2024): the set of removed layers of least KL divergence of the whole model's
+next-token distributions to the dense model's on held-out calibration tokens, searched by the engine's evolution
+on plain removal; with ``compensate=linear`` the ``rerank`` best sets are then scored again with their maps fitted
+and merged (:meth:`Depth._rerank`), and the least KL with maps wins (EvoPress's ``window_cosine_similarity``
+scoring is the ``block`` rule above).
 
 Cost: ``block``: one streamed pass over the layers (``n + 1`` copies of the calibration hidden states, where
 ``states`` puts them) and one pass up to the block's end (the fit keeps the MLP outputs of layer
