@@ -241,7 +241,9 @@ class Depth:
             if self.reranks:
                 p.add(**{"the fitness tokens' hidden states entering the layer before the first candidate":
                          rows * int(seq_len) * d * dtype_bytes(dtype, cfg)})
-                passes += self.rerank * n * depth  # at most one fit pass per run of each finalist (runs <= n)
+                # per finalist at most one fit pass per run (runs <= n) over its fit samples, in passes over `tokens`
+                share = min(1.0, self.rerank_rows(cfg, seq_len) * int(seq_len) / max(1, int(tokens)))
+                passes += math.ceil(self.rerank * n * depth * share)
                 notes.append(f"rerank={self.rerank}: the best sets are fitted with their maps on "
                              f"{self.rerank_rows(cfg, seq_len) * int(seq_len):,} tokens and scored again (one "
                              "fitness evaluation each, and a pass up to each run of removed layers)")

@@ -403,6 +403,12 @@ def test_search_plan_counts_the_reference_log_probabilities():
     fp = pruner(num_layers=2, selection="search", search_tokens=64).footprint(cfg, 256, "float32", "cpu", seq_len=16)
     assert fp.host_parts["the dense model's log-probabilities on the fitness tokens (float32)"] == 4 * 15 * 256 * 4
     assert any("searched by KL" in r for r in fp.removes) and fp.notes
+    # the rerank: a second prefix of the fitness tokens (one layer earlier) and its fits' passes; none without it
+    part = "the fitness tokens' hidden states entering the layer before the first candidate"
+    plain = pruner(num_layers=2, selection="search", search_tokens=64, rerank=0).footprint(
+        cfg, 256, "float32", "cpu", seq_len=16)
+    assert fp.host_parts[part] == 4 * 16 * 64 * 4 and part not in plain.host_parts  # (the model on the CPU)
+    assert fp.layer_forwards > plain.layer_forwards and any("rerank=8" in n for n in fp.notes)
 
 
 def _kl_with_maps(dense, fit, ids, gone: list[int], damp: float) -> float:
