@@ -72,6 +72,10 @@ def measured(name: str) -> Optional[dict[str, Any]]:
 
 
 def main() -> None:
+    import argparse
+
+    argparse.ArgumentParser(description="The compression presets' plans and newest measurements: one JSON line per "
+                            "conf/experiment/compress_*.yaml in tests/bench/results/presets.jsonl.").parse_args()
     for path in sorted((ROOT / "conf" / "experiment").glob("compress_*.yaml")):
         name = path.stem
         small = plan([f"experiment={name}"])
