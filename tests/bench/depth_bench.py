@@ -89,6 +89,8 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
                                                          "best_start_fitness", "best_fitness", "gain", "evaluations",
                                                          "full_fidelity_evaluations", "search_s",
                                                          "seconds_per_full_evaluation")}
+            if "rerank" in d["search"]:  # the finalists' KL plain and with their maps, and the chosen one's rank
+                row["search"]["rerank"] = d["search"]["rerank"]
     row["ppl"] = qb._ppls(model, texts)
     return row
 

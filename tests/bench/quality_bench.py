@@ -363,7 +363,7 @@ def child_row(args: argparse.Namespace) -> dict[str, Any]:
                     "channels_per_layer": {int(k): v for k, v in w.get("channels_removed", {}).items()},
                     "kv_groups_removed": w.get("kv_groups_removed", w.get("groups_removed")),
                     "depth_search": {k: (d["depth"] or {}).get("search", {}).get(k)
-                                     for k in ("starts", "best_fitness", "evaluations", "search_s")}})
+                                     for k in ("starts", "best_fitness", "evaluations", "search_s", "rerank")}})
     elif args.child.startswith(("method:", "depth:")):
         d = res.details
         row.update({k: d[k] for k in ("removed_layers", "kv_groups_removed", "channels_removed", "sliced_width",
