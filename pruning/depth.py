@@ -242,10 +242,10 @@ class Depth:
                 p.add(**{"the fitness tokens' hidden states entering the layer before the first candidate":
                          rows * int(seq_len) * d * dtype_bytes(dtype, cfg)})
                 # per finalist at most one fit pass per run (runs <= n) over its fit samples, in passes over `tokens`
-                share = min(1.0, self.rerank_rows(cfg, seq_len) * int(seq_len) / max(1, int(tokens)))
-                passes += math.ceil(self.rerank * n * depth * share)
+                fit_tokens = self.rerank_rows(cfg, seq_len) * int(seq_len)
+                passes += math.ceil(self.rerank * n * depth * min(1.0, fit_tokens / max(1, int(tokens))))
                 notes.append(f"rerank={self.rerank}: the best sets are fitted with their maps on "
-                             f"{self.rerank_rows(cfg, seq_len) * int(seq_len):,} tokens and scored again (one "
+                             f"{fit_tokens:,} tokens and scored again (one "
                              "fitness evaluation each, and a pass up to each run of removed layers)")
         removes = [f"{n} whole layers of {len(units)} candidates ({units[0]}..{units[-1]}), {how}, "
                    f"{'compensated by a linear map merged into down_proj' if self.compensate == 'linear' else 'not compensated'}"]
@@ -419,7 +419,7 @@ class Depth:
         scored = []
         try:
             for gone, plain in finalists:
-                saved: list[tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]] = []
+                saved: list[tuple[nn.Module, torch.Tensor, Optional[torch.Tensor]]] = []  # down_proj, its weights
                 removed: set[int] = set()
                 try:
                     for start, k in _runs(gone):
@@ -427,7 +427,7 @@ class Depth:
                         model.model.layers = nn.ModuleList(layers[j] for j in kept)
                         s = kept.index(start)
                         down = layers[start - 1].mlp.down_proj
-                        saved.append((down.weight, down.weight.detach().clone(),
+                        saved.append((down, down.weight.detach().clone(),
                                       None if down.bias is None else down.bias.detach().clone()))
                         got = fit_linear_map(model, sub, s, s + k, float(self.damp), **stream_kw)
                         merge_map(layers[start - 1], got["map"])
@@ -437,10 +437,10 @@ class Depth:
                 finally:
                     model.model.layers = layers
                     with torch.no_grad():
-                        for (w, w0, b0), (start, _) in zip(saved, _runs(gone)):
-                            w.copy_(w0)
+                        for down, w0, b0 in saved:
+                            down.weight.copy_(w0)
                             if b0 is not None:
-                                layers[start - 1].mlp.down_proj.bias.copy_(b0)
+                                down.bias.copy_(b0)
                 scored.append({"layers": gone, "kl_plain": plain, "kl_linear": kl})
         finally:
             model.train(was_training)
