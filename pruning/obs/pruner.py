@@ -405,7 +405,9 @@ class StructuredOBS:
         return p.footprint(layer_forwards=forwards, tokens=t, removes=removes, widths=widths, notes=notes,
                            disk_bytes=disk)
 
-    def __call__(self, model: nn.Module, calibration: Optional[torch.Tensor]) -> PruneResult:
+    def __call__(self, model: nn.Module, calibration: Optional[torch.Tensor], reference: Any = None) -> PruneResult:
+        """Prune. ``reference`` (a :class:`pruning.streaming.DenseReference`, ``target=dense``): the dense model
+        the fits aim at is the model before an earlier stage removed whole layers (``pruner=joint``)."""
         # local: imports torch, and config validation imports this module
         from pruning.obs.allocate import allocate_channels, flap_scores
         from pruning.obs.fit import autocast_dtype, held_out_samples, prune_sequential
@@ -425,6 +427,9 @@ class StructuredOBS:
         timings: dict[str, float] = {}
         t0 = time.perf_counter()
         search: dict[str, Any] = {}
+        if reference and (self.allocation == "search" or not options.dense_targets):
+            raise PruneError("obs: a dense reference (pruner=joint width_target=original) needs target=dense, "
+                             "compensate=true and allocation other than search")
         if self.allocation == "search" and channels:
             found = search_allocation(model, calibration, geo, ranges["mlp"], att_plan, channels, options,
                                       budget=self.search_budget, fitness_tokens=self.search_tokens,
@@ -446,7 +451,7 @@ class StructuredOBS:
         try:
             streamed: dict[str, Any] = {}
             per_layer = prune_sequential(model, calibration, att_plan, mlp_plan, options=options, seconds=timings,
-                                         stream_info=streamed)
+                                         stream_info=streamed, reference=reference)
         finally:
             model.train(was_training)
         model.config.layer_configs = layer_configs(model)
@@ -471,6 +476,7 @@ class StructuredOBS:
             details={"selection": self.selection, "compensate": self.compensate, "bias": self.bias, "target": self.target,
                      "guard": self.guard, "holdout": self.holdout, "rounds": self.rounds, "damp": self.damp,
                      "allocation": self.allocation, "autocast": self.autocast, **streamed,
+                     **({"dense_reference_bytes": reference.bytes()} if reference else {}),
                      "forward_dtype": str(low or next(model.parameters()).dtype).removeprefix("torch."),
                      "ratio": float(self.ratio), "ratio_target": self.ratio_target,
                      "attention_ratio": self.attention_ratio, "kv_groups_removed": att_plan,

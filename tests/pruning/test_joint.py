@@ -146,3 +146,95 @@ def test_the_stage_device_is_the_pruners_and_one_device():
     assert j.device == "cuda"  # the planner counts it among the run's devices (recipes/_plan.py)
     with pytest.raises(ConfigError, match=r"^pruner.depth.device=cuda:0 and pruner.width.device=cuda:1: the stages"):
         joint(num_layers=1, depth={**DEPTH, "device": "cuda:0"}, width={**WIDTH, "device": "cuda:1"})
+
+
+# ---------------------------------------------------------------------- width_target=original
+
+
+@pytest.mark.parametrize("selection", ["search", "greedy"])
+def test_the_reference_holds_the_original_layers_in_order(data, selection):
+    """The depth stage's reference (pruning/streaming.py DenseReference): after each kept layer, the layers removed
+    after it in the original model, in order and with their original weights (a layer that took an earlier cut's
+    map gets its own down_proj back, greedy's adjacent cuts); the dense down_proj of each layer a map went into."""
+    from pruning.depth import Depth
+    from pruning.streaming import DenseReference
+
+    model = build_tiny(num_layers=8, hidden_size=64, intermediate_size=128, num_heads=8, num_kv_heads=4, seed=5)[0]
+    orig = copy.deepcopy(model)
+    ref = DenseReference()
+    res = Depth(num_layers=3, selection=selection, attention_layers=(1, None), mlp_layers=(1, None),
+                search_budget=6, search_tokens=64)(model, data, ref)
+    gone = res.details["removed_layers"]
+    kept = [i for i in range(8) if i not in gone]
+    assert sum(len(mods) for mods in ref.after.values()) == 3 and -1 not in ref.after
+    for i, mods in ref.after.items():
+        o = kept[i]
+        want = [l for l in range(o + 1, kept[i + 1] if i + 1 < len(kept) else 8)]
+        assert want and all(l in gone for l in want)
+        assert len(mods) == len(want)
+        for m, l in zip(mods, want):
+            for (ka, a), (kb, b) in zip(m.state_dict().items(), orig.model.layers[l].state_dict().items()):
+                assert ka == kb
+                torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert set(ref.down) == set(ref.after)  # linear maps: one per run, into the kept layer before it
+    for i, (w, b) in ref.down.items():
+        torch.testing.assert_close(w, orig.model.layers[kept[i]].mlp.down_proj.weight, rtol=0, atol=0)
+        assert not torch.equal(model.model.layers[i].mlp.down_proj.weight, w)  # the model keeps its map
+
+
+def test_width_target_original_fits_towards_the_original_models_states(data, monkeypatch):
+    """The width stage's MLP targets are the ORIGINAL model's hidden states after the removed run minus the pruned
+    model's residual after attention: what the layer before a cut must stand in for. (stage: the cut model's.)"""
+    from pruning.depth import Depth
+    from pruning.obs import fit
+    from pruning.streaming import DenseReference
+
+    model = build_tiny(num_layers=8, hidden_size=64, intermediate_size=128, num_heads=8, num_kv_heads=4, seed=5)[0]
+    orig = copy.deepcopy(model)
+    ref = DenseReference()
+    res = Depth(num_layers=2, selection="block", attention_layers=(2, 6), mlp_layers=(2, 6))(model, data, ref)
+    gone = res.details["removed_layers"]
+    kept = [i for i in range(8) if i not in gone]
+    i = kept.index(gone[0] - 1)  # the kept layer the run's map went into
+    targets = []
+    monkeypatch.setattr(fit._Pass, "_fold", lambda self, sums, j, x, t: targets.append(t.clone()))
+    monkeypatch.setattr(fit, "fit_sums", lambda w, b, sums, k, g, opt: fit.Fitted(
+        list(range(k)), torch.arange(k, w.shape[1]), w[:, k:].double(), b))
+    opts = StructuredOBS(**{**WIDTH, "ratio": 0.3, "attention_layers": ALL, "mlp_layers": ALL}).fit_options()
+    with torch.no_grad():
+        hs = orig(data, output_hidden_states=True).hidden_states  # [embeddings, after layer 0, ...]
+        mid = {}
+        h = model.model.layers[i].post_attention_layernorm.register_forward_pre_hook(
+            lambda m, a: mid.__setitem__("x", a[0].detach().clone()))
+        cut_next = model(data, output_hidden_states=True).hidden_states[i + 1]
+        h.remove()
+    fit.prune_sequential(model, data, {}, {i: 4}, options=opts, reference=ref)
+    assert len(targets) == 5  # micro-batches of 8 samples
+    torch.testing.assert_close(torch.cat(targets), hs[gone[-1] + 1] - mid["x"], rtol=1e-4, atol=1e-5)
+    # the cut model's own states (width_target=stage) are not that target: the run's map is not exact
+    assert not torch.allclose(torch.cat(targets), cut_next - mid["x"], rtol=1e-4, atol=1e-5)
+
+
+def test_width_target_original_runs_and_is_planned(model, data):
+    """The budget stays exact; the record says which target; the plan holds the reference beside the weights."""
+    p0 = count_params(model)
+    res = joint(ratio=0.5, num_layers=2, width_target="original")(model, data)
+    assert 0 <= (p0 - count_params(model)) - 0.5 * p0 < 3 * 64
+    assert res.details["width_target"] == "original" and res.details["width"]["dense_reference_bytes"] > 0
+    cfg = build_tiny(num_layers=6, hidden_size=64, intermediate_size=128, num_heads=8, num_kv_heads=4)[0].config
+    a = joint(ratio=0.5, num_layers=2, width_target="original").footprint(cfg.to_dict(), 640, "float32", "cpu",
+                                                                          seq_len=16)
+    b = joint(ratio=0.5, num_layers=2).footprint(cfg.to_dict(), 640, "float32", "cpu", seq_len=16)
+    assert any("width_target=original" in k for k in a.host_parts) or a.host_bytes == b.host_bytes
+    assert a.host_bytes >= b.host_bytes
+
+
+@pytest.mark.parametrize("kw,match", [
+    ({"width_target": "dense"}, "width_target='dense' must be one of stage, original"),
+    ({"width_target": "original", "width": {**WIDTH, "allocation": "search"}}, "width_target=original"),
+    ({"width_target": "original", "width": {**WIDTH, "target": "layer"}}, "width_target=original"),
+])
+def test_width_target_bad_options_fail_in_one_line(kw, match):
+    with pytest.raises(ConfigError, match=match) as e:
+        joint(num_layers=1, **kw)
+    assert "\n" not in str(e.value)
