@@ -68,8 +68,6 @@ if TYPE_CHECKING:
     import torch
     from torch import nn
 
-    from pruning.streaming import DenseReference
-
 # torch is imported inside the functions that use it: building a Depth from its options (config validation)
 # imports no torch.
 
@@ -253,11 +251,7 @@ class Depth:
                    f"{'compensated by a linear map merged into down_proj' if self.compensate == 'linear' else 'not compensated'}"]
         return p.footprint(layer_forwards=passes, tokens=int(tokens), removes=removes, notes=notes)
 
-    def __call__(self, model: nn.Module, calibration: Optional[torch.Tensor],
-                 reference: Optional[DenseReference] = None) -> PruneResult:
-        """Remove the layers. ``reference`` (empty): filled with what a later stage needs to aim at the model as
-        it was (:class:`pruning.streaming.DenseReference`: the removed layers, and the ``down_proj`` of each layer
-        a map was merged into, as they were), indexed by the layers of the pruned model."""
+    def __call__(self, model: nn.Module, calibration: Optional[torch.Tensor]) -> PruneResult:
         # local: imports torch, and config validation imports this module
         from pruning.streaming import check_calibration, check_llama_layout, check_stream_device
 
@@ -295,8 +289,6 @@ class Depth:
                 s = min(starts, key=lambda j: (dist[j], j))
                 cut = {"layers": [alive[s + t] for t in range(k)], "distance": dist[s],
                        "distances": {alive[j]: dist[j] for j in starts}}
-            restore = (_keep_for_reference(reference, model, alive, s, k, self.compensate == "linear")
-                       if reference is not None else None)
             t0 = time.perf_counter()
             if self.compensate == "linear":
                 fit = fit_linear_map(model, calibration, s, s + k, float(self.damp), **stream_kw)
@@ -305,8 +297,6 @@ class Depth:
                 merge_map(decoder_layers(model)[s - 1], fit.pop("map"))
                 cut.update(merged_into=alive[s - 1], **fit)
             remove_layers(model, list(range(s, s + k)))  # (pruning/surgery.py)
-            if restore:
-                restore()
             timings["surgery_s"] += time.perf_counter() - t0
             del alive[s:s + k]
             cuts.append(cut)
@@ -315,9 +305,6 @@ class Depth:
                      f", map merged into layer {cut['merged_into']}" if "merged_into" in cut else "")
         if search:
             search.pop("angular_distances", None)
-        if reference is not None:  # original indices -> the pruned model's
-            reference.after = {(-1 if o < 0 else alive.index(o)): mods for o, mods in reference.after.items()}
-            reference.down = {alive.index(o): wb for o, wb in reference.down.items()}
         return self._result(cuts, depth, n, params_before, count_params(model), timings, search)
 
     def _search(self, model: nn.Module, calibration: torch.Tensor, n: int, units: list[int],
@@ -498,37 +485,6 @@ class Depth:
                      "block_distances": {str(k): v for k, v in first_scores.items()},
                      "params_removed": params_before - params_after, **({"search": search} if search else {})},
             timings=timings)
-
-
-def _keep_for_reference(reference: DenseReference, model: nn.Module, alive: list[int], s: int, k: int,
-                        merges: bool) -> Any:
-    """Before layers ``s .. s+k-1`` (current indices) are cut: keep them, as the dense model had them, after the
-    kept layer before them (``reference`` by ORIGINAL index until the prune ends), and the ``down_proj`` of that
-    layer as it is before a map is merged into it (once: its dense weights). A removed layer that had taken a map
-    of an earlier cut gets its dense ``down_proj`` back (by the returned callable, once it is out of the model: the
-    cut's own map is fitted on the model as it is), and the layers kept after it follow it."""
-    from torch import nn  # local: config validation imports this module
-
-    layers = decoder_layers(model)
-    prev = alive[s - 1] if s > 0 else -1
-    chain: list[nn.Module] = []
-    dense: list[tuple[nn.Module, Any, Any]] = []
-    for t in range(k):
-        o, layer = alive[s + t], layers[s + t]
-        if o in reference.down:
-            dense.append((layer.mlp.down_proj, *reference.down.pop(o)))
-        chain += [layer, *reference.after.pop(o, [])]
-    reference.after[prev] = [*reference.after.get(prev, []), *chain]
-    if merges and prev >= 0 and prev not in reference.down:
-        d = layers[s - 1].mlp.down_proj
-        reference.down[prev] = (d.weight.detach().clone(), None if d.bias is None else d.bias.detach().clone())
-
-    def restore() -> None:
-        for down, w, b in dense:
-            down.weight = nn.Parameter(w, requires_grad=False)
-            if b is not None:
-                down.bias = nn.Parameter(b, requires_grad=False)
-    return restore
 
 
 def _runs(layers: list[int]) -> list[tuple[int, int]]:

@@ -55,9 +55,6 @@ DEPTH_DEFAULTS = {"selection": "search", "compensate": "linear", "search_budget"
 WIDTH_DEFAULTS = {"attention_ratio": 0.34, "allocation": "uniform"}
 # options the joint pruner sets on both stages itself (a stage's own copy would be ignored: refused instead)
 _SHARED = ("ratio", "ratio_target", "name", "attention_layers", "mlp_layers", "num_layers", "seed")
-# what the width stage's fits aim at (pruning/obs/fit.py, target=dense): ``stage`` the model the depth stage left
-# (its maps included), ``original`` the model before it (its removed layers run on the dense states)
-WIDTH_TARGETS = ("stage", "original")
 
 
 @dataclass(frozen=True)
@@ -79,7 +76,6 @@ class Joint:
     attention_layers: Any = (0, None)
     mlp_layers: Any = (0, None)
     seed: int = 0
-    width_target: str = "stage"  # what the width stage's fits aim at: the model the depth stage left | the original
     depth: Mapping[str, Any] = field(default_factory=lambda: dict(DEPTH_DEFAULTS))  # Depth options over these
     width: Mapping[str, Any] = field(default_factory=lambda: dict(WIDTH_DEFAULTS))  # StructuredOBS options over these
 
@@ -111,15 +107,6 @@ class Joint:
             errors.append(f"pruner.depth.device={self.depth.get('device')} and pruner.width.device="
                           f"{self.width.get('device')}: the stages run one after the other on one device; give both "
                           "the same")
-        if self.width_target not in WIDTH_TARGETS:
-            errors.append(f"pruner.width_target={self.width_target!r} must be one of {', '.join(WIDTH_TARGETS)}")
-        elif self.width_target == "original":
-            w = {**self.width}
-            if w.get("target", "dense") != "dense" or w.get("compensate", True) is not True \
-                    or w.get("allocation") == "search":
-                errors.append("pruner.width_target=original aims the width stage's fits at the original model: it "
-                              "needs pruner.width.target=dense, pruner.width.compensate=true and an allocation other "
-                              "than search")
         errors += range_order_errors(attention=self.attention_layers, mlp=self.mlp_layers)
         errors += resolve_ratio_target(self)
         if errors:
@@ -214,8 +201,6 @@ class Joint:
         width = self._width_stage(self.width_ratio(p0, p1, self.count(depth)),
                                   *self._renumbered_ranges(depth, self._guess_gone(depth)))
         wf = width.footprint(cut, tokens, dtype, device, seq_len=seq_len, free=free)
-        if self.width_target == "original" and self.count(depth):
-            wf = self._with_reference(wf, cfg, dtype, self.count(depth))
         stage = self._depth_stage()
         if stage is None:
             return wf
@@ -224,26 +209,6 @@ class Joint:
         return dataclasses.replace(peak, layer_forwards=df.layer_forwards + wf.layer_forwards,
                                    removes=[*df.removes, *wf.removes], notes=[*df.notes, *wf.notes],
                                    widths=wf.widths)
-
-    @staticmethod
-    def _with_reference(wf: Any, cfg: dict, dtype: str, n: int) -> Any:
-        """The width stage's peak with the original model's reference (``width_target=original``): the ``n`` removed
-        layers and, at most one per removed layer, the dense ``down_proj`` of the layers the maps went into, where
-        the weights are; with offload, the longest run (at most ``n`` layers) also visits the work device."""
-        from core.run.plan import dtype_bytes, max_layer_bytes
-
-        layer = max_layer_bytes(cfg, dtype)
-        down = int(cfg["hidden_size"]) * int(cfg["intermediate_size"]) * dtype_bytes(dtype, cfg)
-        term = {"the depth stage's removed layers and dense down_proj (width_target=original)": n * (layer + down)}
-        dev, host = dict(wf.device_parts), dict(wf.host_parts)
-        if "weights" in dev:
-            dev.update(term)
-        else:
-            host.update(term)
-            if "one decoder layer" in dev:
-                dev["the removed layers after one layer (width_target=original, offload)"] = n * layer
-        return dataclasses.replace(wf, device_bytes=sum(dev.values()), host_bytes=sum(host.values()),
-                                   device_parts=dev, host_parts=host)
 
     def _guess_gone(self, depth: int) -> list[int]:
         """For the plan (no weights): the last ``num_layers`` candidates, which shifts no range start."""
@@ -267,18 +232,12 @@ class Joint:
         self.check(depth)
         p0 = count_params(model)
         stage = self._depth_stage()
-        reference = None
-        if stage is not None and self.width_target == "original":
-            from pruning.streaming import DenseReference  # local: imports torch
-
-            reference = DenseReference()
-        first = stage(model, calibration, reference) if stage is not None else None
+        first = stage(model, calibration) if stage is not None else None
         gone = first.details["removed_layers"] if first is not None else []
         p1 = count_params(model)
         ratio = self.width_ratio(p0, p1, len(gone))
         width = self._width_stage(ratio, *self._renumbered_ranges(depth, gone))
-        second = width(model, calibration, reference)
-        del reference  # the removed layers and dense down_proj go with it
+        second = width(model, calibration)
         kept = [i for i in range(depth) if i not in set(gone)]
         layers = [{**row, "layer": kept[row["layer"]], "new_index": row["layer"]} if "layer" in row else row
                   for row in second.layers]
@@ -296,7 +255,7 @@ class Joint:
                    f"depth stage: {len(gone)} layers ({p0 - p1:,} parameters); width stage: {ratio:.4f} of the "
                    f"{p1:,} left ({p1 - params_after:,} parameters)"],
             details={"num_layers": len(gone), "layer_ratio": self.layer_ratio, "removed_layers": gone,
-                     "width_ratio": ratio, "width_target": self.width_target,
+                     "width_ratio": ratio,
                      "params_removed": {"depth": p0 - p1, "width": p1 - params_after},
                      "depth": first.details if first else None, "width": second.details},
             timings={**{f"depth_{k}": v for k, v in (first.timings if first else {}).items()},

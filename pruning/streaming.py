@@ -35,7 +35,6 @@ so the stream works with whatever the installed transformers passes its decoder 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import functools
 import itertools
 import math
@@ -281,64 +280,6 @@ class States:
                     with contextlib.suppress(OSError):
                         os.remove(slot[0])
         self.slots = []
-
-
-@dataclasses.dataclass
-class DenseReference:
-    """The dense model a sequential pass aims at when it is not the model being pruned: the model before an earlier
-    stage removed whole layers (``pruner=joint``'s depth stage). Indices are the CURRENT model's layers.
-
-    ``after[i]``: the removed layers that came after current layer ``i`` in the dense model, in order (``-1``:
-    those before the first kept layer); ``down[i]``: the ``(weight, bias)`` of layer ``i``'s ``down_proj`` in the
-    dense model, where the earlier stage changed it (a linear map merged into it). A pass with a reference carries
-    the dense model's states from the embeddings on: each layer runs with its dense ``down_proj``, then the layers
-    that followed it. The removed layers stay where the model is (:meth:`on` moves them to the work device while
-    their layer is processed)."""
-
-    after: dict[int, list[nn.Module]] = dataclasses.field(default_factory=dict)
-    down: dict[int, tuple[torch.Tensor, Optional[torch.Tensor]]] = dataclasses.field(default_factory=dict)
-
-    def __bool__(self) -> bool:
-        return bool(self.after or self.down)
-
-    @contextlib.contextmanager
-    def dense_down(self, i: int, layer: nn.Module) -> Iterator[None]:
-        """Layer ``i`` with its dense ``down_proj`` while the block runs (its own parameters put back after)."""
-        if i not in self.down:
-            yield
-            return
-        d = layer.mlp.down_proj
-        saved = (d.weight, d.bias)
-        w, b = self.down[i]
-        d.weight = nn.Parameter(w.to(saved[0].device), requires_grad=False)
-        if b is not None or saved[1] is not None:
-            d.bias = None if b is None else nn.Parameter(b.to(saved[0].device), requires_grad=False)
-        try:
-            yield
-        finally:
-            d.weight, d.bias = saved
-
-    @contextlib.contextmanager
-    def on(self, i: int, device: torch.device, home: torch.device) -> Iterator[list[nn.Module]]:
-        """The removed layers after layer ``i``, on ``device`` while the block runs (back to ``home`` after)."""
-        mods = self.after.get(i, [])
-        moved = device != home and bool(mods)
-        if moved:
-            for m in mods:
-                m.to(device)
-        try:
-            yield mods
-        finally:
-            if moved:
-                for m in mods:
-                    m.to(home)
-
-    def bytes(self) -> int:
-        """What the reference holds beside the model: the removed layers' and the dense down_proj's bytes."""
-        n = sum(p.numel() * p.element_size() for m in itertools.chain.from_iterable(self.after.values())
-                for p in m.parameters())
-        return n + sum(w.numel() * w.element_size() + (0 if b is None else b.numel() * b.element_size())
-                       for w, b in self.down.values())
 
 
 class LayerStream:

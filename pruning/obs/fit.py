@@ -43,7 +43,6 @@ Imports: torch, ``core.models.llama``, ``pruning`` (PruneError), ``pruning.compe
 
 from __future__ import annotations
 
-import contextlib
 import math
 import time
 from dataclasses import dataclass, field
@@ -56,7 +55,7 @@ from core.models.llama import Geometry
 from pruning import PruneError
 from pruning.calibration import capture_inputs
 from pruning.compensate import HeldOut, ProjectionSums, column_scores, prune_columns
-from pruning.streaming import DenseReference, LayerStream, States, resolve_autocast
+from pruning.streaming import LayerStream, States, resolve_autocast
 from pruning.surgery import remove_channels, remove_kv_groups
 
 
@@ -252,19 +251,14 @@ def fit_sums(w: torch.Tensor, b: Optional[torch.Tensor], sums: ProjectionSums, r
 def prune_sequential(model: nn.Module, calibration: torch.Tensor, att_plan: dict[int, int], mlp_plan: dict[int, int],
                      *, options: FitOptions, seconds: Optional[dict[str, float]] = None,
                      fit: Optional[Callable[..., Fitted]] = None,
-                     stream_info: Optional[dict[str, Any]] = None,
-                     reference: Optional[DenseReference] = None) -> list[dict[str, Any]]:
+                     stream_info: Optional[dict[str, Any]] = None) -> list[dict[str, Any]]:
     """Prune each planned layer in order on the pruned prefix's hidden states (``att_plan`` / ``mlp_plan``:
     ``{layer: KV groups / MLP channels removed}``); returns one record per pruned projection (layer, kind,
     removed, the guard's errors and decision). ``fit`` replaces :func:`fit_sums` for the projections that lose
     something (the allocation search's variant pass fits every width level of a layer from the same sums).
     ``stream_info`` gets where the hidden states lived (``states``) and their bytes (``states_bytes``, all
-    copies). ``reference`` (``target=dense`` only): the dense model is not ``model`` as it is but the model before
-    an earlier stage removed whole layers (:class:`pruning.streaming.DenseReference`); its states are carried from
-    the embeddings on, and each fit aims at them, so the fits also repair what that stage changed."""
+    copies)."""
     opt = options
-    if reference and not opt.dense_targets:
-        raise PruneError("a dense reference needs fits towards the dense model's outputs (target=dense, compensate)")
     last = max([l + 1 for l in (*att_plan, *mlp_plan)], default=0)
     if last == 0:
         return []
@@ -272,7 +266,7 @@ def prune_sequential(model: nn.Module, calibration: torch.Tensor, att_plan: dict
     stream = LayerStream(model, calibration, batch_size=opt.batch_size, device=opt.device, offload=opt.offload,
                          progress=opt.progress, autocast=autocast_dtype(opt, model), states=opt.states,
                          copies=2 if opt.dense_targets else 1)
-    run = _Pass(stream, opt, fit or fit_sums, calibration.shape[0] - held_n, Geometry.of(model), reference)
+    run = _Pass(stream, opt, fit or fit_sums, calibration.shape[0] - held_n, Geometry.of(model))
     if stream_info is not None:
         stream_info.update({"states": stream.placement,
                             "states_bytes": stream.states_bytes * (2 if opt.dense_targets else 1)})
@@ -295,9 +289,8 @@ class _Pass:
     """The state of :func:`prune_sequential`: the stream, the dense model's states once they differ, the records."""
 
     def __init__(self, stream: LayerStream, options: FitOptions, fit: Callable[..., Fitted], fit_samples: int,
-                 geo: Geometry, reference: Optional[DenseReference] = None):
+                 geo: Geometry):
         self.stream, self.opt, self.fit, self.geo = stream, options, fit, geo
-        self.reference = reference if reference else None
         self.as_model = stream.dtype  # captured inputs (bfloat16 under autocast) are folded in the model's dtype
         sizes = [c.shape[0] for c in stream.chunks]
         starts = [sum(sizes[:j]) for j in range(len(sizes))]
@@ -307,53 +300,27 @@ class _Pass:
         self.dense: Optional[States] = None  # the dense model's hidden states, once they differ (target=dense)
         self.records: list[dict[str, Any]] = []
         self.t_fit = 0.0
-        self._after: list[nn.Module] = []  # with a reference: the removed layers after the current one
-        if self.reference is not None:  # the dense model differs from the first layer on: its states from the start
-            self.dense = stream.new_states()
-            with self.reference.on(-1, stream.device, stream.home) as before:
-                for j, kw in enumerate(stream.kwargs):
-                    x = stream.hidden.load(j).clone()
-                    for m in before:
-                        x = stream.call(m, x, kw)
-                    self.dense.append(x)
 
     def _fold(self, sums: ProjectionSums, j: int, x: torch.Tensor, t: Optional[torch.Tensor]) -> None:
         t0 = time.perf_counter()
         sums.add(x.to(self.as_model), t, self.fit_rows[j])
         self.t_fit += time.perf_counter() - t0
 
-    def _dense_step(self, i: int, layer: nn.Module, j: int, kw: dict[str, Any], watch: Optional[nn.Module] = None
+    def _dense_step(self, layer: nn.Module, j: int, kw: dict[str, Any], watch: Optional[nn.Module] = None
                     ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         """The dense layer on the dense states of micro-batch ``j``: its output (stored as the next dense states)
-        and the input of ``watch`` on the way. With a reference: the layer with its dense ``down_proj``, then the
-        removed layers that followed it (their output is the target of this layer's fits)."""
+        and the input of ``watch`` on the way."""
         got: dict[str, torch.Tensor] = {}
-        ref = self.reference
-        with capture_inputs({"w": watch} if watch is not None else {}, lambda k, x: got.__setitem__(k, x)), \
-                (ref.dense_down(i, layer) if ref is not None else contextlib.nullcontext()):
+        with capture_inputs({"w": watch} if watch is not None else {}, lambda k, x: got.__setitem__(k, x)):
             out = self.stream.call(layer, self.dense.load(j), kw)
-        for m in self._after:
-            out = self.stream.call(m, out, kw)
         self.dense.put(j, out)
         return out, got.get("w")
 
     def layer(self, i: int, layer: nn.Module, att: int, mlp: int) -> None:
-        if self.reference is None:
-            self._layer(i, layer, att, mlp)
-            return
-        with self.reference.on(i, self.stream.device, self.stream.home) as after:
-            self._after = after
-            try:
-                self._layer(i, layer, att, mlp)
-            finally:
-                self._after = []
-
-    def _layer(self, i: int, layer: nn.Module, att: int, mlp: int) -> None:
         stream, opt = self.stream, self.opt
         if not att and not mlp:
             if self.dense is not None:
-                for j, kw in enumerate(stream.kwargs):
-                    self._dense_step(i, layer, j, kw)
+                stream.update(lambda x, kw: _hidden_of(layer(x, **kw)), states=self.dense)
             stream.advance()
             return
         # target=dense, refit_attention: o_proj's inputs drifted with the pruned layers before it; refit it too
@@ -381,7 +348,7 @@ class _Pass:
         for j, kw in enumerate(stream.kwargs):
             dense_mid = None
             if self.dense is not None and not first:
-                _, dense_mid = self._dense_step(i, layer, j, kw, norm)
+                _, dense_mid = self._dense_step(layer, j, kw, norm)
             h = stream.hidden.load(j)
             cap: dict[str, torch.Tensor] = {}
             with capture_inputs({"o": o, "mid": norm}, lambda k, x: cap.__setitem__(k, x)):
@@ -425,7 +392,7 @@ class _Pass:
         for j, kw in enumerate(stream.kwargs):
             dense_out = None
             if self.dense is not None and not first:
-                dense_out, _ = self._dense_step(i, layer, j, kw)
+                dense_out, _ = self._dense_step(layer, j, kw)
             cap: dict[str, torch.Tensor] = {}
             with capture_inputs({"d": d, "mid": norm}, lambda k, x: cap.__setitem__(k, x)):
                 out = stream.call(layer, stream.hidden.load(j), kw)

@@ -405,9 +405,7 @@ class StructuredOBS:
         return p.footprint(layer_forwards=forwards, tokens=t, removes=removes, widths=widths, notes=notes,
                            disk_bytes=disk)
 
-    def __call__(self, model: nn.Module, calibration: Optional[torch.Tensor], reference: Any = None) -> PruneResult:
-        """Prune. ``reference`` (a :class:`pruning.streaming.DenseReference`, ``target=dense``): the dense model
-        the fits aim at is the model before an earlier stage removed whole layers (``pruner=joint``)."""
+    def __call__(self, model: nn.Module, calibration: Optional[torch.Tensor]) -> PruneResult:
         # local: imports torch, and config validation imports this module
         from pruning.obs.allocate import allocate_channels, flap_scores
         from pruning.obs.fit import autocast_dtype, held_out_samples, prune_sequential
@@ -427,9 +425,6 @@ class StructuredOBS:
         timings: dict[str, float] = {}
         t0 = time.perf_counter()
         search: dict[str, Any] = {}
-        if reference and (self.allocation == "search" or not options.dense_targets):
-            raise PruneError("obs: a dense reference (pruner=joint width_target=original) needs target=dense, "
-                             "compensate=true and allocation other than search")
         if self.allocation == "search" and channels:
             found = search_allocation(model, calibration, geo, ranges["mlp"], att_plan, channels, options,
                                       budget=self.search_budget, fitness_tokens=self.search_tokens,
@@ -451,7 +446,7 @@ class StructuredOBS:
         try:
             streamed: dict[str, Any] = {}
             per_layer = prune_sequential(model, calibration, att_plan, mlp_plan, options=options, seconds=timings,
-                                         stream_info=streamed, reference=reference)
+                                         stream_info=streamed)
         finally:
             model.train(was_training)
         model.config.layer_configs = layer_configs(model)
@@ -476,7 +471,6 @@ class StructuredOBS:
             details={"selection": self.selection, "compensate": self.compensate, "bias": self.bias, "target": self.target,
                      "guard": self.guard, "holdout": self.holdout, "rounds": self.rounds, "damp": self.damp,
                      "allocation": self.allocation, "autocast": self.autocast, **streamed,
-                     **({"dense_reference_bytes": reference.bytes()} if reference else {}),
                      "forward_dtype": str(low or next(model.parameters()).dtype).removeprefix("torch."),
                      "ratio": float(self.ratio), "ratio_target": self.ratio_target,
                      "attention_ratio": self.attention_ratio, "kv_groups_removed": att_plan,
