@@ -298,11 +298,12 @@ BENCHES: list[Bench] = [
                                            "obs:comp:uniform", 0.1184, 131072),
            lambda lines: _quality_headline(lines, "`experiment=obs_quality_196k pruner.allocation=search`, "
                                            "benchmark budget", "obs:comp:search", 0.1184, 196608),
-           lambda lines: _headline(lines, "obs at a true 25% cut (65,536 tokens), zero-shot limit 200",
+           lambda lines: _headline(lines, "obs at a true 25% cut, with the 7-task zero-shot average",
                                   lambda ln: ln.get("row") == "obs:comp:uniform" and get(ln, "budget.ratio") == 0.25
                                   and get(ln, "zeroshot.average") is not None,
-                                  "Austen × {ppl_ratio.austen_holdout}, BoolQ × {ppl_ratio.boolq}; zero-shot average "
-                                  "{zeroshot.average} ({zeroshot_average_minus_dense} from dense)"))),
+                                  "{calibration_tokens} tokens: Austen × {ppl_ratio.austen_holdout}, BoolQ × "
+                                  "{ppl_ratio.boolq}; zero-shot average {zeroshot.average} "
+                                  "({zeroshot_average_minus_dense} from dense, limit {zeroshot.limit})"))),
     Bench("prune", "LLM-Pruner criteria (`prune_bench.py`)",
           "Taylor pruning of SmolLM2-135M-Instruct at ratio 0.25, attention and MLP layers [3, 27): pruning time, "
           "peak RSS, parameters and BoolQ perplexity before/after; with `--holdout`, also perplexity on Austen's "
