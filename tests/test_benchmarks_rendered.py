@@ -145,3 +145,20 @@ def test_record_prints_the_line_as_before_and_appends_it_with_date_commit_machin
     monkeypatch.setenv("PRUNELAB_BENCH_RECORD", "0")
     common.record(result, "tests/bench/prune_bench.py")
     assert len((tmp_path / "prune.jsonl").read_text().splitlines()) == 1
+
+
+def test_the_default_rows_headline_skips_lines_run_with_extra_overrides():
+    """The README's quality headlines name the default (``tokens=auto``, no overrides): a newer line of the same row
+    run with an override, or without the zero-shot average where the headline gives it, is not the default's."""
+    base = {"row": "obs:comp:uniform", "budget": {"ratio": 0.25}, "tokens_option": "auto", "overrides": [],
+            "calibration_tokens": 32256, "ppl_ratio": {"austen_holdout": 1.33, "boolq": 2.03},
+            "damage_vs_reference": {"austen_holdout": 0.19, "boolq": 0.27},
+            "zeroshot": {"average": 0.43, "limit": 500}, "zeroshot_average_minus_dense": -0.01,
+            "date": "2026-01-01T00:00:00+00:00"}
+    tuned = {**base, "overrides": ["pruner.attention_ratio=0.34"], "zeroshot": {"average": 0.5, "limit": 500},
+             "date": "2026-01-02T00:00:00+00:00"}
+    plain = {**base, "zeroshot": None, "date": "2026-01-03T00:00:00+00:00"}
+    got = render._quality_headline([base, tuned, plain], "s", "obs:comp:uniform", 0.25, "auto", zeroshot=True)
+    assert got is not None and got[2] is base and "zero-shot average 0.43" in got[1] and "limit 500" in got[1]
+    got = render._quality_headline([base, tuned, plain], "s", "obs:comp:uniform", 0.25, "auto")
+    assert got[2] is plain and "of LLM-Pruner's damage" in got[1]

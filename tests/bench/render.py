@@ -298,12 +298,8 @@ BENCHES: list[Bench] = [
                                            "obs:comp:uniform", 0.1184, 131072),
            lambda lines: _quality_headline(lines, "`experiment=obs_quality_196k pruner.allocation=search`, "
                                            "benchmark budget", "obs:comp:search", 0.1184, 196608),
-           lambda lines: _headline(lines, "obs at a true 25% cut, with the 7-task zero-shot average",
-                                  lambda ln: ln.get("row") == "obs:comp:uniform" and get(ln, "budget.ratio") == 0.25
-                                  and get(ln, "zeroshot.average") is not None,
-                                  "{calibration_tokens} tokens: Austen × {ppl_ratio.austen_holdout}, BoolQ × "
-                                  "{ppl_ratio.boolq}; zero-shot average {zeroshot.average} "
-                                  "({zeroshot_average_minus_dense} from dense, limit {zeroshot.limit})"))),
+           lambda lines: _quality_headline(lines, "obs default (`tokens=auto`) at a true 25% cut, with the 7-task "
+                                           "zero-shot average", "obs:comp:uniform", 0.25, "auto", zeroshot=True))),
     Bench("prune", "LLM-Pruner criteria (`prune_bench.py`)",
           "Taylor pruning of SmolLM2-135M-Instruct at ratio 0.25, attention and MLP layers [3, 27): pruning time, "
           "peak RSS, parameters and BoolQ perplexity before/after; with `--holdout`, also perplexity on Austen's "
@@ -661,16 +657,21 @@ def _fill(template: str, line: dict[str, Any]) -> str:
 
 
 def _quality_headline(lines: list[dict[str, Any]], setting: str, row: str, ratio: float,
-                      tokens: Any) -> Optional[tuple[str, str, dict[str, Any]]]:
-    """``tokens``: a count (``--tokens N``), or ``"auto"`` (the pruner's rule; the figure names its count)."""
+                      tokens: Any, zeroshot: bool = False) -> Optional[tuple[str, str, dict[str, Any]]]:
+    """The newest line of ``row`` at ``ratio`` with no extra overrides. ``tokens``: a count (``--tokens N``), or
+    ``"auto"`` (the pruner's rule; the figure names its count). ``zeroshot``: only lines that measured the 7-task
+    average, which the figure gives instead of the damage."""
     auto = tokens == "auto"
+    tail = ("zero-shot average {zeroshot.average} ({zeroshot_average_minus_dense} from dense, limit {zeroshot.limit})"
+            if zeroshot else
+            "{damage_vs_reference.austen_holdout} / {damage_vs_reference.boolq} of LLM-Pruner's damage")
     return _headline(lines, setting, lambda ln: ln.get("row") == row and get(ln, "budget.ratio") == ratio
                      and (ln.get("tokens_option") == "auto" if auto else
                           ln.get("calibration_tokens") == tokens and ln.get("tokens_option") in (None, tokens))
-                     and not ln.get("overrides") and get(ln, "damage_vs_reference.boolq") is not None,
+                     and not ln.get("overrides") and get(ln, "damage_vs_reference.boolq") is not None
+                     and (not zeroshot or get(ln, "zeroshot.average") is not None),
                      ("{calibration_tokens} tokens: " if auto else "")
-                     + "Austen × {ppl_ratio.austen_holdout}, BoolQ × {ppl_ratio.boolq}; "
-                     "{damage_vs_reference.austen_holdout} / {damage_vs_reference.boolq} of LLM-Pruner's damage")
+                     + "Austen × {ppl_ratio.austen_holdout}, BoolQ × {ppl_ratio.boolq}; " + tail)
 
 
 def _headline(lines: list[dict[str, Any]], setting: str, where: Callable[[dict[str, Any]], bool],
